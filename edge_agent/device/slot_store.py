@@ -88,7 +88,9 @@ class SlotStore:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def write_chunk(self, slot: SlotName, offset: int, data: bytes, *, sync: bool | None = None) -> None:
+    def write_chunk(
+        self, slot: SlotName, offset: int, data: bytes, *, sync: bool | None = None
+    ) -> None:
         """Write ``data`` at ``offset`` of ``slot``; fsync iff ``sync`` (default ``fsync_chunks``).
 
         >>> import tempfile

@@ -43,7 +43,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple, Self
+from typing import Annotated, Final, Literal, NamedTuple, Self
 
 from pydantic import (
     BaseModel,
@@ -57,11 +57,11 @@ from pydantic import (
 )
 
 __all__ = [
+    "MAX_PAYLOAD_LEN",
     "RECORD_FORMAT",
     "RECORD_HEADER",
     "RECORD_HEADER_LEN",
     "RECORD_MAGIC",
-    "MAX_PAYLOAD_LEN",
     "PendingDownload",
     "RecordEntry",
     "RecordStore",
@@ -78,18 +78,18 @@ __all__ = [
     "seq_newer",
 ]
 
-RECORD_MAGIC = b"TDSR"
+RECORD_MAGIC: Final = b"TDSR"
 """Magic of a state-record copy file."""
 
-RECORD_FORMAT = 1
+RECORD_FORMAT: Final = 1
 """Version of the JSON payload (field ``v``)."""
 
-RECORD_HEADER = struct.Struct("<4sIII")
+RECORD_HEADER: Final = struct.Struct("<4sIII")
 """Copy header: magic, seq, payload_len, crc."""
 
-RECORD_HEADER_LEN = RECORD_HEADER.size
+RECORD_HEADER_LEN: Final = RECORD_HEADER.size
 
-MAX_PAYLOAD_LEN = 1 << 20
+MAX_PAYLOAD_LEN: Final = 1 << 20
 """A header claiming a longer payload is invalid (guards against reading garbage)."""
 
 _U32 = 1 << 32
@@ -165,11 +165,19 @@ class SlotInfo(_Model):
 
 
 class TrialInfo(_Model):
-    """A running trial: which deployment, when it started (device clock, ms), inferences run."""
+    """A running trial: which deployment, when it started (device clock, ms), inferences run.
+
+    ``confirm``, ``timeout_s`` and ``min_inferences`` copy the manifest's ``trial`` section
+    (README §4), so a restart keeps the same rules and the clock keeps running from
+    ``started_ms``.
+    """
 
     deploy_seq: U32
     started_ms: NonNegInt
     inferences: NonNegInt = 0
+    confirm: Literal["server", "local"]
+    timeout_s: Annotated[int, Field(ge=1, le=_U32_MAX)]
+    min_inferences: U32
 
 
 class PendingDownload(_Model):
@@ -231,6 +239,8 @@ class StateRecord(_Model):
     epoch_floor: U32 = 0
     boot: U32 = 0
     pending: PendingDownload | None = None
+    desired: dict[str, JsonValue] | None = None
+    """The manifest being acted on (its JSON), kept so a restart can resume or finish it."""
     last_ack: dict[str, JsonValue] | None = None
 
     @model_validator(mode="after")

@@ -228,10 +228,7 @@ class ChunkAssembler:
             start = i
             waiting: set[int] = set()
             while (
-                i < self.total
-                and len(waiting) < max_count
-                and not self.has(i)
-                and i not in pending
+                i < self.total and len(waiting) < max_count and not self.has(i) and i not in pending
             ):
                 waiting.add(i)
                 i += 1

@@ -92,6 +92,12 @@ class QuantizedLinear:
         worst = np.abs(self.bias) + 128 * np.abs(self.weights).sum(axis=1)
         if np.any(worst >= ACC_LIMIT):
             raise FixedPointOverflowError("the int32 accumulator could overflow for this model")
+        # MultiplyByQuantizedMultiplier computes acc << max(shift, 0) in int32 first; the row with
+        # the largest scale always has multiplier 1.0 = (2**30, shift 1), so its bound is 2**30.
+        if np.any(worst << np.maximum(self.shift, 0) >= ACC_LIMIT):
+            raise FixedPointOverflowError(
+                "the int32 accumulator could overflow in the requantization left shift"
+            )
 
     @property
     def n_features(self) -> int:
@@ -164,6 +170,9 @@ def quantize_input(x: npt.ArrayLike, mu: F32Array, inv_sigma: F32Array) -> IntAr
     [[32, -128]]
     """
     x32 = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    if x32.ndim != 2 or x32.shape[1] != mu.shape[0]:
+        # Without this, a one-column x would broadcast against mu and be silently accepted.
+        raise ValueError(f"expected {mu.shape[0]} features, got shape {x32.shape}")
     if not np.all(np.isfinite(x32)):
         raise ValueError("inputs must be finite")
     t = (x32 - mu) * inv_sigma  # float32 ops, one rounding each, in this order
@@ -241,9 +250,13 @@ def quantize_linear(
     pairs = [quantize_multiplier(INPUT_SCALE * sw / s_out) for sw in s_w]
     multiplier = np.array([m for m, _ in pairs], dtype=np.int64)
     shift = np.array([s for _, s in pairs], dtype=np.int64)
-    inv_sigma = (1.0 / sigma64).astype(np.float32)
+    with np.errstate(over="ignore"):
+        inv_sigma = (1.0 / sigma64).astype(np.float32)
+        mu32 = mu64.astype(np.float32)
+    if not (np.all(np.isfinite(inv_sigma)) and np.all(np.isfinite(mu32))):
+        raise ValueError("mu and 1/sigma must be finite in float32 (the device's input stage)")
     return QuantizedLinear(
-        mu=mu64.astype(np.float32),
+        mu=mu32,
         inv_sigma=inv_sigma,
         weights=wq,
         bias=bq,

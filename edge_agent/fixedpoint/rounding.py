@@ -32,11 +32,21 @@ class FixedPointOverflowError(ArithmeticError):
 def round_half_away(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Round to the nearest integer, ties away from zero (C ``round``, ``std::round``).
 
+    Exact for every float64, unlike ``floor(|x| + 0.5)``: that addition itself rounds, so it
+    sends ``0.49999999999999994`` to 1 and odd integers above ``2**52`` to the next even one.
+    Here the fraction ``|x| − floor(|x|)`` is computed exactly and compared with 0.5.
+
     >>> round_half_away([0.5, 1.5, 2.5, -0.5, -2.5, 2.4999]).tolist()
     [1.0, 2.0, 3.0, -1.0, -3.0, 2.0]
+    >>> round_half_away([0.49999999999999994, 2.0**52 + 1]).tolist() == [0.0, 2.0**52 + 1]
+    True
     """
     a = np.asarray(x, dtype=np.float64)
-    return np.asarray(np.sign(a) * np.floor(np.abs(a) + 0.5), dtype=np.float64)
+    mag = np.abs(a)
+    whole = np.floor(mag)
+    with np.errstate(invalid="ignore"):  # inf − inf: the comparison is False, inf stays inf
+        rounded = whole + (mag - whole >= 0.5)  # mag − whole is exact (Sterbenz)
+    return np.asarray(np.copysign(rounded, a), dtype=np.float64)
 
 
 def check_int32(x: npt.ArrayLike, what: str) -> IntArray:
@@ -123,16 +133,20 @@ def multiply_by_quantized_multiplier(
 ) -> IntArray:
     """TFLite ``MultiplyByQuantizedMultiplier`` (double rounding) on int32 ``x``.
 
-    Raises :class:`FixedPointOverflowError` if ``x`` or ``x << max(shift, 0)`` leaves int32, where
-    a C implementation would silently wrap.
+    Raises :class:`FixedPointOverflowError` if ``x``, ``multiplier`` or ``x << max(shift, 0)``
+    leaves int32, where a C implementation would silently wrap, and ``ValueError`` for a shift
+    outside ``[-31, 30]`` (the range :func:`quantize_multiplier` produces).
 
     >>> m, s = quantize_multiplier(0.25)
     >>> multiply_by_quantized_multiplier([100, -100, 2, -2], m, s).tolist()
     [25, -25, 1, -1]
     """
     x64 = check_int32(x, "requantization input")
-    m = np.asarray(multiplier, dtype=np.int64)
+    m = check_int32(multiplier, "requantization multiplier")
     sh = np.asarray(shift, dtype=np.int64)
+    if sh.size and (sh.min() < -31 or sh.max() > 30):
+        # Checked before shifting: x << 33 and more would wrap even in int64.
+        raise ValueError("requantization shift must lie in [-31, 30]")
     left = np.maximum(sh, 0)
     right = np.maximum(-sh, 0)
     shifted = check_int32(x64 * (np.int64(1) << left), "left-shifted requantization input")

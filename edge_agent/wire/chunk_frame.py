@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final
 
 from edge_agent.wire.errors import WireError
 
@@ -53,20 +54,20 @@ __all__ = [
     "encode_chunk",
 ]
 
-CHUNK_MAGIC = b"TC"
+CHUNK_MAGIC: Final = b"TC"
 """The two magic bytes every chunk frame starts with."""
 
-CHUNK_VERSION = 1
+CHUNK_VERSION: Final = 1
 """The only frame version this module reads and writes."""
 
-CHUNK_HEADER = struct.Struct("<2sBBIIIIIHH")
+CHUNK_HEADER: Final = struct.Struct("<2sBBIIIIIHH")
 """``struct`` layout of the 28-byte header (magic, version, status, c, deploy_seq, index,
 total, crc32, data length, reserved)."""
 
-CHUNK_HEADER_LEN = CHUNK_HEADER.size
+CHUNK_HEADER_LEN: Final = CHUNK_HEADER.size
 """28: the header length; the data starts at this offset."""
 
-MAX_CHUNK_DATA = 0xFFFF
+MAX_CHUNK_DATA: Final = 0xFFFF
 """The largest data length a frame can carry (``u16``)."""
 
 _U32_MAX = 0xFFFF_FFFF
@@ -82,8 +83,9 @@ class ChunkStatus(IntEnum):
     BAD_REQUEST = 2
 
 
-class ChunkFrame(NamedTuple):
-    """One decoded chunk response.
+@dataclass(frozen=True, slots=True)
+class ChunkFrame:
+    """One decoded chunk response (immutable; compares by value).
 
     ``crc32`` is the value carried in the header; compare with ``crc_ok``.
 
@@ -183,27 +185,29 @@ def decode_chunk(data: bytes | bytearray | memoryview) -> ChunkFrame:
     'trailing_bytes'
     """
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise WireError("decode")
+        raise WireError("decode", f"chunk frame must be bytes, got {type(data).__name__}")
     try:
         raw = bytes(data)
     except (TypeError, ValueError, BufferError):  # pragma: no cover - exotic memoryviews
-        raise WireError("decode") from None
+        raise WireError("decode", "unreadable buffer") from None
     if raw[: len(CHUNK_MAGIC)] != CHUNK_MAGIC[: len(raw)]:
-        raise WireError("decode")
+        raise WireError("decode", f"bad magic {raw[:2]!r}, expected {CHUNK_MAGIC!r}")
     if len(raw) > 2 and raw[2] != CHUNK_VERSION:
-        raise WireError("bad_version")
+        raise WireError("bad_version", f"chunk frame version {raw[2]}, expected {CHUNK_VERSION}")
     if len(raw) < CHUNK_HEADER_LEN:
-        raise WireError("truncated")
+        raise WireError("truncated", f"{len(raw)} bytes, the header alone is {CHUNK_HEADER_LEN}")
     _magic, _version, status, c, deploy_seq, index, total, crc, length, reserved = (
         CHUNK_HEADER.unpack_from(raw)
     )
-    if status not in tuple(ChunkStatus) or reserved != 0:
-        raise WireError("decode")
+    if status not in tuple(ChunkStatus):
+        raise WireError("decode", f"unknown chunk status {status}")
+    if reserved != 0:
+        raise WireError("decode", f"reserved field is {reserved}, must be 0")
     end = CHUNK_HEADER_LEN + length
     if len(raw) < end:
-        raise WireError("truncated")
+        raise WireError("truncated", f"{len(raw)} bytes, the header announces {end}")
     if len(raw) > end:
-        raise WireError("trailing_bytes")
+        raise WireError("trailing_bytes", f"{len(raw)} bytes, the header announces {end}")
     return ChunkFrame(
         ChunkStatus(status), c, deploy_seq, index, total, crc, raw[CHUNK_HEADER_LEN:end]
     )

@@ -1,0 +1,37 @@
+"""Decode a ``tel`` payload in either encoding, chosen by its first byte (README §2.1, §2.2).
+
+>>> decode_telemetry(b"<xml/>")
+Traceback (most recent call last):
+...
+edge_agent.wire.errors.WireError: decode: unknown telemetry encoding, first byte 0x3c
+"""
+
+from __future__ import annotations
+
+from edge_agent.wire._json import DEFAULT_MAX_BYTES
+from edge_agent.wire.errors import WireError
+from edge_agent.wire.messages import TelemetryBatch
+from edge_agent.wire.telemetry_binary import decode_binary
+from edge_agent.wire.telemetry_json import decode_json
+
+__all__ = ["decode_telemetry"]
+
+
+def decode_telemetry(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
+    """Decode a binary frame (first byte ``T``) or a JSON object (first byte ``{``).
+
+    Anything else, including an empty payload, raises ``WireError("decode")``; the chosen
+    decoder's own ``WireError`` passes through (``oversized`` is checked before anything else).
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError("decode", f"payload must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise WireError("oversized", f"{len(data)} bytes > limit {max_bytes}")
+    if not data:
+        raise WireError("decode", "empty payload")
+    if data[0] == 0x54:  # "T"
+        return decode_binary(data, max_bytes)
+    if data[0] == 0x7B:  # "{"
+        return decode_json(data, max_bytes)
+    raise WireError("decode", f"unknown telemetry encoding, first byte 0x{data[0]:02x}")

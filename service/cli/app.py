@@ -1,0 +1,24 @@
+"""The ``tinydrift`` command line: one Typer app with a sub-app per concern."""
+
+from __future__ import annotations
+
+import typer
+
+from service.cli import blob, device, keys
+
+app = typer.Typer(
+    name="tinydrift",
+    help="Model-drift monitoring and signed parameter-only updates for tinyML fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(keys.app, name="keys")
+app.add_typer(blob.app, name="blob")
+app.command("device")(device.device)
+app.command("fleet-sim")(device.fleet_sim)
+app.command("demo")(device.demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,1 @@
+"""``tinydrift device``, ``fleet-sim`` and ``demo`` (filled in with the edge agent)."""

@@ -1,0 +1,1 @@
+"""Building candidate models with river: factory training, export of river linear models."""

@@ -1,0 +1,1 @@
+"""Rollout orchestration on the service side: serving blobs to devices, deployments."""

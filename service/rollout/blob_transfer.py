@@ -1,0 +1,79 @@
+"""Serve blob chunks to devices over MQTT, off the network thread.
+
+Subscribes to ``td/v1/+/+/blob/get``. ``on_message`` only enqueues (a bounded queue: when full
+the request is dropped and counted, and the device re-requests after its timeout); a worker
+thread parses each request, builds the frames with :func:`serve_chunks` and publishes them on the
+requesting device's ``blob/data`` topic, so a device can only ever receive chunks it asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edge_agent.wire.errors import WireError
+from edge_agent.wire.messages import ChunkRequest
+from edge_agent.wire.topics import Leaf, parse_topic, subscription, topic
+from service.rollout.chunk_server import BlobCache, serve_chunks
+
+log = logging.getLogger(__name__)
+
+
+class BlobTransferService:
+    """Answers chunk requests from the blobs in ``cache``."""
+
+    def __init__(self, client: mqtt.Client, cache: BlobCache, *, queue_size: int = 10_000):
+        self.client = client
+        self.cache = cache
+        self.counters: Counter[str] = Counter()
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(queue_size)
+        self._thread = threading.Thread(target=self._work, name="blob-transfer", daemon=True)
+        self._filter = subscription(Leaf.BLOB_GET)
+
+    def start(self) -> None:
+        """Register the callback and start the worker (subscribe in your ``on_connect``)."""
+        self.client.message_callback_add(self._filter, self._on_request)
+        self._thread.start()
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What to subscribe to on every (re)connect."""
+        return [(self._filter, 1)]
+
+    def stop(self) -> None:
+        """Stop the worker after the requests already queued."""
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _on_request(self, _client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._queue.put_nowait((msg.topic, bytes(msg.payload)))
+        except queue.Full:
+            self.counters["queue_full"] += 1
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self.handle(*item)
+
+    def handle(self, request_topic: str, payload: bytes) -> None:
+        """Answer one request (public for tests and for a synchronous transport)."""
+        try:
+            t = parse_topic(request_topic)
+            req = ChunkRequest.from_json(payload)
+        except WireError as exc:
+            self.counters[f"rejected_{exc.reason}"] += 1
+            return
+        frames = serve_chunks(req, self.cache)
+        out = topic(t.fleet, t.device, Leaf.BLOB_DATA)
+        for frame in frames:
+            self.client.publish(out, frame, qos=1)
+        self.counters["requests"] += 1
+        self.counters["frames"] += len(frames)
+        self.counters["bytes"] += sum(len(f) for f in frames)
