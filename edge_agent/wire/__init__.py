@@ -6,6 +6,7 @@
 True
 """
 
+from edge_agent.wire._json import DEFAULT_MAX_BYTES, Payload
 from edge_agent.wire.errors import REASONS, Reason, WireError
 from edge_agent.wire.messages import (
     ACK_CODE_REASONS,
@@ -52,6 +53,7 @@ from edge_agent.wire.topics import (
 
 __all__ = [
     "ACK_CODE_REASONS",
+    "DEFAULT_MAX_BYTES",
     "HEADER_SIZE",
     "MAX_FEATURES",
     "MAX_READINGS",
@@ -69,6 +71,7 @@ __all__ = [
     "Manifest",
     "ManifestParam",
     "ManifestSignature",
+    "Payload",
     "Reason",
     "Status",
     "TelemetryBatch",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeAlias
 
 from pydantic import ValidationError
 
 from edge_agent.wire.errors import Reason, WireError
+
+Payload: TypeAlias = bytes | bytearray | memoryview
+"""What the decoders accept: an MQTT payload as bytes or any contiguous bytes-like view."""
 
 DEFAULT_MAX_BYTES = 65536
 """Default payload limit of every decoder (README §2.1: 64 KiB)."""
@@ -25,13 +28,13 @@ _PRIORITY: tuple[Reason, ...] = (
 )
 
 
-def check_size(data: bytes, max_bytes: int) -> None:
+def check_size(data: Payload, max_bytes: int) -> None:
     """Raise ``WireError("oversized")`` if ``data`` is longer than ``max_bytes``."""
     if len(data) > max_bytes:
         raise WireError("oversized", f"{len(data)} bytes > limit {max_bytes}")
 
 
-def loads_object(data: bytes, max_bytes: int) -> dict[str, Any]:
+def loads_object(data: Payload, max_bytes: int) -> dict[str, Any]:
     """Parse strict-UTF-8 JSON that must be an object (``decode`` otherwise).
 
     Python's ``json`` module accepts ``NaN``/``Infinity`` and turns ``1e400`` into ``inf``; those

@@ -43,7 +43,7 @@ from pydantic import (
     model_validator,
 )
 
-from edge_agent.wire._json import DEFAULT_MAX_BYTES, dumps, loads_object, wire_error_from
+from edge_agent.wire._json import DEFAULT_MAX_BYTES, Payload, dumps, loads_object, wire_error_from
 from edge_agent.wire.errors import WireError
 
 __all__ = [
@@ -196,7 +196,7 @@ class _Model(BaseModel):
             raise wire_error_from(exc) from None
 
     @classmethod
-    def from_json(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Self:
+    def from_json(cls, data: Payload, max_bytes: int = DEFAULT_MAX_BYTES) -> Self:
         """Parse a JSON payload; raises ``WireError`` (``oversized``, ``decode``, ``schema``, …)."""
         return cls.from_obj(loads_object(data, max_bytes))
 
@@ -697,9 +697,7 @@ class Manifest(_Message):
         Every field is present (defaults filled in), keys are sorted, separators are ``,`` and
         ``:`` with no spaces, and the text is UTF-8.
         """
-        return dumps(
-            self.model_dump(mode="json", exclude={"sig"}, exclude_defaults=True), canonical=True
-        )
+        return dumps(self.model_dump(mode="json", exclude={"sig"}), canonical=True)
 
 
 # --------------------------------------------------------------------------------------------

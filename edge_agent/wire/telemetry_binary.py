@@ -27,7 +27,7 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from edge_agent.wire._json import DEFAULT_MAX_BYTES, check_size
+from edge_agent.wire._json import DEFAULT_MAX_BYTES, Payload, check_size
 from edge_agent.wire.errors import WireError
 from edge_agent.wire.messages import (
     MAX_FEATURES,
@@ -202,7 +202,7 @@ def encode_binary(batch: TelemetryBatch, frac_bits: int) -> bytes:
     )
 
 
-def decode_binary(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
+def decode_binary(data: Payload, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
     """Decode one binary frame; raises only ``WireError``.
 
     Checks, in order: ``oversized`` (before anything is parsed), magic (``decode``), version

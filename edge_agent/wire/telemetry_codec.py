@@ -8,7 +8,7 @@ edge_agent.wire.errors.WireError: decode: unknown telemetry encoding, first byte
 
 from __future__ import annotations
 
-from edge_agent.wire._json import DEFAULT_MAX_BYTES
+from edge_agent.wire._json import DEFAULT_MAX_BYTES, Payload
 from edge_agent.wire.errors import WireError
 from edge_agent.wire.messages import TelemetryBatch
 from edge_agent.wire.telemetry_binary import decode_binary
@@ -17,7 +17,7 @@ from edge_agent.wire.telemetry_json import decode_json
 __all__ = ["decode_telemetry"]
 
 
-def decode_telemetry(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
+def decode_telemetry(data: Payload, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
     """Decode a binary frame (first byte ``T``) or a JSON object (first byte ``{``).
 
     Anything else, including an empty payload, raises ``WireError("decode")``; the chosen

@@ -16,7 +16,7 @@ edge_agent.wire.errors.WireError: non_finite: features holds NaN or infinity
 
 from __future__ import annotations
 
-from edge_agent.wire._json import DEFAULT_MAX_BYTES
+from edge_agent.wire._json import DEFAULT_MAX_BYTES, Payload
 from edge_agent.wire.messages import TelemetryBatch
 
 __all__ = ["decode_json", "encode_json"]
@@ -27,7 +27,7 @@ def encode_json(batch: TelemetryBatch) -> bytes:
     return batch.to_json()
 
 
-def decode_json(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
+def decode_json(data: Payload, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
     """Decode and validate a JSON telemetry payload; raises only ``WireError``.
 
     Checks, in order: ``oversized``, ``decode`` (not strict UTF-8 JSON, or not an object),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from service.cli import blob, device, keys
+from service.cli import blob, demo, device, keys
 
 app = typer.Typer(
     name="tinydrift",
@@ -16,7 +16,8 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(blob.app, name="blob")
 app.command("device")(device.device)
 app.command("fleet-sim")(device.fleet_sim)
-app.command("demo")(device.demo)
+app.command("demo")(demo.demo)
+app.add_typer(device.firmware_app, name="firmware")
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.blob import SigningKey
-from edge_agent.wire.manifest_signature import sign_manifest
 from edge_agent.wire.messages import Manifest
 from edge_agent.wire.telemetry_codec import decode_telemetry
 from edge_agent.wire.topics import Leaf, parse_topic, subscription, topic
 from service.rollout.blob_transfer import BlobTransferService
 from service.rollout.chunk_server import BlobCache
+from service.rollout.desired_state import DesiredStatePublisher
 
 
 class Observer:
@@ -71,8 +71,12 @@ class Observer:
         self, fleet: str, device: str, manifest: Manifest, key: SigningKey | None
     ) -> None:
         """Sign (unless ``key`` is None) and publish retained on the device's desired topic."""
-        m = sign_manifest(manifest, key) if key is not None else manifest
-        info = self.client.publish(topic(fleet, device, Leaf.DESIRED), m.to_json(), 1, True)
+        if key is not None:
+            info = DesiredStatePublisher(self.client, key).publish(fleet, device, manifest)
+        else:
+            info = self.client.publish(
+                topic(fleet, device, Leaf.DESIRED), manifest.to_json(), 1, True
+            )
         info.wait_for_publish(5)
 
     def publish_raw(self, fleet: str, device: str, leaf: str, payload: bytes) -> None:

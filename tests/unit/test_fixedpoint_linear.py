@@ -472,6 +472,19 @@ def centroid_problem(
     return mu, sigma, w, b, mu + sigma * z
 
 
+def test_weight_and_bias_ties_round_away_from_zero() -> None:
+    # s_w = 1.0 for the first row: W / s_w hits .5 exactly.
+    w = [[127.0, -62.5, 0.5, 2.5], [1.0, 0.0, 0.0, 0.0]]
+    scale = INPUT_SCALE * 1.0 / 127.0  # bias step of the second row
+    ks = [0, 2, -2, 1000]
+    for k in ks:
+        b1 = (k + 0.5) * scale
+        assert b1 / scale == k + 0.5  # the tie survives the float division
+        model = quantize_linear(np.zeros(4), np.ones(4), w, [0.0, b1])
+        assert model.weights[0].tolist() == [127, -63, 1, 3]  # np.round: [127, -62, 0, 2]
+        assert int(model.bias[1]) == (k + 1 if k >= 0 else k)
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize(("classes", "features"), [(2, 9), (2, 30), (3, 13), (10, 64), (7, 18)])
 def test_agreement_with_float_predictions(seed: int, classes: int, features: int) -> None:
@@ -540,8 +553,11 @@ def _random_case(
     rng = np.random.default_rng(seed)
     rows = int(rng.choice([1, 2, 3, 5]))
     features = int(rng.integers(1, 13))
-    mu = rng.normal(0.0, 10.0, features) * (rng.random(features) < 0.8)
     sigma = np.exp(rng.uniform(-4.0, 4.0, features))
+    # Some features sit far from zero relative to their spread (e.g. pressure in Pa), where the
+    # float32 operation order of the input stage decides the int8 value.
+    mu_scale = 10.0 ** rng.uniform(0.0, 6.0, features) * sigma
+    mu = rng.normal(0.0, 1.0, features) * mu_scale * (rng.random(features) < 0.8)
     row_scale = np.exp(rng.uniform(-5.0, 5.0, rows))
     w = rng.normal(0.0, 1.0, (rows, features)) * row_scale[:, None]
     w[rng.random((rows, features)) < 0.15] = 0.0
@@ -596,3 +612,18 @@ def test_kernel_bit_exact_on_float32_ties_and_clipping() -> None:
         assert model.quantize_input([row])[0].tolist() == ref.quantize_input(row)
         assert model.logits([row])[0].tolist() == ref.logits(row)
         assert int(model.predict([row])[0]) == ref.predict(row)
+
+
+def test_input_stage_operation_order_is_normative() -> None:
+    # mu = 1e6, sigma = 3: (x − mu)·inv is exact-ish, x·inv − mu·inv cancels catastrophically.
+    mu, sigma = 1.0e6, 3.0
+    model = quantize_linear([mu], [sigma], [[1.0]], [0.0])
+    ref = RefModel([mu], [sigma], [[1.0]], [0.0])
+    x = mu + np.arange(-200, 200) * 0.0625  # the float32 grid around 1e6
+    q = model.quantize_input(x[:, None])[:, 0].tolist()
+    assert q == [ref.quantize_input([v])[0] for v in x.tolist()]
+    x32, mu32, inv32 = x.astype(np.float32), np.float32(mu), np.float32(1.0 / sigma)
+    other = np.clip(np.round((x32 * inv32 - mu32 * inv32) * np.float32(31.75)), -128, 127)
+    assert sum(a != b for a, b in zip(q, other.astype(int).tolist(), strict=True)) > 50
+    assert q[200] == 0  # x == mu
+    assert q[0] == -128  # x = mu − 12.5: −12.5 / 3 · 31.75 = −132.3, clipped

@@ -19,7 +19,7 @@ def _reason(exc: pytest.ExceptionInfo[WireError]) -> str:
     return exc.value.reason
 
 
-# --- ids ---------------------------------------------------------------------------------------
+# --- ids -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("s", ["a", "Z", "0", "dev-01.a_b", "...", "-", "x" * 64])
@@ -76,7 +76,7 @@ def test_validate_id_accepts_exactly_the_id_alphabet(s: str) -> None:
         assert _reason(exc) == "bad_id"
 
 
-# --- topic() / parse_topic() --------------------------------------------------------------------
+# --- topic() / parse_topic() ---------------------------------------------------------------------
 
 
 def test_topic_layout() -> None:
@@ -170,12 +170,15 @@ def test_parse_topic_refuses_non_strings(t: object) -> None:
 
 @given(st.text(max_size=120))
 def test_parse_topic_on_any_text_raises_only_wire_error(t: str) -> None:
+    reason: str
     try:
         parsed = parse_topic(t)
     except WireError as exc:
-        assert exc.reason in ("bad_topic", "bad_id")
+        reason = exc.reason
     else:
+        reason = "ok"
         assert topic(*parsed) == t
+    assert reason in ("bad_topic", "bad_id", "ok")
 
 
 # --- subscription() and Leaf ---------------------------------------------------------------------
