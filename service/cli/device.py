@@ -68,7 +68,7 @@ def _drift_kind(kind: str | None) -> DriftKind | None:
         return None
     if kind not in DRIFT_KINDS:
         fail(f"unknown drift kind {kind!r}: choose one of {', '.join(DRIFT_KINDS)}")
-    return kind  # type: ignore[return-value]
+    return kind
 
 
 @firmware_app.command("create")
