@@ -5,7 +5,7 @@ against it: which devices drift, what kind, from when (simulated seconds since s
 
 >>> plan = plan_drift(devices=10, kind="gain", fraction=0.3, after_s=60.0, seed=1)
 >>> sorted(plan)[:1], plan[sorted(plan)[0]].kind
-(['dev-0001'], 'gain')
+(['dev-0003'], 'gain')
 >>> len(plan)
 3
 """

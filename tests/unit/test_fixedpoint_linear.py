@@ -475,7 +475,7 @@ def centroid_problem(
 def test_weight_and_bias_ties_round_away_from_zero() -> None:
     # s_w = 1.0 for the first row: W / s_w hits .5 exactly.
     w = [[127.0, -62.5, 0.5, 2.5], [1.0, 0.0, 0.0, 0.0]]
-    scale = INPUT_SCALE * 1.0 / 127.0  # bias step of the second row
+    scale = INPUT_SCALE * (1.0 / 127.0)  # bias step s_x · s_w of the second row, as computed
     ks = [0, 2, -2, 1000]
     for k in ks:
         b1 = (k + 0.5) * scale
