@@ -174,6 +174,15 @@ class EdgeAgent:
         """Simulated seconds since the device started."""
         return (now - self.start_time) * self.config.time_scale
 
+    @property
+    def next_frame(self) -> float:
+        """Wall-clock time the next telemetry frame is due."""
+        return self._next_frame
+
+    def delay_first_frame(self, seconds: float) -> None:
+        """Start publishing ``seconds`` after the start time (spreads a fleet's frames)."""
+        self._next_frame = self.start_time + seconds
+
     def due(self, now: float) -> bool:
         """Whether a telemetry frame is due at wall-clock ``now``."""
         return now >= self._next_frame

@@ -92,11 +92,15 @@ class DeviceLoop:
     # -- the loop ---------------------------------------------------------------------------
 
     def run_once(self, timeout: float = 0.05) -> None:
-        """One round: connect what is due, publish what is due, then serve the sockets."""
+        """One round: connect what is due, publish what is due, then serve the sockets.
+
+        Waits for socket input at most ``timeout`` seconds, and not past the next frame due.
+        """
         now = self.clock()
         for conn in self._conns.values():
             if conn.sock is None and now >= conn.next_attempt:
                 self._connect(conn, now)
+        next_due = now + timeout
         for conn in self._conns.values():
             a = conn.agent
             if conn.sock is not None and a.connected:
@@ -104,7 +108,9 @@ class DeviceLoop:
                     a.step(now)
                 elif a.machine.state == "DOWNLOADING" or a.machine.state == "TRIAL":
                     a.idle()
-        for key, _ in self._sel.select(timeout):
+                next_due = min(next_due, a.next_frame)
+        wait = min(timeout, max(0.0, next_due - self.clock()))
+        for key, _ in self._sel.select(wait):
             conn = key.data
             rc = conn.agent.client.loop_read()
             if rc != mqtt.MQTT_ERR_SUCCESS:

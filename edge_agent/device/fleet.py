@@ -107,7 +107,7 @@ class Fleet:
             sensor = SensorSimulator(seed=config.seed * 100_003 + i, drift=plan.get(name))
             agent = EdgeAgent(acfg, machine, sensor, start_time=start, seed=config.seed + i)
             # spread the first frames over one period so the fleet does not publish in lockstep
-            agent._next_frame = start + config.period_s * (i % 97) / 97
+            agent.delay_first_frame(config.period_s * (i % 97) / 97)
             self.agents.append(agent)
         self.loop = DeviceLoop(self.agents, clock=clock)
         self._stop = threading.Event()

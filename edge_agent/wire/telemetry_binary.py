@@ -27,6 +27,7 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from edge_agent.fixedpoint.rounding import round_half_away
 from edge_agent.wire._json import DEFAULT_MAX_BYTES, Payload, check_size
 from edge_agent.wire.errors import WireError
 from edge_agent.wire.messages import (
@@ -77,18 +78,6 @@ def record_dtype(n_features: int) -> np.dtype[np.void]:
 def record_size(n_features: int) -> int:
     """Bytes per reading, ``2F + 2``."""
     return 2 * n_features + 2
-
-
-def round_half_away(x: ArrayLike) -> NDArray[np.float64]:
-    """Round to the nearest integer, ties away from zero (unlike ``np.round``).
-
-    >>> round_half_away([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999999999999994]).tolist()
-    [1.0, 2.0, 3.0, -1.0, -3.0, 0.0]
-    """
-    a = np.asarray(x, dtype=np.float64)
-    t = np.trunc(a)
-    # a - t is exact in binary floating point, so the tie test is exact too
-    return t + np.where(np.abs(a - t) >= 0.5, np.sign(a), 0.0)
 
 
 def quantise_features(features: ArrayLike, frac_bits: int) -> NDArray[np.int16]:
