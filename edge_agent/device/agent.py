@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.device.simulator import SensorSimulator, window_times
 from edge_agent.device.update_machine import Outgoing, UpdateMachine
 from edge_agent.fixedpoint import round_half_away
-from edge_agent.wire.messages import LabelBatch, Status
+from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch
 from edge_agent.wire.telemetry_binary import encode_binary_raw
 from edge_agent.wire.telemetry_json import encode_json
 from edge_agent.wire.topics import Leaf, topic
@@ -67,7 +67,7 @@ class AgentStats:
     """``param_version → [correct, total]`` against the true labels of every reading."""
     connects: int = 0
     disconnects: int = 0
-    acks: list[dict[str, Any]] = field(default_factory=list)
+    acks_sent: int = 0
 
     def accuracy(self, version: int | None = None) -> float | None:
         """Accuracy of all readings (or those made with ``version``)."""
@@ -102,6 +102,8 @@ class EdgeAgent:
         self._lbl_seq = 0
         self._next_frame = start_time
         self.connected = False
+        self.last_error: str | None = None
+        """Why the broker last refused this device, if it did."""
         self.client = self._make_client()
 
     # -- MQTT plumbing -----------------------------------------------------------------------
@@ -129,8 +131,13 @@ class EdgeAgent:
         self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         if reason.is_failure:
-            log.warning("%s: broker refused the connection: %s", self.config.device_id, reason)
+            self.last_error = (
+                f"broker refused device {self.config.device_id}: {reason} "
+                "(check its username/password and the broker ACL)"
+            )
+            log.warning("%s", self.last_error)
             return
+        self.last_error = None
         self.connected = True
         self.stats.connects += 1
         client.subscribe([(self._topic(Leaf.DESIRED), 1), (self._topic(Leaf.BLOB_DATA), 1)])
@@ -157,7 +164,7 @@ class EdgeAgent:
         """Publish machine output under this device's prefix (queued while offline)."""
         for m in messages:
             if m.leaf == Leaf.ACK:
-                self.stats.acks.append({"payload": m.payload})
+                self.stats.acks_sent += 1
             self.client.publish(self._topic(m.leaf), m.payload, qos=m.qos, retain=m.retain)
 
     def disconnect(self) -> None:
@@ -218,8 +225,6 @@ class EdgeAgent:
                 frac_bits=FRAC_BITS,
             )
         else:
-            from edge_agent.wire.messages import TelemetryBatch
-
             payload = encode_json(
                 TelemetryBatch.create(
                     seq=self._seq,

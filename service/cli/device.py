@@ -100,7 +100,10 @@ def device(
     broker: Annotated[str, typer.Option(help="mqtt://HOST:PORT")],
     fleet: Annotated[str, typer.Option(help="Fleet id.")],
     id: Annotated[str, typer.Option("--id", help="Device id (= MQTT client id and username).")],
-    firmware: Annotated[Path, typer.Option(help="Firmware bundle directory.")],
+    firmware: Annotated[
+        Path | None,
+        typer.Option(help="Firmware bundle (default: create one under --state-dir once)."),
+    ] = None,
     state_dir: Annotated[Path, typer.Option(help="Where slots and the state record live.")] = Path(
         ".tinydrift-device"
     ),
@@ -118,6 +121,14 @@ def device(
 ) -> None:
     """Run one simulated device until interrupted."""
     addr = parse_broker(broker)
+    if firmware is None:
+        firmware = state_dir / "bundle" / "firmware"
+        if not firmware.exists():
+            from service.firmware_bundle import create_bundle
+
+            with console.status("no --firmware given: creating a bundle"):
+                create_bundle(state_dir / "bundle", seed=seed)
+        console.print(f"firmware bundle {firmware} (signing keys in {firmware.parent / 'keys'})")
     fw = _load_firmware(firmware)
     kind = _drift_kind(drift)
     spec = None
