@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.blob.schema import ParameterSchema
@@ -49,11 +50,32 @@ class FloatLinearModel(BaseModel):
             raise ValueError(f"every weight row needs {f} entries")
         if len(self.bias) != rows:
             raise ValueError(f"bias needs {rows} entries (one per weight row)")
-        values = [*self.mu, *self.sigma, *self.bias, *(v for r in self.weights for v in r)]
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError("all numbers must be finite")
-        if any(s <= 0 for s in self.sigma):
-            raise ValueError("sigma must be positive")
+        for name, names in (("feature", self.features), ("class", self.classes)):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{name} names must be unique; repeated: {', '.join(dupes)}")
+        for name, values in (("mu", self.mu), ("sigma", self.sigma), ("bias", self.bias)):
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    raise ValueError(f"{name}[{i}] is {v}; all numbers must be finite")
+        for i, row in enumerate(self.weights):
+            for j, v in enumerate(row):
+                if not math.isfinite(v):
+                    raise ValueError(f"weights[{i}][{j}] is {v}; all numbers must be finite")
+        for i, s in enumerate(self.sigma):
+            if s <= 0:
+                raise ValueError(f"sigma[{i}] is {s}; sigma must be positive")
+        # the device's input stage holds mu and 1/sigma in float32
+        with np.errstate(over="ignore"):
+            inv_sigma = (1.0 / np.asarray(self.sigma)).astype(np.float32)
+            mu32 = np.asarray(self.mu).astype(np.float32)
+        for name, arr, src in (("sigma", inv_sigma, self.sigma), ("mu", mu32, self.mu)):
+            bad = np.flatnonzero(~np.isfinite(arr))
+            if bad.size:
+                i = int(bad[0])
+                what = "1/sigma" if name == "sigma" else "mu"
+                raise ValueError(f"{name}[{i}] is {src[i]}; {what} must fit in float32")
+        self.parameter_schema()  # ValueError for bad or too many names
         return self
 
     def parameter_schema(self) -> ParameterSchema:
@@ -79,5 +101,6 @@ class FloatLinearModel(BaseModel):
             return cls.model_validate_json(text)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "model"
-            raise FloatModelError(f"{path}: {where}: {err['msg']}") from exc
+            where = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            raise FloatModelError(f"{path}: {where}: {msg}" if where else f"{path}: {msg}") from exc

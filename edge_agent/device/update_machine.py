@@ -197,6 +197,8 @@ class UpdateMachine:
                 )
             ]
         self.rec.last_deploy_seq = m.deploy_seq
+        if self.rec.update_state == "DOWNLOADING":
+            self._discard_download()  # a changed deploy_seq discards the partial download (§5)
         if m.action == "install":
             out = self._install(m)
         elif m.action == "confirm":
@@ -245,9 +247,8 @@ class UpdateMachine:
             return []
         trial.inferences += n
         if trial.confirm == "local" and trial.inferences >= trial.min_inferences:
-            out = self._confirm(trial.deploy_seq)
-            self._save()
-            return out
+            return self._confirm(trial.deploy_seq)
+        self._save()  # the record holds the count, so a restart keeps it (README §7)
         return []
 
     def tick(self) -> list[Outgoing]:
@@ -282,8 +283,10 @@ class UpdateMachine:
             return [self._ack(seq, "REJECTED", "schema_mismatch", p.version)]
         if p.security_epoch < self.rec.epoch_floor:
             return [self._ack(seq, "REJECTED", "epoch_below_floor", p.version)]
-        if p.blob_len > self.fw.slot_size or p.blob_len < PAYLOAD_OFFSET:
+        if p.blob_len > self.fw.slot_size:
             return [self._ack(seq, "REJECTED", "too_large", p.version)]
+        if p.blob_len < PAYLOAD_OFFSET:
+            return [self._ack(seq, "REJECTED", "truncated", p.version)]
         if p.key_id not in self.fw.release_keys:
             return [self._ack(seq, "REJECTED", "unknown_key", p.version)]
         active = self.rec.slots[self.rec.active_slot]
@@ -297,6 +300,11 @@ class UpdateMachine:
             return [self._ack(seq, "REJECTED", "stale_version", p.version)]
         if self.rec.update_state == "TRIAL" and self.rec.trial is not None:
             out += self._revert("server_revert", self.rec.trial.deploy_seq, detail="superseded")
+            if p.blob_sha256 == self.rec.slots[self.rec.active_slot].sha256:
+                return [
+                    *out,
+                    self._ack(seq, "CONFIRMED", "confirmed", p.version, detail="already active"),
+                ]
         self._assembler = None
         self.rec.pending = None
         self.rec.desired = m.model_dump(mode="json")
@@ -316,6 +324,13 @@ class UpdateMachine:
         self._start_download(asm)
         out.append(self._ack(seq, "DOWNLOADING", "downloading", p.version, progress=asm.progress))
         return [*out, *self._requests(self.clock())]
+
+    def _discard_download(self) -> None:
+        """Drop the partial download (its slot is already marked empty) and go back to IDLE."""
+        self._assembler = None
+        self.rec.pending = None
+        self.rec.desired = None
+        self.rec.update_state = "IDLE"
 
     def _start_download(self, asm: ChunkAssembler) -> None:
         self._assembler = asm
@@ -569,6 +584,13 @@ class UpdateMachine:
         if state == "TRIAL" and self.rec.trial is not None:
             if fault_reset:
                 self._pending_acks += self._revert("fault_reset", self.rec.trial.deploy_seq)
+            else:
+                try:  # the power may have failed after activation, before the KATs ran
+                    self.active.run_known_answers()
+                except BlobRejectedError as exc:
+                    self._pending_acks += self._revert(
+                        "kat_mismatch", self.rec.trial.deploy_seq, detail=exc.detail
+                    )
         elif state == "DOWNLOADING" and self.rec.pending is not None and self.rec.desired:
             pending = self.rec.pending
             self._start_download(ChunkAssembler.resume(pending, self.slots, self.rec.inactive_slot))

@@ -246,7 +246,9 @@ def quantize_linear(
     if np.any(np.abs(bias_real) >= ACC_LIMIT):
         raise FixedPointOverflowError("bias too large for int32 at this weight scale")
     bq = round_half_away(bias_real).astype(np.int64)
-    s_out = float((INPUT_SCALE * s_w).max())
+    # twice the largest row scale: every real multiplier is then ≤ 0.5, so every shift is ≤ 0
+    # and requantization never left-shifts the accumulator (full int32 headroom)
+    s_out = 2.0 * float((INPUT_SCALE * s_w).max())
     pairs = [quantize_multiplier(INPUT_SCALE * sw / s_out) for sw in s_w]
     multiplier = np.array([m for m, _ in pairs], dtype=np.int64)
     shift = np.array([s for _, s in pairs], dtype=np.int64)

@@ -13,6 +13,7 @@ import numpy.typing as npt
 import typer
 
 from edge_agent.blob import (
+    BlobHeader,
     BlobRejectedError,
     KeyFileError,
     ParameterSet,
@@ -34,28 +35,37 @@ app = typer.Typer(help="Signed parameter blobs.", no_args_is_help=True)
 
 
 def read_feature_csv(path: Path, features: tuple[str, ...]) -> npt.NDArray[np.float64]:
-    """Read a CSV with a header row naming the features (any order, extra columns ignored)."""
+    """Read a CSV with a header row naming the features (any order, extra columns ignored).
+
+    Blank lines are skipped; a missing column, a short row, a field that is not a number, NaN or
+    infinity ends the command with one line naming the file, line and column.
+    """
     try:
-        with path.open(newline="") as fh:
-            rows = list(csv.reader(fh))
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            rows = [(reader.line_num, row) for row in reader if any(f.strip() for f in row)]
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror}")
+    except (UnicodeDecodeError, csv.Error) as exc:
+        fail(f"{path} is not a UTF-8 CSV file: {exc}")
     if not rows:
         fail(f"{path} is empty; it needs a header row of feature names")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][1]]
     missing = [f for f in features if f not in header]
     if missing:
         fail(f"{path} lacks feature column(s) {', '.join(missing)}")
     cols = [header.index(f) for f in features]
     out = np.empty((len(rows) - 1, len(features)))
-    for i, row in enumerate(rows[1:], start=2):
-        try:
-            out[i - 2] = [float(row[c]) for c in cols]
-        except (ValueError, IndexError):
-            fail(f"{path} line {i}: expected {len(header)} numeric fields")
-    if not np.all(np.isfinite(out)):
-        bad = int(np.flatnonzero(~np.all(np.isfinite(out), axis=1))[0]) + 2
-        fail(f"{path} line {bad}: NaN or infinite value")
+    for i, (line, row) in enumerate(rows[1:]):
+        if len(row) <= max(cols):
+            fail(f"{path} line {line}: {len(row)} field(s), but the header has {len(header)}")
+        for j, c in enumerate(cols):
+            try:
+                out[i, j] = float(row[c])
+            except ValueError:
+                fail(f"{path} line {line}, column {features[j]}: {row[c]!r} is not a number")
+            if not np.isfinite(out[i, j]):
+                fail(f"{path} line {line}, column {features[j]}: NaN or infinite value")
     return out
 
 
@@ -82,6 +92,8 @@ def build(
     except FixedPointOverflowError as exc:
         fail(f"{params}: {exc}; rescale the model (smaller bias or weights)")
     x = read_feature_csv(calibration, schema.features) if calibration else None
+    if x is not None and len(x) == 0:
+        fail(f"{calibration} has a header but no data rows; give real readings or omit it")
     ps = ParameterSet.create(
         schema,
         model,
@@ -127,18 +139,54 @@ def _load_blob(path: Path) -> bytes:
         fail(f"cannot read {path}: {exc.strerror}")
 
 
+def _schema_id(expect_schema: str | None) -> bytes | None:
+    if expect_schema is None:
+        return None
+    try:
+        schema_id = bytes.fromhex(expect_schema)
+    except ValueError:
+        schema_id = b""
+    if len(schema_id) != 8:
+        fail(f"--expect-schema {expect_schema!r}: a schema_id is 16 hex characters")
+    return schema_id
+
+
 def _verified(data: bytes, pubkey: Path, expect_schema: str | None) -> VerifiedBlob:
+    schema_id = _schema_id(expect_schema)
     try:
         trusted = trusted_keys([load_public_key(pubkey)])
-        schema_id = bytes.fromhex(expect_schema) if expect_schema else None
     except KeyFileError as exc:
         fail(str(exc))
-    except ValueError:
-        fail("--expect-schema needs 16 hex characters")
     try:
         return verify_blob(data, trusted=trusted, schema_id=schema_id)
     except BlobRejectedError as exc:
         fail(f"blob rejected: {exc}")
+
+
+def _unverified(data: bytes, schema_id: bytes | None) -> tuple[BlobHeader, ParameterSet]:
+    """The checks of :func:`verify_blob` that need no key, in the same order and wording."""
+    if len(data) < PAYLOAD_OFFSET:
+        raise BlobRejectedError("truncated", f"{len(data)} bytes is shorter than header+signature")
+    header = inspect_header(data)
+    expected_len = PAYLOAD_OFFSET + header.payload_len
+    if len(data) < expected_len:
+        raise BlobRejectedError("truncated", f"{len(data)} of {expected_len} bytes")
+    if len(data) > expected_len:
+        raise BlobRejectedError("unsupported_format", f"{len(data) - expected_len} trailing bytes")
+    payload = data[PAYLOAD_OFFSET:]
+    if hashlib.sha256(payload).digest() != header.payload_sha256:
+        raise BlobRejectedError("hash_mismatch", "payload SHA-256 differs from the header")
+    if schema_id is not None and header.schema_id != schema_id:
+        raise BlobRejectedError(
+            "schema_mismatch",
+            f"blob schema {header.schema_id.hex()} but firmware expects {schema_id.hex()}",
+        )
+    params = ParameterSet.from_payload(payload)
+    if params.schema.schema_id != header.schema_id:
+        raise BlobRejectedError(
+            "schema_mismatch", "the embedded schema does not hash to the header's schema_id"
+        )
+    return header, params
 
 
 @app.command("inspect")
@@ -157,22 +205,9 @@ def inspect(
         v = _verified(data, pubkey, expect_schema)
         header, params, status = v.header, v.params, "signature OK"
     else:
+        schema_id = _schema_id(expect_schema)
         try:
-            header = inspect_header(data)
-            payload = data[PAYLOAD_OFFSET:]
-            if len(payload) != header.payload_len:
-                raise BlobRejectedError(
-                    "truncated", f"{len(payload)} of {header.payload_len} payload bytes"
-                )
-            if hashlib.sha256(payload).digest() != header.payload_sha256:
-                raise BlobRejectedError("hash_mismatch", "payload SHA-256 differs from the header")
-            params = ParameterSet.from_payload(payload)
-            if params.schema.schema_id != header.schema_id:
-                raise BlobRejectedError(
-                    "schema_mismatch", "embedded schema differs from the header"
-                )
-            if expect_schema and header.schema_id.hex() != expect_schema.lower():
-                raise BlobRejectedError("schema_mismatch", f"blob is {header.schema_id.hex()}")
+            header, params = _unverified(data, schema_id)
         except BlobRejectedError as exc:
             fail(f"blob rejected: {exc}")
         status = "signature NOT checked (give --pubkey)"

@@ -15,9 +15,10 @@ from urllib.parse import urlparse
 import typer
 from rich.console import Console
 
+from edge_agent.blob import KeyFileError
 from edge_agent.device.agent import AgentConfig, EdgeAgent
 from edge_agent.device.device_loop import DeviceLoop
-from edge_agent.device.firmware import Firmware, FirmwareBundleError
+from edge_agent.device.firmware import RELEASE_PUB, Firmware, FirmwareBundleError
 from edge_agent.device.fleet import Fleet, FleetConfig, plan_drift
 from edge_agent.device.simulator import DRIFT_KINDS, DriftKind, DriftSpec, SensorSimulator
 from edge_agent.device.update_machine import UpdateMachine
@@ -26,7 +27,8 @@ from edge_agent.wire.topics import validate_id
 from service.cli.errors import fail
 
 firmware_app = typer.Typer(help="Simulated device builds (keys, factory model).")
-console = Console(stderr=True)
+# soft_wrap: a status line stays one line in logs; no markup/highlighting of broker errors
+console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 
 @dataclass(frozen=True)
@@ -42,14 +44,27 @@ def parse_broker(url: str) -> BrokerAddress:
     parsed = urlparse(url if "://" in url else f"mqtt://{url}")
     if parsed.scheme != "mqtt" or not parsed.hostname:
         fail(f"bad broker URL {url!r}: expected mqtt://HOST:PORT")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        fail(f"bad broker URL {url!r}: expected mqtt://HOST:PORT with nothing after the port")
+    if parsed.username is not None or parsed.password is not None:
+        fail(
+            f"bad broker URL {url!r}: credentials in the URL are not used; "
+            "the device id is the username, give the password with --password"
+        )
     try:
-        port = parsed.port or 1883
+        port = parsed.port
     except ValueError:
+        port = 0
+    if port is None:
+        return BrokerAddress(parsed.hostname, 1883)
+    if not 1 <= port <= 65535:
         fail(f"bad broker URL {url!r}: the port must be a number 1-65535")
     return BrokerAddress(parsed.hostname, port)
 
 
 def _load_firmware(path: Path) -> Firmware:
+    if not (path / RELEASE_PUB).exists() and (path / "firmware" / RELEASE_PUB).exists():
+        path = path / "firmware"  # the directory given to `firmware create --out`
     try:
         return Firmware.load(path)
     except FirmwareBundleError as exc:
@@ -81,8 +96,13 @@ def firmware_create(
 
     if (out / "keys" / "release.key").exists():
         fail(f"{out} already holds keys; choose a new directory")
-    with console.status("training the factory model and signing it"):
-        b = create_bundle(out, seed=seed)
+    try:
+        with console.status("training the factory model and signing it"):
+            b = create_bundle(out, seed=seed)
+    except KeyFileError as exc:
+        fail(f"{exc}; choose a new directory")
+    except OSError as exc:
+        fail(f"cannot write the bundle into {out}: {exc.strerror}")
     fw = b.firmware()
     typer.echo(f"firmware bundle {b.firmware_dir} (schema {fw.schema.schema_id_hex})")
     typer.echo(
@@ -182,8 +202,12 @@ def device(
             )
 
 
-def fleet_summary(f: Fleet, elapsed: float) -> dict[str, Any]:
-    """Figures of a finished fleet run (for ``--json`` and the benchmark)."""
+def fleet_summary(f: Fleet, elapsed: float, connected: int | None = None) -> dict[str, Any]:
+    """Figures of a finished fleet run (for ``--json`` and the benchmark).
+
+    ``connected`` is the number of devices connected when the run ended, counted before
+    :meth:`Fleet.stop` disconnects them (default: connected now).
+    """
     agents = f.agents
     readings = sum(a.stats.readings for a in agents)
     return {
@@ -193,7 +217,7 @@ def fleet_summary(f: Fleet, elapsed: float) -> dict[str, Any]:
         "readings": readings,
         "readings_per_s": round(readings / elapsed, 1) if elapsed > 0 else 0.0,
         "labels": sum(a.stats.labels for a in agents),
-        "connected_at_end": f.loop.connected,
+        "connected_at_end": f.loop.connected if connected is None else connected,
         "reconnects": sum(max(0, a.stats.connects - 1) for a in agents),
         "drift": {
             dev: {
@@ -230,11 +254,17 @@ def fleet_sim(
     state_dir: Annotated[Path | None, typer.Option(help="Default: a temporary directory.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
-    """Run N simulated devices, each with its own MQTT connection, in this process."""
+    """Run N simulated devices, each with its own MQTT connection, in this process.
+
+    Broker outages are retried with backoff. Exit status 0; 3 if no device ever connected to
+    the broker during the run (the summary is printed all the same).
+    """
     import tempfile
 
     addr = parse_broker(broker)
     kind = _drift_kind(drift)
+    if codec not in ("bin", "json"):
+        fail("--codec must be bin or json")
     tmp = None
     if firmware is None:
         from service.firmware_bundle import create_bundle
@@ -289,15 +319,19 @@ def fleet_sim(
                     f"t={now - t0:5.0f}s connected {f.loop.connected}/{devices}, "
                     f"readings {readings} ({readings / max(now - t0, 1e-9):.0f}/s)"
                 )
-                if f.loop.connected < devices and f.loop.last_error:
-                    msg += f"; {f.loop.last_error}"
+                problem = _connection_problem(f)
+                if f.loop.connected < devices and problem:
+                    msg += f"; {problem}"
+                    if f.loop.connected == 0:
+                        msg += f" (is a broker running at {broker}?)"
                 console.print(msg)
     finally:
         elapsed = time.time() - t0
+        connected = f.loop.connected
         f.stop()
         if tmp is not None:
             tmp.cleanup()
-    summary = fleet_summary(f, elapsed)
+    summary = fleet_summary(f, elapsed, connected)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:
@@ -305,3 +339,17 @@ def fleet_sim(
             f"done: {summary['readings']} readings from {devices} devices in "
             f"{elapsed:.1f}s ({summary['readings_per_s']:.0f}/s)"
         )
+    if not any(a.stats.connects for a in f.agents):
+        fail(
+            f"no device reached the broker {broker} in {elapsed:.0f}s "
+            f"({_connection_problem(f) or 'no connection was acknowledged'}); start a broker "
+            f"there (e.g. mosquitto -p {addr.port}) or point --broker at a running one",
+            code=3,
+        )
+
+
+def _connection_problem(f: Fleet) -> str | None:
+    """Why devices are not connected: a socket error, else a refusal by the broker."""
+    if f.loop.last_error:
+        return f.loop.last_error
+    return next((a.last_error for a in f.agents if a.last_error), None)

@@ -95,7 +95,7 @@ class RefModel:
             self.s_w.append(sw)
             self.wq.append([clamp(rha(v / sw), -127, 127) for v in row])
             self.bq.append(rha(bc / (S_X * sw)))
-        self.s_out = max(S_X * sw for sw in self.s_w)
+        self.s_out = 2 * max(S_X * sw for sw in self.s_w)
         self.req = [ref_quantize_multiplier(S_X * sw / self.s_out) for sw in self.s_w]
 
     def quantize_input(self, x: list[float]) -> list[int]:
@@ -248,22 +248,26 @@ def test_refuses_when_bias_plus_worst_case_dot_product_reaches_2_31() -> None:
     assert np.all(np.abs(lg) <= INT32_MAX)
 
 
-def test_refuses_accumulator_that_would_overflow_in_the_left_shift() -> None:
-    # The largest-scale row always requantizes by 1.0 = (2**30, shift 1): acc << 1 must fit.
-    # bq ≈ 1.5 · 2**30 passes the plain 2**31 bound but not the shifted one.
+def test_exporter_never_left_shifts_so_the_full_int32_headroom_is_usable() -> None:
+    # s_out is twice the largest row scale: that row requantizes by 0.5 = (2**30, shift 0), so
+    # a bias of ≈ 1.5 · 2**30 (which a left shift by 1 would overflow) is accepted and safe.
     b = 1.5 * 2**30 * INPUT_SCALE * (1.0 / 127.0)
-    with pytest.raises(FixedPointOverflowError, match="requantization left shift"):
-        quantize_linear(*ONE, [[1.0]], [b])
-    # Just under 2**30 − 128·127 the model is accepted and every input is safe.
-    b_ok = (2**30 - 128 * 127 - 10) * INPUT_SCALE * (1.0 / 127.0)
-    model = quantize_linear(*ONE, [[1.0]], [b_ok])
+    model = quantize_linear(*ONE, [[1.0]], [b])
     assert model.multiplier.tolist() == [1 << 30]
-    assert model.shift.tolist() == [1]
+    assert model.shift.tolist() == [0]
     bq = int(model.bias[0])
-    assert bq + 128 * 127 < 2**30 <= 2 * (bq + 128 * 127)
-    # Requantizing by exactly 1.0 returns the accumulator: q = −128, 0, 127 with Wq = 127.
+    assert 2**30 < bq + 128 * 127 < 2**31
+    # Requantizing by exactly 0.5 halves the accumulator, rounding half away from zero.
     lg = model.logits([[-1e6], [0.0], [1e6]])
-    assert lg[:, 0].tolist() == [bq - 128 * 127, bq, bq + 127 * 127]
+    expected = [
+        -((-(bq - 128 * 127) + 1) // 2) if bq - 128 * 127 < 0 else (bq - 128 * 127 + 1) // 2,
+        (bq + 1) // 2,
+        (bq + 127 * 127 + 1) // 2,
+    ]
+    assert lg[:, 0].tolist() == expected
+    # Past 2**31 the exporter refuses rather than wrap.
+    with pytest.raises(FixedPointOverflowError):
+        quantize_linear(*ONE, [[1.0]], [2.0 * 2**31 * INPUT_SCALE / 127.0])
 
 
 @pytest.mark.parametrize(("shift", "limit"), [(0, 2**31), (-5, 2**31), (1, 2**30)])
