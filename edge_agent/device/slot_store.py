@@ -62,12 +62,17 @@ class SlotStore:
         self.slot_size = slot_size
         self.fsync_chunks = fsync_chunks
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.resized: list[str] = []
+        """Slots whose file had the wrong size at open (padded or cut to ``slot_size``)."""
         for slot in _SLOT_NAMES:
             path = self.path(slot)
             if not path.exists():
                 self._fill(path)
             elif (size := path.stat().st_size) != slot_size:
-                raise ValueError(f"slot file {path} is {size} bytes, expected {slot_size}")
+                # flash cannot change size: treat it as corruption, restore the geometry and let
+                # the boot-time verification of the slot's contents decide what survives
+                self._resize(path, size)
+                self.resized.append(slot)
 
     def path(self, slot: str) -> Path:
         """File backing ``slot`` (``"A"`` or ``"B"``; anything else is a ``ValueError``)."""
@@ -81,6 +86,16 @@ class SlotStore:
                 f"{what} of {length} bytes at offset {offset} is outside the slot "
                 f"(slot_size={self.slot_size})"
             )
+
+    def _resize(self, path: Path, size: int) -> None:
+        with open(path, "r+b") as fh:
+            if size > self.slot_size:
+                fh.truncate(self.slot_size)
+            else:
+                fh.seek(size)
+                fh.write(bytes([ERASED_BYTE]) * (self.slot_size - size))
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def _fill(self, path: Path) -> None:
         with open(path, "wb") as fh:

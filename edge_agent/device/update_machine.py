@@ -48,6 +48,11 @@ from edge_agent.wire.topics import Leaf
 
 log = logging.getLogger(__name__)
 
+BAD_LENGTH_LIMIT = 3
+"""Chunks of the wrong length tolerated before the download is rejected as ``bad_manifest``."""
+INFERENCE_CHECKPOINT = 256
+"""A trial's inference count is persisted each time it crosses a multiple of this."""
+
 _CODE: dict[str, Literal[200, 202, 400, 409, 500]] = {
     "DOWNLOADING": 202,
     "VERIFYING": 202,
@@ -226,6 +231,13 @@ class UpdateMachine:
             return []
         if frame.status == ChunkStatus.UNKNOWN_BLOB:
             return self._fail_download("chunk_error", "the service does not hold this blob")
+        if frame.status == ChunkStatus.BAD_REQUEST:
+            return self._fail_download("chunk_error", "the service refused the chunk request")
+        if frame.total != asm.total or asm.stats.bad_length >= BAD_LENGTH_LIMIT:
+            # the served blob is not the length the manifest promised: retrying cannot help
+            return self._reject_download(
+                "bad_manifest", "manifest blob_len disagrees with the blob the service serves"
+            )
         before = asm.progress[0]
         asm.accept(frame, self.clock())
         got, _ = asm.progress
@@ -245,10 +257,12 @@ class UpdateMachine:
         trial = self.rec.trial
         if self.rec.update_state != "TRIAL" or trial is None:
             return []
+        before = trial.inferences
         trial.inferences += n
         if trial.confirm == "local" and trial.inferences >= trial.min_inferences:
             return self._confirm(trial.deploy_seq)
-        self._save()  # the record holds the count, so a restart keeps it (README §7)
+        if trial.inferences // INFERENCE_CHECKPOINT != before // INFERENCE_CHECKPOINT:
+            self._save()  # the record keeps the count across a restart, at bounded flash wear
         return []
 
     def tick(self) -> list[Outgoing]:
@@ -363,6 +377,14 @@ class UpdateMachine:
         return out
 
     def _fail_download(self, reason: AckReason, detail: str) -> list[Outgoing]:
+        """End the download with a retryable ``FAILED`` (500)."""
+        return self._end_download("FAILED", reason, detail)
+
+    def _reject_download(self, reason: AckReason, detail: str) -> list[Outgoing]:
+        """End the download with a permanent ``REJECTED`` (400)."""
+        return self._end_download("REJECTED", reason, detail)
+
+    def _end_download(self, state: AckState, reason: AckReason, detail: str) -> list[Outgoing]:
         asm = self._assembler
         assert asm is not None
         version = self._desired().param.version if self.rec.desired else None
@@ -372,7 +394,7 @@ class UpdateMachine:
         self.rec.update_state = "IDLE"
         self.slots.erase(asm.slot)
         self._save()
-        return [self._ack(asm.deploy_seq, "FAILED", reason, version, detail=detail)]
+        return [self._ack(asm.deploy_seq, state, reason, version, detail=detail)]
 
     def _downloaded(self) -> list[Outgoing]:
         self._assembler = None
@@ -565,8 +587,20 @@ class UpdateMachine:
         self.rec.slots[slot] = self.rec.slots[slot].model_copy(update={"status": "bad"})
         fallback = other_slot(slot)
         loaded = self._load_slot(fallback)
+        trial = self.rec.trial
+        if self.rec.update_state == "TRIAL" and trial is not None:
+            self._pending_acks.append(
+                self._ack(
+                    trial.deploy_seq,
+                    "REVERTED",
+                    "fault_reset",
+                    self.rec.slots[slot].version,
+                    detail="the trial slot failed verification at boot",
+                )
+            )
         if self.rec.update_state in ("TRIAL", "VERIFYING", "DOWNLOADING"):
             self.rec.update_state, self.rec.trial, self.rec.pending = "IDLE", None, None
+            self.rec.desired = None
         if loaded is not None:
             self.rec.active_slot = fallback
             return loaded

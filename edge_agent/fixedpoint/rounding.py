@@ -40,8 +40,11 @@ def round_half_away(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """
     a = np.asarray(x, dtype=np.float64)
     t = np.trunc(a)
-    # a - t is exact in binary floating point, so the tie test is exact too
-    return np.asarray(t + np.where(np.abs(a - t) >= 0.5, np.sign(a), 0.0), dtype=np.float64)
+    # a - t is exact in binary floating point, so the tie test is exact too; ±inf - ±inf is
+    # NaN, which fails the test and leaves ±inf (and NaN) as they are, without a warning
+    with np.errstate(invalid="ignore"):
+        frac = np.abs(a - t)
+    return np.asarray(t + np.where(frac >= 0.5, np.sign(a), 0.0), dtype=np.float64)
 
 
 def check_int32(x: npt.ArrayLike, what: str) -> IntArray:

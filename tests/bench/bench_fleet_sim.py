@@ -89,8 +89,16 @@ def main() -> None:
     sub = ctx.Process(target=_subscriber, args=(broker.host, broker.port, ready, stop, out))
     sub.start()
     ready.wait(20)
-    cfg = FleetConfig(fleet="bench", devices=args.devices, host=broker.host, port=broker.port,
-                      period_s=0.0, batch=args.batch, label_rate=0.0, state_dir=tmp / "dev")
+    cfg = FleetConfig(
+        fleet="bench",
+        devices=args.devices,
+        host=broker.host,
+        port=broker.port,
+        period_s=0.0,
+        batch=args.batch,
+        label_rate=0.0,
+        state_dir=tmp / "dev",
+    )
     t_build = time.time()
     fleet = Fleet(cfg, bundle.firmware(), {})
     build_s = time.time() - t_build
@@ -99,12 +107,20 @@ def main() -> None:
     while fleet.loop.connected < args.devices and time.time() - t0 < 120:
         time.sleep(0.1)
     connect_s = time.time() - t0
-    r0, cpu0, bcpu0, t1 = (sum(a.stats.readings for a in fleet.agents), _cpu_self(),
-                           _proc_cpu(broker._proc.pid), time.time())
+    r0, cpu0, bcpu0, t1 = (
+        sum(a.stats.readings for a in fleet.agents),
+        _cpu_self(),
+        _proc_cpu(broker._proc.pid),
+        time.time(),
+    )
     f0 = sum(a.stats.frames for a in fleet.agents)
     time.sleep(args.seconds)
-    r1, cpu1, bcpu1, t2 = (sum(a.stats.readings for a in fleet.agents), _cpu_self(),
-                           _proc_cpu(broker._proc.pid), time.time())
+    r1, cpu1, bcpu1, t2 = (
+        sum(a.stats.readings for a in fleet.agents),
+        _cpu_self(),
+        _proc_cpu(broker._proc.pid),
+        time.time(),
+    )
     fleet.stop()
     frames_sent = sum(a.stats.frames for a in fleet.agents)
     stop.set()
@@ -115,10 +131,14 @@ def main() -> None:
     broker.stop()
 
     rate = (r1 - r0) / (t2 - t1)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
-    print(f"devices {args.devices}, batch {args.batch} readings/frame, measured {t2 - t1:.1f}s "
-          f"(built in {build_s:.1f}s, all connected after {connect_s:.1f}s)")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+    print(
+        f"devices {args.devices}, batch {args.batch} readings/frame, measured {t2 - t1:.1f}s "
+        f"(built in {build_s:.1f}s, all connected after {connect_s:.1f}s)"
+    )
     print(f"{'figure':<44}{'value':>14}")
     rows = [
         ("readings/s published (fleet-sim + MQTT)", f"{rate:,.0f}"),

@@ -65,7 +65,8 @@ def test_birth_telemetry_and_labels(fleet: Fleet, observer: Observer, bundle: Bu
         frames = list(observer.tel[dev])
         assert all(b.n_features == 8 and b.k == 8 for b in frames)
         seqs = [b.seq for b in frames]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert seqs == sorted(seqs)
+        assert len(set(seqs)) == len(seqs)
         assert all(b.param_version == 1 for b in frames)
         assert np.all(frames[0].conf >= 0.25)  # 4 classes: the top one has p ≥ 1/4
     observer.wait(lambda: sum(len(v) for v in observer.lbl.values()) >= 3, 10, "labels")
@@ -93,7 +94,8 @@ def test_install_trial_confirm_changes_the_running_parameters(fleet, observer, b
     )
     observer.wait(lambda: (11, "CONFIRMED", "confirmed") in observer.states(dev), 10, "confirm")
     rec = fleet.agent(dev).machine.rec
-    assert rec.update_state == "IDLE" and rec.slots[rec.active_slot].status == "confirmed"
+    assert rec.update_state == "IDLE"
+    assert rec.slots[rec.active_slot].status == "confirmed"
     assert observer.transfer.counters["frames"] >= len(blob) // 256
 
 

@@ -93,10 +93,16 @@ def test_sha256(tmp_path: Path) -> None:
         store.sha256("B", 65)
 
 
-def test_size_mismatch_is_refused(tmp_path: Path) -> None:
-    SlotStore(tmp_path, slot_size=32)
-    with pytest.raises(ValueError, match="expected 64"):
-        SlotStore(tmp_path, slot_size=64)
+def test_a_slot_file_of_the_wrong_size_is_restored_to_the_slot_geometry(tmp_path: Path) -> None:
+    store = SlotStore(tmp_path, slot_size=32)
+    store.write_chunk("A", 0, b"abcd")
+    grown = SlotStore(tmp_path, slot_size=64)  # file shorter than the slot: padded, erased
+    assert grown.resized == ["A", "B"]
+    assert grown.read("A", 64) == b"abcd" + b"\xff" * 60
+    shrunk = SlotStore(tmp_path, slot_size=8)  # file longer: cut
+    assert shrunk.read("A", 8) == b"abcd" + b"\xff" * 4
+    assert shrunk.path("B").stat().st_size == 8
+    assert SlotStore(tmp_path, slot_size=8).resized == []
 
 
 def test_bad_slot_size(tmp_path: Path) -> None:
