@@ -86,7 +86,7 @@ def inspect_header(data: bytes) -> BlobHeader:
 def verify_blob(
     data: bytes,
     *,
-    trusted: Mapping[int, Ed25519PublicKey],
+    trusted: Mapping[int, Ed25519PublicKey] | None,
     schema_id: bytes | None,
     epoch_floor: int = 0,
     min_version: int = 0,
@@ -95,20 +95,22 @@ def verify_blob(
     """Check a blob in the device's order and parse it; raises :class:`BlobRejectedError`.
 
     Order: format, key, signature over the header, length, payload hash, ``schema_id``
-    (skipped when ``None``, e.g. for inspection tools), epoch floor, ``min_version``, sections.
+    (skipped when ``None``), epoch floor, ``min_version``, sections. ``trusted=None`` skips the
+    key and signature checks: only for inspection tools, never on a device.
     KATs are not run here: the device runs them after loading the trial slot
     (:meth:`VerifiedBlob.run_known_answers`).
     """
     if len(data) < PAYLOAD_OFFSET:
         raise BlobRejectedError("truncated", f"{len(data)} bytes is shorter than header+signature")
     header = BlobHeader.unpack(data)
-    public = trusted.get(header.key_id)
-    if public is None:
-        raise BlobRejectedError("unknown_key", f"key_id {header.key_id:#010x} is not trusted")
-    if not verify_signature(public, data[HEADER_LEN:PAYLOAD_OFFSET], data[:HEADER_LEN]):
-        raise BlobRejectedError(
-            "bad_signature", f"signature does not verify under key {header.key_id:#010x}"
-        )
+    if trusted is not None:
+        public = trusted.get(header.key_id)
+        if public is None:
+            raise BlobRejectedError("unknown_key", f"key_id {header.key_id:#010x} is not trusted")
+        if not verify_signature(public, data[HEADER_LEN:PAYLOAD_OFFSET], data[:HEADER_LEN]):
+            raise BlobRejectedError(
+                "bad_signature", f"signature does not verify under key {header.key_id:#010x}"
+            )
     expected_len = PAYLOAD_OFFSET + header.payload_len
     if expected_len > max_len:
         raise BlobRejectedError(

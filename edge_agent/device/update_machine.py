@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from edge_agent.blob import BlobRejectedError, VerifiedBlob, verify_blob
 from edge_agent.blob.header import HEADER_LEN, PAYLOAD_OFFSET, BlobHeader
@@ -36,6 +35,7 @@ from edge_agent.wire.chunk_frame import ChunkStatus, decode_chunk
 from edge_agent.wire.errors import WireError
 from edge_agent.wire.manifest_signature import ManifestSignatureError, verify_manifest
 from edge_agent.wire.messages import (
+    STATE_CODE,
     AckReason,
     AckState,
     Capabilities,
@@ -52,16 +52,6 @@ BAD_LENGTH_LIMIT = 3
 """Chunks of the wrong length tolerated before the download is rejected as ``bad_manifest``."""
 INFERENCE_CHECKPOINT = 256
 """A trial's inference count is persisted each time it crosses a multiple of this."""
-
-_CODE: dict[str, Literal[200, 202, 400, 409, 500]] = {
-    "DOWNLOADING": 202,
-    "VERIFYING": 202,
-    "TRIAL": 202,
-    "CONFIRMED": 200,
-    "REJECTED": 400,
-    "REVERTED": 409,
-    "FAILED": 500,
-}
 
 
 @dataclass(frozen=True)
@@ -658,7 +648,7 @@ class UpdateMachine:
         ack = UpdateAck.create(
             deploy_seq=seq,
             state=state,
-            code=_CODE[state],
+            code=STATE_CODE[state],
             reason=reason,
             param_version=version,
             detail=detail[:200],

@@ -13,20 +13,17 @@ import numpy.typing as npt
 import typer
 
 from edge_agent.blob import (
-    BlobHeader,
     BlobRejectedError,
     KeyFileError,
     ParameterSet,
     VerifiedBlob,
     build_blob,
-    inspect_header,
     load_public_key,
     load_signing_key,
     trusted_keys,
     verify_blob,
 )
 from edge_agent.blob.float_model import FloatLinearModel, FloatModelError
-from edge_agent.blob.header import PAYLOAD_OFFSET
 from edge_agent.blob.signed_blob import DEFAULT_MAX_BLOB
 from edge_agent.fixedpoint import FixedPointOverflowError, quantization_report
 from service.cli.errors import fail
@@ -163,32 +160,6 @@ def _verified(data: bytes, pubkey: Path, expect_schema: str | None) -> VerifiedB
         fail(f"blob rejected: {exc}")
 
 
-def _unverified(data: bytes, schema_id: bytes | None) -> tuple[BlobHeader, ParameterSet]:
-    """The checks of :func:`verify_blob` that need no key, in the same order and wording."""
-    if len(data) < PAYLOAD_OFFSET:
-        raise BlobRejectedError("truncated", f"{len(data)} bytes is shorter than header+signature")
-    header = inspect_header(data)
-    expected_len = PAYLOAD_OFFSET + header.payload_len
-    if len(data) < expected_len:
-        raise BlobRejectedError("truncated", f"{len(data)} of {expected_len} bytes")
-    if len(data) > expected_len:
-        raise BlobRejectedError("unsupported_format", f"{len(data) - expected_len} trailing bytes")
-    payload = data[PAYLOAD_OFFSET:]
-    if hashlib.sha256(payload).digest() != header.payload_sha256:
-        raise BlobRejectedError("hash_mismatch", "payload SHA-256 differs from the header")
-    if schema_id is not None and header.schema_id != schema_id:
-        raise BlobRejectedError(
-            "schema_mismatch",
-            f"blob schema {header.schema_id.hex()} but firmware expects {schema_id.hex()}",
-        )
-    params = ParameterSet.from_payload(payload)
-    if params.schema.schema_id != header.schema_id:
-        raise BlobRejectedError(
-            "schema_mismatch", "the embedded schema does not hash to the header's schema_id"
-        )
-    return header, params
-
-
 @app.command("inspect")
 def inspect(
     file: Annotated[Path, typer.Argument(help="Blob file.")],
@@ -207,9 +178,10 @@ def inspect(
     else:
         schema_id = _schema_id(expect_schema)
         try:
-            header, params = _unverified(data, schema_id)
+            unsigned = verify_blob(data, trusted=None, schema_id=schema_id)
         except BlobRejectedError as exc:
             fail(f"blob rejected: {exc}")
+        header, params = unsigned.header, unsigned.params
         status = "signature NOT checked (give --pubkey)"
     m, s = params.model, params.schema
     typer.echo(f"TDPB v1  {len(data)} bytes  sha256 {hashlib.sha256(data).hexdigest()}")

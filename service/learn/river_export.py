@@ -1,10 +1,12 @@
 """Export a river ``StandardScaler | linear classifier`` pipeline as float linear parameters.
 
 Supported (``../shared/research/fixedpoint-anchors.md`` §0.2): ``LogisticRegression``,
-``Perceptron``, ``PAClassifier`` (binary, one row: the logit of the positive class),
-``SoftmaxRegression`` and ``OneVsRestClassifier(LogisticRegression)`` (one row per class).
-The scaler's running means and variances become ``mu`` and ``sigma``; a zero-variance feature
-gets ``sigma = 1`` (river's scaler maps it to 0, and so does ``(x − mu) / 1`` at ``x = mu``).
+``Perceptron``, ``PAClassifier``, ``ALMAClassifier`` (binary, one row: the logit of the positive
+class; all predict ``logit > 0``), ``SoftmaxRegression`` (no intercept) and
+``OneVsRestClassifier(LogisticRegression)`` (one row per class; river takes the argmax).
+The scaler's running means and variances become ``mu`` and ``sigma``. river's scaler maps a
+zero-variance feature to 0 whatever its value, so such a feature gets ``sigma = 1`` and a zero
+weight column: the exported model then ignores it exactly as river does.
 
 >>> from river import linear_model, preprocessing
 >>> pipe = preprocessing.StandardScaler() | linear_model.LogisticRegression()
@@ -26,6 +28,7 @@ from river import compose, linear_model, multiclass, preprocessing
 from edge_agent.blob.float_model import FloatLinearModel
 
 _BINARY = (linear_model.LogisticRegression, linear_model.Perceptron, linear_model.PAClassifier)
+_BINARY_CLASSES: list[Any] = [False, True]
 
 
 class UnsupportedModelError(TypeError):
@@ -46,44 +49,75 @@ def _intercept(clf: Any) -> float:
     return float(value) if value is not None else 0.0
 
 
+def model_classes(pipeline: Any) -> list[Any]:
+    """The class values in row order, as the river model knows them.
+
+    Binary models: ``[False, True]``. Softmax and one-vs-rest: the classes seen in training.
+    """
+    _, clf = _split(pipeline)
+    if isinstance(clf, (*_BINARY, linear_model.ALMAClassifier)):
+        return list(_BINARY_CLASSES)
+    if isinstance(clf, linear_model.SoftmaxRegression):
+        return list(clf.weights)
+    if isinstance(clf, multiclass.OneVsRestClassifier):
+        return list(clf.classifiers)
+    raise UnsupportedModelError(f"{type(clf).__name__} has no integer kernel in v1")
+
+
 def export_linear(
-    pipeline: Any, features: Sequence[str], classes: Sequence[Any]
+    pipeline: Any, features: Sequence[str], classes: Sequence[Any] | None = None
 ) -> FloatLinearModel:
     """Float parameters of ``pipeline`` with a fixed feature and class order.
 
-    ``classes`` lists the class values as river sees them; for binary models
-    ``classes[1]`` is the positive class (``True`` for river's binary classifiers).
+    ``classes`` lists the class values as river sees them (default :func:`model_classes`); for
+    binary models ``classes[1]`` is the positive class (``True`` for river's binary classifiers).
     """
     scaler, clf = _split(pipeline)
+    classes = model_classes(pipeline) if classes is None else list(classes)
     mu = [float(scaler.means.get(f, 0.0)) for f in features]
-    sigma = []
-    for f in features:
-        var = float(scaler.vars.get(f, 0.0))
-        sigma.append(math.sqrt(var) if var > 0 else 1.0)
-    names = [str(c) for c in classes]
-    if isinstance(clf, _BINARY):
+    constant = [float(scaler.vars.get(f, 0.0)) <= 0 for f in features]
+    sigma = [
+        1.0 if c else math.sqrt(float(scaler.vars[f]))
+        for f, c in zip(features, constant, strict=True)
+    ]
+
+    def row(weights: Any) -> list[float]:
+        return [
+            0.0 if c else float(weights.get(f, 0.0))
+            for f, c in zip(features, constant, strict=True)
+        ]
+
+    if isinstance(clf, (*_BINARY, linear_model.ALMAClassifier)):
         if len(classes) != 2:
             raise UnsupportedModelError(f"{type(clf).__name__} is binary; give two classes")
-        weights = [[float(clf.weights.get(f, 0.0)) for f in features]]
-        bias = [_intercept(clf)]
+        if isinstance(clf, linear_model.ALMAClassifier):
+            weights, bias = [row(clf.w)], [0.0]  # ALMA has no intercept
+        else:
+            weights, bias = [row(clf.weights)], [_intercept(clf)]
     elif isinstance(clf, linear_model.SoftmaxRegression):
-        weights = [[float(clf.weights[c].get(f, 0.0)) for f in features] for c in classes]
+        weights = [
+            row(clf.weights[c]) if c in clf.weights else [0.0] * len(features) for c in classes
+        ]
         bias = [0.0] * len(classes)  # river's SoftmaxRegression has no intercept
     elif isinstance(clf, multiclass.OneVsRestClassifier):
-        rows, bias = [], []
+        weights, bias = [], []
         for c in classes:
             sub = clf.classifiers.get(c)
             if sub is None:
-                rows.append([0.0] * len(features))
+                weights.append([0.0] * len(features))
                 bias.append(-1e3)  # a class never seen is never predicted
                 continue
             if not isinstance(sub, linear_model.LogisticRegression):
                 raise UnsupportedModelError("OneVsRest must wrap LogisticRegression")
-            rows.append([float(sub.weights.get(f, 0.0)) for f in features])
+            weights.append(row(sub.weights))
             bias.append(_intercept(sub))
-        weights = rows
     else:
         raise UnsupportedModelError(f"{type(clf).__name__} has no integer kernel in v1")
     return FloatLinearModel(
-        features=list(features), classes=names, mu=mu, sigma=sigma, weights=weights, bias=bias
+        features=list(features),
+        classes=[str(c) for c in classes],
+        mu=mu,
+        sigma=sigma,
+        weights=weights,
+        bias=bias,
     )

@@ -163,33 +163,26 @@ class FrozenLinear:
 
 
 def freeze(pipeline: Any, model: str, features: Sequence[str]) -> FrozenLinear:
-    """Read the scaler statistics and linear weights out of a trained river pipeline."""
-    scaler, clf = list(pipeline.steps.values())
-    var = np.array([scaler.vars[f] for f in features], dtype=np.float64)
-    mu = np.array([scaler.means[f] for f in features], dtype=np.float64)
-    constant = var == 0.0
-    sigma = np.where(constant, 1.0, np.sqrt(np.where(constant, 1.0, var)))
+    """Read the scaler statistics and linear weights out of a trained river pipeline.
 
-    def row(weights: Any) -> list[float]:
-        return [float(weights.get(f, 0.0)) for f in features]
+    Uses the service's exporter (``service.learn.river_export``), so the benchmark measures
+    exactly what ``tinydrift`` ships.
+    """
+    from service.learn.river_export import export_linear, model_classes
 
-    labels: list[Any]
-    if model in ("LogisticRegression", "Perceptron", "PAClassifier"):
-        w, b, labels = [row(clf.weights)], [float(clf.intercept)], [False, True]
-    elif model == "ALMAClassifier":
-        w, b, labels = [row(clf.w)], [0.0], [False, True]  # no intercept
-    elif model == "SoftmaxRegression":
-        labels = list(clf.weights)  # no intercept: softmax of w_c · z
-        w, b = [row(clf.weights[c]) for c in labels], [0.0] * len(labels)
-    elif model == "OvR(LogisticRegression)":
-        labels = list(clf.classifiers)
-        w = [row(clf.classifiers[c].weights) for c in labels]
-        b = [float(clf.classifiers[c].intercept) for c in labels]
-    else:
-        raise ValueError(f"unknown model {model!r}")
-    weights = np.array(w, dtype=np.float64)
-    weights[:, constant] = 0.0
-    return FrozenLinear(mu, sigma, weights, np.array(b, dtype=np.float64), labels, constant)
+    del model  # the exporter recognises the model from the pipeline
+    labels = model_classes(pipeline)
+    fm = export_linear(pipeline, features, labels)
+    scaler = next(iter(pipeline.steps.values()))
+    constant = np.array([float(scaler.vars.get(f, 0.0)) <= 0 for f in features])
+    return FrozenLinear(
+        np.array(fm.mu),
+        np.array(fm.sigma),
+        np.array(fm.weights),
+        np.array(fm.bias),
+        labels,
+        constant,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
