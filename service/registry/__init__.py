@@ -1,0 +1,1 @@
+"""The registry: devices, parameter sets, drift events, detector checkpoints, labels, audit log."""
