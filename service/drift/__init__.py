@@ -1,1 +1,1 @@
-"""Drift detection: per-device streaming detectors (layer A) and per-cohort windowed tests (layer B)."""
+"""Drift detection: per-device streaming detectors (layer A), per-cohort windowed tests (B)."""

@@ -1,1 +1,1 @@
-"""MQTT ingest: consume, validate, sequence-check and group device messages off the network thread."""
+"""MQTT ingest: consume, validate, sequence-check and group device messages."""

@@ -1,0 +1,126 @@
+"""Service settings: command-line flags over ``TINYDRIFT_*`` environment variables over a TOML
+file over defaults, validated with pydantic-settings.
+
+>>> s = ServiceSettings(broker="mqtt://127.0.0.1:1884", db="sqlite:///x.db")
+>>> s.broker_host, s.broker_port, s.metrics_port
+('127.0.0.1', 1884, 9464)
+>>> load_settings(broker="http://x", metrics_port=99999)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+service.config.SettingsError: setting broker: expected mqtt://HOST[:PORT], got 'http://x'; ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message is one line naming the setting and the problem."""
+
+
+class ServiceSettings(BaseSettings):
+    """Everything ``tinydrift serve`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="TINYDRIFT_", extra="forbid")
+    config_file: ClassVar[Path | None] = None
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    """MQTT broker URL, ``mqtt://HOST[:PORT]``."""
+    mqtt_client_id: str = "tinydrift-service"
+    """Fixed client id: with a persistent session the broker queues QoS 1 messages meanwhile."""
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    db: str = "sqlite:///tinydrift.db"
+    """SQLAlchemy URL of the registry (SQLite default; ``postgresql+psycopg://…`` in production)."""
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    """Port of ``/metrics`` (0: any free port)."""
+    metrics_host: str = "127.0.0.1"
+    fleets: list[str] = Field(default_factory=lambda: ["+"])
+    """Fleets to subscribe to (``+``: all)."""
+    unknown_devices: Literal["reject", "adopt"] = "reject"
+    """Telemetry from a device with no birth: count and drop it, or register it from the frame."""
+    queue_size: int = Field(20_000, ge=100)
+    """Messages buffered between the MQTT thread and the batcher; beyond that: drop + count."""
+    batch_max_messages: int = Field(2_000, ge=1)
+    batch_max_wait_s: float = Field(0.05, gt=0, le=5)
+    max_payload_bytes: int = Field(65_536, ge=1024)
+    window_s: float = Field(60.0, gt=0)
+    """Cohort (layer B) window length."""
+    checkpoint_interval_s: float = Field(60.0, gt=0)
+    reference_readings: int = Field(512, ge=32)
+    """Readings per (device, model version) that form the fixed reference of layer A."""
+    false_alarm_budget: float = Field(1e-7, gt=0, lt=1)
+    """Fleet-level false drift alarms per device-reading on stationary data."""
+    label_cap_per_device: int = Field(2_000, ge=0)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        p = urlparse(v)
+        if p.scheme != "mqtt" or not p.hostname:
+            raise ValueError(f"expected mqtt://HOST[:PORT], got {v!r}")
+        try:
+            _ = p.port
+        except ValueError:
+            raise ValueError(f"bad port in {v!r}") from None
+        return v
+
+    @property
+    def broker_host(self) -> str:
+        """Host part of :attr:`broker`."""
+        return urlparse(self.broker).hostname or "127.0.0.1"
+
+    @property
+    def broker_port(self) -> int:
+        """Port part of :attr:`broker` (1883 by default)."""
+        return urlparse(self.broker).port or 1883
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags, then environment, then the TOML file given with ``--config``."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> ServiceSettings:
+    """Build settings from flags (``None`` values are ignored), env and ``config_file``.
+
+    Raises :class:`SettingsError` with one line per problem, naming the setting.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist")
+    given = {k: v for k, v in flags.items() if v is not None}
+    ServiceSettings.config_file = config_file
+    try:
+        return ServiceSettings(**given)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"setting {where}: {msg}")
+        raise SettingsError("; ".join(lines)) from None
+    except Exception as exc:  # a malformed TOML file
+        raise SettingsError(f"cannot read config file {config_file}: {exc}") from None
+    finally:
+        ServiceSettings.config_file = None

@@ -1,0 +1,247 @@
+"""Drain the ingest queue in batches: decode, validate, sequence-check, group, hand on.
+
+One thread. It blocks for the first message, then takes whatever else is queued up to
+``max_messages`` or ``max_wait_s``, and processes the batch: every message is decoded and
+validated with the device contract (``edge_agent.wire``); telemetry is checked against the
+device's schema and sequence; the accepted frames of the whole batch go to the sink in one
+call, so detectors work on batches. Every rejection is counted by reason and never stops
+ingest; an unexpected error in one message is logged, counted as ``internal`` and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Protocol
+
+import numpy as np
+
+from edge_agent.wire.errors import WireError
+from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch, UpdateAck
+from edge_agent.wire.telemetry_codec import decode_telemetry
+from edge_agent.wire.topics import Leaf, parse_topic
+from service.ingest.device_directory import DeviceDirectory, DeviceInfo
+from service.ingest.frames import DeviceFrame, DeviceLabels
+from service.ingest.mqtt_consumer import Incoming
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_REASONS = (
+    "unknown_device",
+    "unknown_schema",
+    "duplicate",
+    "stale",
+    "queue_full",
+    "internal",
+)
+"""Rejection reasons of the service itself, beyond the wire's (``WireError.reason``)."""
+
+
+class IngestSink(Protocol):
+    """Where the batcher delivers what it accepted (implemented by the service)."""
+
+    def on_frames(self, frames: list[DeviceFrame]) -> None:
+        """Telemetry frames of one batch, in arrival order."""
+
+    def on_labels(self, labels: list[DeviceLabels]) -> None:
+        """Label batches of one batch."""
+
+    def on_status(self, info: DeviceInfo) -> None:
+        """A birth or a Will changed a device."""
+
+    def on_ack(self, fleet: str, device: str, ack: UpdateAck, recv_ts: float) -> None:
+        """An update ack from a device."""
+
+
+class _RejectedError(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Batcher:
+    """Turns queued MQTT messages into validated, sequence-checked device records."""
+
+    def __init__(
+        self,
+        source: queue.Queue[Incoming],
+        directory: DeviceDirectory,
+        sink: IngestSink,
+        metrics: ServiceMetrics,
+        *,
+        max_messages: int = 2_000,
+        max_wait_s: float = 0.05,
+        max_payload_bytes: int = 65_536,
+    ) -> None:
+        self.source = source
+        self.directory = directory
+        self.sink = sink
+        self.metrics = metrics
+        self.max_messages = max_messages
+        self.max_wait_s = max_wait_s
+        self.max_payload_bytes = max_payload_bytes
+        self.rejections: Counter[str] = Counter()
+        self.processed = 0
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ingest-batcher", daemon=True)
+
+    # -- thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the batcher thread."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Process what is queued, then stop."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until the queue is empty and the last batch is processed (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.source.empty() and self._idle.is_set():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self.source.get(timeout=0.2)
+            except queue.Empty:
+                self._idle.set()
+                if self._stop.is_set():
+                    return
+                continue
+            self._idle.clear()
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_messages:
+                try:
+                    batch.append(self.source.get_nowait())
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.001)
+            self.metrics.queue_depth.set(self.source.qsize())
+            try:
+                self.process(batch)
+            except Exception:  # a bug must not stop ingest; the batch's messages are counted
+                log.exception("ingest batch of %d messages failed", len(batch))
+                self._reject("internal", len(batch))
+            if self.source.empty():
+                self._idle.set()
+
+    # -- processing -----------------------------------------------------------------------
+
+    def _reject(self, reason: str, n: int = 1) -> None:
+        self.rejections[reason] += n
+        self.metrics.rejected.labels(reason=reason).inc(n)
+
+    def process(self, batch: list[Incoming]) -> None:
+        """Decode, validate and deliver one batch (public for tests and benchmarks)."""
+        t0 = time.perf_counter()
+        frames: list[DeviceFrame] = []
+        labels: list[DeviceLabels] = []
+        for msg in batch:
+            try:
+                self._one(msg, frames, labels)
+            except WireError as exc:
+                self._reject(exc.reason)
+            except _RejectedError as exc:
+                self._reject(exc.reason)
+            except Exception:
+                log.exception("unexpected error on %s", msg.topic)
+                self._reject("internal")
+        self.processed += len(batch)
+        self.metrics.batch_size.observe(len(batch))
+        if frames:
+            self.sink.on_frames(frames)
+        if labels:
+            self.sink.on_labels(labels)
+        self.metrics.process_seconds.observe(time.perf_counter() - t0)
+
+    def _known(self, fleet: str, device: str, recv_ts: float) -> DeviceInfo:
+        info = self.directory.get(fleet, device)
+        if info is None or (info.schema_id is None and not info.adopted):
+            info = self.directory.adopt(fleet, device, recv_ts)
+            if info is None:
+                raise _RejectedError("unknown_device")
+        info.last_seen = recv_ts
+        return info
+
+    def _check_shape(self, info: DeviceInfo, batch: TelemetryBatch | LabelBatch) -> None:
+        schema = self.directory.schema_of(info)
+        if schema is not None:
+            batch.check_shape(schema.n_features, schema.n_classes)
+        elif not info.adopted:
+            raise _RejectedError("unknown_schema")
+
+    def _one(self, msg: Incoming, frames: list[DeviceFrame], labels: list[DeviceLabels]) -> None:
+        t = parse_topic(msg.topic)
+        self.metrics.messages.labels(fleet=t.fleet, kind=t.leaf.value).inc()
+        if len(msg.payload) > self.max_payload_bytes:
+            raise WireError("oversized", f"{len(msg.payload)} bytes")
+        if t.leaf == Leaf.TEL:
+            batch = decode_telemetry(msg.payload, self.max_payload_bytes)
+            info = self._known(t.fleet, t.device, msg.recv_ts)
+            self._check_shape(info, batch)
+            lost_before = info.lost_frames
+            verdict = self.directory.check_sequence(t.fleet, t.device, batch.boot, batch.seq)
+            if verdict != "ok":
+                raise _RejectedError(verdict)
+            if info.lost_frames > lost_before:
+                self.metrics.sequence_gaps.labels(fleet=t.fleet).inc(info.lost_frames - lost_before)
+            info.readings += batch.k
+            self.metrics.readings.labels(fleet=t.fleet).inc(batch.k)
+            lag = msg.recv_ts - batch.ts_ms / 1000.0
+            self.metrics.lag.labels(fleet=t.fleet).observe(max(lag, 0.0))
+            frames.append(
+                DeviceFrame(
+                    fleet=t.fleet,
+                    device=t.device,
+                    boot=batch.boot,
+                    seq=batch.seq,
+                    ts_ms=batch.ts_ms,
+                    recv_ts=msg.recv_ts,
+                    param_version=batch.param_version,
+                    features=np.asarray(batch.features),
+                    pred=np.asarray(batch.pred),
+                    conf=np.asarray(batch.conf),
+                )
+            )
+        elif t.leaf == Leaf.LBL:
+            lb = LabelBatch.from_json(msg.payload, self.max_payload_bytes)
+            info = self._known(t.fleet, t.device, msg.recv_ts)
+            self._check_shape(info, lb)
+            verdict = self.directory.check_label_sequence(t.fleet, t.device, lb.boot, lb.seq)
+            if verdict != "ok":
+                raise _RejectedError(verdict)
+            self.metrics.labels.labels(fleet=t.fleet).inc(lb.k)
+            labels.append(
+                DeviceLabels(
+                    fleet=t.fleet,
+                    device=t.device,
+                    boot=lb.boot,
+                    seq=lb.seq,
+                    ts_ms=lb.ts_ms,
+                    recv_ts=msg.recv_ts,
+                    param_version=lb.param_version,
+                    features=np.asarray(lb.features),
+                    pred=np.asarray(lb.pred),
+                    label=np.asarray(lb.label),
+                )
+            )
+        elif t.leaf == Leaf.STATUS:
+            if not msg.payload:
+                return  # a cleared retained status
+            status = Status.from_json(msg.payload, self.max_payload_bytes)
+            self.sink.on_status(self.directory.on_status(t.fleet, t.device, status, msg.recv_ts))
+        elif t.leaf == Leaf.ACK:
+            ack = UpdateAck.from_json(msg.payload, self.max_payload_bytes)
+            self.sink.on_ack(t.fleet, t.device, ack, msg.recv_ts)

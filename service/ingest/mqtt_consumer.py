@@ -1,0 +1,143 @@
+"""The service's MQTT connection: subscribe, and hand every message to a bounded queue.
+
+paho-mqtt 2.x with a **persistent session** (MQTT 3.1.1 ``clean_session = false`` and a fixed
+client id), so the broker keeps the subscriptions and queues QoS 1 messages (labels, acks,
+births) while the service restarts. ``on_message`` runs on paho's network thread and does
+nothing but ``put_nowait`` into the queue: when the queue is full the message is dropped and
+counted as ``queue_full``, visibly, instead of letting the broker drop it silently
+(mqtt-observability §1.4). paho reconnects by itself with exponential backoff (1 s to 30 s);
+each reconnection is counted and the subscriptions are renewed.
+
+Broker settings the service needs are in ``deploy/mosquitto.conf``: a deep per-client queue
+(``max_queued_messages``; the default 1000 dropped 468 of 2,000 QoS 1 messages to a slow
+subscriber) and ``persistent_client_expiration`` long enough to cover a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.wire.topics import Leaf, subscription
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBED_LEAVES = (Leaf.STATUS, Leaf.TEL, Leaf.LBL, Leaf.ACK)
+"""Births first, so a retained birth arrives before the device's telemetry."""
+
+
+class Incoming(NamedTuple):
+    """One received message, stamped with the receive time (Unix seconds)."""
+
+    topic: str
+    payload: bytes
+    recv_ts: float
+
+
+class MqttConsumer:
+    """Owns the paho client; fills ``queue``; exposes connection state and counters."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        fleets: list[str],
+        out: queue.Queue[Incoming],
+        username: str | None = None,
+        password: str | None = None,
+        on_drop: Callable[[], None] | None = None,
+        on_connection_change: Callable[[bool, bool], None] | None = None,
+        extra_subscriptions: Callable[[], list[tuple[str, int]]] | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.fleets = fleets
+        self.out = out
+        self.on_drop = on_drop
+        self.on_connection_change = on_connection_change
+        self.extra_subscriptions = extra_subscriptions
+        self.connected = threading.Event()
+        self.connects = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_inflight_messages_set(100)
+        self.client.max_queued_messages_set(10_000)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """Every (topic filter, QoS) the service subscribes to."""
+        subs = [
+            (subscription(leaf, fleet), 1) for fleet in self.fleets for leaf in SUBSCRIBED_LEAVES
+        ]
+        if self.extra_subscriptions is not None:
+            subs += self.extra_subscriptions()
+        return subs
+
+    def start(self) -> None:
+        """Connect asynchronously and start paho's network thread (retries until stopped)."""
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected (True) or ``timeout`` seconds passed (False)."""
+        return self.connected.wait(timeout)
+
+    def stop(self) -> None:
+        """Disconnect cleanly and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+    def _on_connect(self, client: mqtt.Client, _ud: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self.last_error = (
+                f"broker {self.host}:{self.port} refused the service: {reason} "
+                "(check --mqtt-username/--mqtt-password and the broker ACL)"
+            )
+            log.error("%s", self.last_error)
+            return
+        reconnect = self.connects > 0
+        self.connects += 1
+        self.last_error = None
+        client.subscribe(self.subscriptions())
+        self.connected.set()
+        session = getattr(flags, "session_present", False)
+        log.info("connected to %s:%d (session present: %s)", self.host, self.port, session)
+        if self.on_connection_change is not None:
+            self.on_connection_change(True, reconnect)
+
+    def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _f: Any, reason: Any, _p: Any) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
+            self.last_error = f"lost the broker {self.host}:{self.port} ({reason}); reconnecting"
+            log.warning("%s", self.last_error)
+        if self.on_connection_change is not None:
+            self.on_connection_change(False, False)
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.out.put_nowait(Incoming(msg.topic, bytes(msg.payload), time.time()))
+        except queue.Full:
+            self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()

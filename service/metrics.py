@@ -1,0 +1,174 @@
+"""The service's Prometheus metrics: a bounded-cardinality set, never a per-device label.
+
+Labels are limited to ``fleet`` (tens), ``model_version`` (a few live), ``kind``, ``reason``,
+``signal``, ``detector``, ``scope``, ``feature`` (≤ the schema's features), ``class`` (≤ its
+classes) and ``state``: 100k devices as a label made a 91 MiB, 10.8 s scrape in
+``../shared/research/mqtt-observability-anchors.md`` §1.9. Device ids travel as exemplars on
+the drift-detection counter (OpenMetrics, limit 128 characters). The set follows §8.5 there.
+
+>>> m = ServiceMetrics()
+>>> m.rejected.labels(reason="decode").inc()
+>>> b"tinydrift_ingest_rejected_total" in m.exposition()
+True
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import generate_latest
+
+import service
+
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+CONF_BUCKETS = tuple(i / 20 for i in range(5, 21))
+
+
+class ServiceMetrics:
+    """Every metric of one service instance, in its own registry (tests run several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.build = Info("tinydrift_build", "tinydrift build information.", registry=r)
+        self.build.info({"version": service.__version__})
+        self.model_info = Gauge(
+            "tinydrift_model_info",
+            "Live model versions (value 1).",
+            ["fleet", "model_version", "schema_id"],
+            registry=r,
+        )
+        # ingest
+        self.messages = Counter(
+            "tinydrift_mqtt_messages_received",
+            "MQTT messages received.",
+            ["fleet", "kind"],
+            registry=r,
+        )
+        self.readings = Counter(
+            "tinydrift_readings_received", "Telemetry readings accepted.", ["fleet"], registry=r
+        )
+        self.rejected = Counter(
+            "tinydrift_ingest_rejected", "Messages rejected, by reason.", ["reason"], registry=r
+        )
+        self.sequence_gaps = Counter(
+            "tinydrift_ingest_sequence_gaps",
+            "Telemetry frames lost between device and service (sequence gaps).",
+            ["fleet"],
+            registry=r,
+        )
+        self.lag = Histogram(
+            "tinydrift_ingest_lag_seconds",
+            "Service receive time minus device timestamp.",
+            ["fleet"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tinydrift_ingest_batch_size",
+            "Messages per batch drained from the queue.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "tinydrift_ingest_queue_depth",
+            "Messages waiting between MQTT and the batcher.",
+            registry=r,
+        )
+        self.process_seconds = Histogram(
+            "tinydrift_ingest_batch_processing_seconds",
+            "Time to decode and detect one batch.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.mqtt_connected = Gauge(
+            "tinydrift_mqtt_connected", "1 while connected to the broker.", registry=r
+        )
+        self.mqtt_reconnects = Counter(
+            "tinydrift_mqtt_reconnects", "Reconnections to the broker.", registry=r
+        )
+        # devices
+        self.devices = Gauge(
+            "tinydrift_devices", "Devices by state.", ["fleet", "state"], registry=r
+        )
+        self.devices_by_model = Gauge(
+            "tinydrift_devices_by_model",
+            "Devices by active model version.",
+            ["fleet", "model_version"],
+            registry=r,
+        )
+        self.last_seen_age = Histogram(
+            "tinydrift_device_last_seen_age_seconds",
+            "Seconds since each device was last heard.",
+            ["fleet"],
+            buckets=(1, 5, 15, 60, 300, 900, 3600, 21600, 86400),
+            registry=r,
+        )
+        # drift
+        self.detections = Counter(
+            "tinydrift_drift_detections",
+            "Drift detections (device id as exemplar).",
+            ["fleet", "scope", "signal", "detector"],
+            registry=r,
+        )
+        self.drifting_devices = Gauge(
+            "tinydrift_drifting_devices",
+            "Devices whose signals are outside their reference.",
+            ["fleet", "signal"],
+            registry=r,
+        )
+        self.alarm_active = Gauge(
+            "tinydrift_drift_alarm_active",
+            "1 while a cohort-level drift alarm is active.",
+            ["fleet", "model_version", "signal"],
+            registry=r,
+        )
+        self.feature_drift = Gauge(
+            "tinydrift_fleet_feature_drift_score",
+            "Jensen-Shannon distance of the cohort's feature histogram to its reference.",
+            ["fleet", "model_version", "feature"],
+            registry=r,
+        )
+        self.class_ratio = Gauge(
+            "tinydrift_prediction_class_ratio",
+            "Share of predictions per class in the last window.",
+            ["fleet", "model_version", "class"],
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "tinydrift_prediction_confidence",
+            "Reported confidence of each reading.",
+            ["fleet", "model_version"],
+            buckets=CONF_BUCKETS,
+            registry=r,
+        )
+        self.labelled_accuracy = Gauge(
+            "tinydrift_labelled_accuracy_ratio",
+            "Accuracy on labelled readings, last window.",
+            ["fleet", "model_version"],
+            registry=r,
+        )
+        self.estimated_accuracy = Gauge(
+            "tinydrift_estimated_accuracy_ratio",
+            "Label-free accuracy estimate (CBPE-style; blind to concept shift).",
+            ["fleet", "model_version"],
+            registry=r,
+        )
+        self.labels = Counter(
+            "tinydrift_labels_received", "Labelled readings received.", ["fleet"], registry=r
+        )
+        # registry and checkpoints
+        self.registry_queue = Gauge(
+            "tinydrift_registry_queue_depth", "Writes waiting for the registry.", registry=r
+        )
+        self.registry_retries = Gauge(
+            "tinydrift_registry_write_retries",
+            "Registry write retries (locked or lost DB).",
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "tinydrift_checkpoints", "Detector checkpoints written.", ["outcome"], registry=r
+        )
+
+    def exposition(self) -> bytes:
+        """The text exposition (what ``/metrics`` serves)."""
+        return generate_latest(self.registry)
