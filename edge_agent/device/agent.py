@@ -21,7 +21,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.device.simulator import SensorSimulator, window_times
+from edge_agent.device.simulator import SensorSimulator
 from edge_agent.device.update_machine import Outgoing, UpdateMachine
 from edge_agent.fixedpoint import round_half_away
 from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch
@@ -199,7 +199,11 @@ class EdgeAgent:
         c = self.config
         self._next_frame = max(self._next_frame + c.period_s, now) if c.period_s else now
         t0 = self.sim_time(now)
-        sample = self.sensor.sample(c.batch, t=window_times(c.batch, t0))
+        # the frame's readings were taken over the last period: spread them evenly over it, so
+        # a drift scheduled at time T shows in exactly the readings taken after T
+        span = c.period_s * c.time_scale
+        times = t0 - span + span * (np.arange(c.batch, dtype=np.float64) + 1) / c.batch
+        sample = self.sensor.sample(c.batch, t=np.maximum(times, 0.0))
         scale = float(1 << FRAC_BITS)
         held = np.clip(round_half_away(sample.features * scale), -32768, 32767).astype(np.int64)
         x = held / scale  # what the device holds, exactly representable in float32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from service.cli import blob, demo, device, keys
+from service.cli import blob, demo, device, keys, serve
 
 app = typer.Typer(
     name="tinydrift",
@@ -17,6 +17,8 @@ app.add_typer(blob.app, name="blob")
 app.command("device")(device.device)
 app.command("fleet-sim")(device.fleet_sim)
 app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
+app.add_typer(serve.registry_app, name="registry")
 app.add_typer(device.firmware_app, name="firmware")
 
 

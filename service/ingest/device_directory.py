@@ -135,6 +135,17 @@ class DeviceDirectory:
                 self._devices[(fleet, device)] = info
             return info
 
+    def adopt_known(self, fleet: str, device: str, schema_id: str | None) -> DeviceInfo:
+        """Register a device the registry already knows (at start-up, before its birth)."""
+        with self._lock:
+            info = self._devices.get((fleet, device))
+            if info is None:
+                info = DeviceInfo(fleet, device, schema_id=schema_id)
+                self._devices[(fleet, device)] = info
+            elif info.schema_id is None:
+                info.schema_id = schema_id
+            return info
+
     def schema_of(self, info: DeviceInfo) -> ParameterSchema | None:
         """The device's parameter schema, if the catalog knows it."""
         return self.catalog.schema(info.schema_id) if info.schema_id else None

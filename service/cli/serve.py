@@ -1,0 +1,154 @@
+"""``tinydrift serve`` and ``tinydrift registry``: run the service, manage its registry."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from edge_agent.blob import (
+    BlobRejectedError,
+    KeyFileError,
+    load_public_key,
+    trusted_keys,
+    verify_blob,
+)
+from service.cli.errors import fail
+from service.config import ServiceSettings, SettingsError, load_settings
+from service.registry.errors import RegistryConflictError, RegistryError
+from service.registry.store import Registry
+
+console = Console(stderr=True)
+registry_app = typer.Typer(help="The service's registry database.", no_args_is_help=True)
+
+
+def serve(
+    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT")] = None,
+    db: Annotated[
+        str | None, typer.Option(help="Registry URL (sqlite:///… or postgresql+psycopg://…)")
+    ] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Port of /metrics (0: any).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with any of these settings.")
+    ] = None,
+    fleet: Annotated[
+        list[str] | None, typer.Option(help="Fleet to watch (repeatable; default all).")
+    ] = None,
+    unknown_devices: Annotated[str | None, typer.Option(help="reject or adopt")] = None,
+    window: Annotated[float | None, typer.Option(help="Cohort window, seconds.")] = None,
+    discard_checkpoints: Annotated[
+        bool, typer.Option(help="Ignore stored detector state and relearn references.")
+    ] = False,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Ingest telemetry, detect drift, keep the registry, serve /metrics."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings: ServiceSettings = load_settings(
+            config,
+            broker=broker,
+            db=db,
+            metrics_port=metrics_port,
+            fleets=fleet,
+            unknown_devices=unknown_devices,
+            window_s=window,
+        )
+    except SettingsError as exc:
+        fail(str(exc))
+    from service.drift.engine import CheckpointRefusedError
+    from service.serve import Service
+
+    try:
+        svc = Service(settings, discard_checkpoints=discard_checkpoints)
+    except (RegistryError, CheckpointRefusedError) as exc:
+        fail(str(exc))
+    try:
+        svc.start()
+    except OSError as exc:
+        fail(
+            f"cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port}: "
+            f"{exc.strerror} (choose another --metrics-port)"
+        )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(
+        f"tinydrift serve: broker {settings.broker}, registry {svc.registry.url}, "
+        f"metrics http://{settings.metrics_host}:{svc.metrics_port}/metrics"
+    )
+    t0 = time.monotonic()
+    last = 0.0
+    try:
+        while not stop.wait(1.0):
+            if duration is not None and time.monotonic() - t0 >= duration:
+                break
+            now = time.monotonic()
+            if now - last >= 30:
+                last = now
+                st = svc.status()
+                msg = (
+                    f"{'connected' if st.connected else 'NOT connected'}; devices "
+                    f"{st.devices}, readings {st.readings}, detections {st.detections}, "
+                    f"rejected {sum(st.rejections.values())}, queue {st.queue_depth}"
+                )
+                if not st.connected and svc.consumer.last_error:
+                    msg += f"; {svc.consumer.last_error}"
+                console.print(msg)
+    finally:
+        console.print("stopping: draining, checkpointing detectors, flushing the registry")
+        svc.stop()
+
+
+@registry_app.command("import-blob")
+def import_blob(
+    files: Annotated[list[Path], typer.Argument(help="Signed blob files.")],
+    db: Annotated[str, typer.Option(help="Registry URL.")] = "sqlite:///tinydrift.db",
+    pubkey: Annotated[Path | None, typer.Option(help="Release public key to verify with.")] = None,
+    status: Annotated[str, typer.Option(help="good, candidate or bad")] = "good",
+) -> None:
+    """Register parameter sets (e.g. a firmware's factory blob) so the service knows their schema."""
+    if status not in ("good", "candidate", "bad"):
+        fail("--status must be good, candidate or bad")
+    try:
+        trusted = trusted_keys([load_public_key(pubkey)]) if pubkey else None
+        reg = Registry(db)
+    except (KeyFileError, RegistryError) as exc:
+        fail(str(exc))
+    for f in files:
+        try:
+            data = f.read_bytes()
+            v = verify_blob(data, trusted=trusted, schema_id=None)
+        except OSError as exc:
+            fail(f"cannot read {f}: {exc.strerror}")
+        except BlobRejectedError as exc:
+            fail(f"{f}: blob rejected: {exc}")
+        try:
+            reg.add_parameter_set(
+                v.params.schema.schema_id_hex,
+                v.header.param_version,
+                v.header.security_epoch,
+                data,
+                source=f"import:{f.name}",
+                status=status,  # type: ignore[arg-type]
+            )
+        except RegistryConflictError:
+            typer.echo(
+                f"{f}: already registered (schema {v.params.schema.schema_id_hex} "
+                f"v{v.header.param_version})"
+            )
+            continue
+        typer.echo(
+            f"registered {f}: schema {v.params.schema.schema_id_hex} "
+            f"v{v.header.param_version} ({status})"
+        )
+    reg.close()

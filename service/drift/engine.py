@@ -1,0 +1,247 @@
+"""The drift engine: owns every layer-A and layer-B monitor and routes records to them.
+
+One :class:`~service.drift.device_monitor.DeviceMonitor` per device (created on the device's
+first frame, from its schema) and one :class:`~service.drift.cohort_monitor.CohortMonitor` per
+cohort ``(fleet, schema, model version)`` (created when the cohort's parameter set is known: the
+cohort bins features on the model's own int8 grid). Frames of a drained batch go to layer A in
+one vectorised call; cohorts accumulate exact histograms and are evaluated on a timer.
+
+The engine is called from the batcher thread and from the service's timers; one lock serialises
+them (monitors are not thread-safe).
+
+Checkpoints: every monitor's state, zlib-compressed, with its format version and the last
+processed ``(boot, seq)`` of the device, so a restart resumes instead of relearning and a replayed
+frame is recognised. A checkpoint of another format is refused with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from edge_agent.blob import ParameterSchema
+from service.drift.cohort_monitor import CohortConfig, CohortMonitor, CohortReport
+from service.drift.detection import Detection
+from service.drift.device_monitor import (
+    STATE_FORMAT as DEVICE_STATE_FORMAT,
+)
+from service.drift.device_monitor import (
+    CheckpointFormatError,
+    DeviceMonitor,
+    DeviceMonitorConfig,
+    update_frames,
+)
+from service.ingest.frames import DeviceFrame, DeviceLabels
+from service.ingest.schema_catalog import SchemaCatalog
+from service.registry.records import CheckpointRecord
+
+log = logging.getLogger(__name__)
+
+KIND_DEVICE = "device_monitor"
+KIND_COHORT = "cohort_monitor"
+
+
+class CheckpointRefusedError(RuntimeError):
+    """Stored detector state is of a format this version cannot read (one-line message)."""
+
+
+@dataclass
+class EngineStats:
+    """Counters the service exposes."""
+
+    frames: int = 0
+    frames_without_schema: int = 0
+    frames_refused: Counter[str] = field(default_factory=Counter)
+    label_batches: int = 0
+    cohorts_without_parameters: set[tuple[str, str, int]] = field(default_factory=set)
+
+
+class DriftEngine:
+    """Layer A and layer B for every device and cohort the service sees."""
+
+    def __init__(
+        self,
+        catalog: SchemaCatalog,
+        schema_of: Callable[[str, str], str | None],
+        *,
+        device_config: DeviceMonitorConfig | None = None,
+        cohort_config: CohortConfig | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.schema_of = schema_of
+        """``(fleet, device) → schema_id`` (the device directory's knowledge)."""
+        self.device_config = device_config or DeviceMonitorConfig()
+        self.cohort_config = cohort_config or CohortConfig()
+        self.monitors: dict[tuple[str, str], DeviceMonitor] = {}
+        self.cohorts: dict[tuple[str, str, int], CohortMonitor] = {}
+        self.stats = EngineStats()
+        self.lock = threading.RLock()
+
+    # -- routing --------------------------------------------------------------------------
+
+    def _schema(self, fleet: str, device: str) -> tuple[str, ParameterSchema] | None:
+        schema_id = self.schema_of(fleet, device)
+        if schema_id is None:
+            return None
+        schema = self.catalog.schema(schema_id)
+        return None if schema is None else (schema_id, schema)
+
+    def _monitor(self, fleet: str, device: str, schema: ParameterSchema) -> DeviceMonitor:
+        mon = self.monitors.get((fleet, device))
+        if mon is None:
+            mon = DeviceMonitor(fleet, device, schema.features, schema.classes, self.device_config)
+            self.monitors[(fleet, device)] = mon
+        return mon
+
+    def _cohort(self, fleet: str, schema_id: str, version: int) -> CohortMonitor | None:
+        key = (fleet, schema_id, version)
+        cohort = self.cohorts.get(key)
+        if cohort is not None:
+            return cohort
+        params = self.catalog.parameter_set(schema_id, version)
+        if params is None:
+            if key not in self.stats.cohorts_without_parameters:
+                self.stats.cohorts_without_parameters.add(key)
+                log.warning(
+                    "fleet %s model v%d (schema %s): parameter set unknown, so no cohort "
+                    "(layer B) monitoring; register its blob (tinydrift registry import-blob)",
+                    fleet,
+                    version,
+                    schema_id,
+                )
+            return None
+        m = params.model
+        cohort = CohortMonitor(
+            fleet,
+            version,
+            params.schema.features,
+            params.schema.classes,
+            m.mu,
+            m.inv_sigma,
+            self.cohort_config,
+            model=m,
+        )
+        self.cohorts[key] = cohort
+        return cohort
+
+    def on_frames(self, frames: list[DeviceFrame]) -> list[Detection]:
+        """Layer A on the batch (vectorised), and layer-B accumulation; returns detections."""
+        with self.lock:
+            routed: list[DeviceFrame] = []
+            for fr in frames:
+                known = self._schema(fr.fleet, fr.device)
+                if known is None:
+                    self.stats.frames_without_schema += 1
+                    continue
+                schema_id, schema = known
+                self._monitor(fr.fleet, fr.device, schema)
+                routed.append(fr)
+                cohort = self._cohort(fr.fleet, schema_id, fr.param_version)
+                if cohort is not None:
+                    cohort.add(fr)
+            self.stats.frames += len(routed)
+            result = update_frames(self.monitors, routed)
+            for _, reason in result.rejected:
+                self.stats.frames_refused[reason] += 1
+            return list(result.detections)
+
+    def on_labels(self, batches: list[DeviceLabels]) -> list[Detection]:
+        """Error-stream detectors of layer A, and the cohorts' labelled accuracy."""
+        out: list[Detection] = []
+        with self.lock:
+            for lb in batches:
+                known = self._schema(lb.fleet, lb.device)
+                if known is None:
+                    continue
+                schema_id, schema = known
+                out += self._monitor(lb.fleet, lb.device, schema).update_labels(lb)
+                cohort = self._cohort(lb.fleet, schema_id, lb.param_version)
+                if cohort is not None:
+                    cohort.add_labels(lb)
+                self.stats.label_batches += 1
+        return out
+
+    def evaluate(self, now_ms: int) -> list[CohortReport]:
+        """Close every cohort's window and return the reports."""
+        with self.lock:
+            return [c.evaluate(now_ms) for c in self.cohorts.values()]
+
+    def drifting(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        """``(fleet, device) → signals`` still outside their fixed reference (layer A)."""
+        with self.lock:
+            out = {}
+            for key, mon in self.monitors.items():
+                streams = mon.drifting
+                if streams:
+                    out[key] = tuple(sorted({s.signal for s in streams}))
+            return out
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint(self) -> list[CheckpointRecord]:
+        """Every monitor's state as registry records (compressed)."""
+        with self.lock:
+            records = []
+            for (fleet, device), mon in self.monitors.items():
+                boot, seq = mon.last_frame if mon.last_frame is not None else (None, None)
+                records.append(
+                    CheckpointRecord(
+                        fleet=fleet,
+                        device=device,
+                        kind=KIND_DEVICE,
+                        format_version=DEVICE_STATE_FORMAT,
+                        state=zlib.compress(mon.state_bytes(), 3),
+                        last_boot=boot,
+                        last_seq=seq,
+                    )
+                )
+            for (fleet, schema_id, version), cohort in self.cohorts.items():
+                records.append(
+                    CheckpointRecord(
+                        fleet=fleet,
+                        device=None,
+                        kind=f"{KIND_COHORT}:{schema_id}:{version}",
+                        format_version=cohort_state_format(),
+                        state=zlib.compress(cohort.state_bytes(), 3),
+                    )
+                )
+            return records
+
+    def restore(self, records: Iterable[CheckpointRecord]) -> int:
+        """Load monitors from checkpoints; raises :class:`CheckpointRefusedError` on a format
+        this version cannot read. Returns the number of monitors restored."""
+        n = 0
+        with self.lock:
+            for rec in records:
+                try:
+                    state = zlib.decompress(rec.state)
+                    if rec.kind == KIND_DEVICE and rec.device is not None:
+                        self.monitors[(rec.fleet, rec.device)] = DeviceMonitor.from_state_bytes(
+                            state
+                        )
+                    elif rec.kind.startswith(KIND_COHORT + ":"):
+                        _, schema_id, version = rec.kind.split(":")
+                        self.cohorts[(rec.fleet, schema_id, int(version))] = (
+                            CohortMonitor.from_state_bytes(state, config=self.cohort_config)
+                        )
+                    else:
+                        continue
+                except (CheckpointFormatError, zlib.error, ValueError) as exc:
+                    raise CheckpointRefusedError(
+                        f"detector checkpoint {rec.fleet}/{rec.device or '-'} ({rec.kind}, format "
+                        f"{rec.format_version}) cannot be read: {exc}. Start with "
+                        "--discard-checkpoints to relearn the references from live data"
+                    ) from exc
+                n += 1
+        return n
+
+
+def cohort_state_format() -> int:
+    """Format version of layer-B state."""
+    from service.drift import cohort_monitor
+
+    return int(getattr(cohort_monitor, "STATE_FORMAT", 1))
