@@ -116,7 +116,7 @@ def import_blob(
     pubkey: Annotated[Path | None, typer.Option(help="Release public key to verify with.")] = None,
     status: Annotated[str, typer.Option(help="good, candidate or bad")] = "good",
 ) -> None:
-    """Register parameter sets (e.g. a firmware's factory blob) so the service knows their schema."""
+    """Register parameter sets (e.g. a factory blob) so the service knows their schema."""
     if status not in ("good", "candidate", "bad"):
         fail("--status must be good, candidate or bad")
     try:
