@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 GAUGE_INTERVAL_S = 5.0
 DEVICE_FLUSH_INTERVAL_S = 2.0
+DEVICE_REFRESH_S = 30.0
+"""A device heard from is rewritten (last seen, sequence) at least this often."""
 
 
 @dataclass
@@ -321,10 +323,16 @@ class Service:
     def _flush_devices(self) -> None:
         drifting = self.engine.drifting()
         recs = []
+        now = time.time()
         for info in self.directory.all():
-            if not info.dirty:
+            state = ",".join(drifting.get(info.key, ())) or "ok"
+            seen_since = info.last_seen > info.written
+            stale = seen_since and now - info.written >= DEVICE_REFRESH_S
+            if not (info.dirty or state != info.drift_state or stale):
                 continue
             info.dirty = False
+            info.drift_state = state
+            info.written = now
             schema = self.directory.schema_of(info)
             recs.append(
                 DeviceRecord(
@@ -341,7 +349,7 @@ class Service:
                     first_seen=utc_from_unix(info.first_seen) if info.first_seen else None,
                     last_seen=utc_from_unix(info.last_seen) if info.last_seen else None,
                     caps=info.caps or None,
-                    drift_state=",".join(drifting.get(info.key, ())) or "ok",
+                    drift_state=state,
                     n_features=schema.n_features if schema else None,
                     n_classes=schema.n_classes if schema else None,
                 )

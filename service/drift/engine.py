@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from edge_agent.blob import ParameterSchema
+from service.drift.cohort_monitor import STATE_VERSION as COHORT_STATE_FORMAT
 from service.drift.cohort_monitor import CohortConfig, CohortMonitor, CohortReport
 from service.drift.detection import Detection
 from service.drift.device_monitor import (
@@ -205,7 +206,7 @@ class DriftEngine:
                         fleet=fleet,
                         device=None,
                         kind=f"{KIND_COHORT}:{schema_id}:{version}",
-                        format_version=cohort_state_format(),
+                        format_version=COHORT_STATE_FORMAT,
                         state=zlib.compress(cohort.state_bytes(), 3),
                     )
                 )
@@ -225,8 +226,11 @@ class DriftEngine:
                         )
                     elif rec.kind.startswith(KIND_COHORT + ":"):
                         _, schema_id, version = rec.kind.split(":")
+                        params = self.catalog.parameter_set(schema_id, int(version))
                         self.cohorts[(rec.fleet, schema_id, int(version))] = (
-                            CohortMonitor.from_state_bytes(state, config=self.cohort_config)
+                            CohortMonitor.from_state_bytes(
+                                state, model=params.model if params is not None else None
+                            )
                         )
                     else:
                         continue
@@ -238,10 +242,3 @@ class DriftEngine:
                     ) from exc
                 n += 1
         return n
-
-
-def cohort_state_format() -> int:
-    """Format version of layer-B state."""
-    from service.drift import cohort_monitor
-
-    return int(getattr(cohort_monitor, "STATE_FORMAT", 1))

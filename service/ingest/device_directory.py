@@ -69,6 +69,10 @@ class DeviceInfo:
     """Registered from telemetry without a birth (``unknown_devices = adopt``)."""
     dirty: bool = True
     """Changed since the registry last saw it."""
+    drift_state: str = "ok"
+    """Signals still outside the fixed reference, comma-separated, or ``ok``."""
+    written: float = 0.0
+    """When the registry last got this device (service clock)."""
 
     @property
     def key(self) -> tuple[str, str]:

@@ -1,0 +1,563 @@
+"""Detector thresholds of layer A from an explicit false-alarm budget, by simulation.
+
+Every threshold of :class:`~service.drift.device_monitor.DeviceMonitor` comes from one number,
+``budget_per_device_reading`` (default ``1e-7``): the expected number of *false* drift alarms the
+fleet may raise per device-reading on stationary data. Nothing uses a library default.
+
+Budget split (Bonferroni)
+-------------------------
+A device with ``F`` features and ``C`` classes has ``S = 2 + C + 2F`` signal streams (22 for
+F = 8, C = 4) plus two alarm detectors on the labelled error stream (ADWIN and HDDM_A), so
+``D = S + 2`` detectors share the budget ``B`` evenly:
+
+- a signal stream gets one ADWIN update per telemetry frame; a frame of ``k`` readings may spend
+  ``B · k / D`` false alarms (per-frame budget), so that ``D`` streams together spend at most
+  ``B`` per reading;
+- an error detector gets one update per labelled reading. It may spend ``B / D`` per update, as if
+  every reading were labelled; with fewer labels it spends less (conservative);
+- HDDM_A's *warning* zone (``hddm_a_warning``, a prompt to start buffering data, not an alarm) has
+  its own budget ``warning_budget_per_device_reading`` (default ``1e-5``), not split.
+
+Bonferroni ignores the correlation between the streams (``c`` and ``c²``, ``z`` and ``z²``, the
+class indicators sum to one), so the fleet-level rate comes out *below* ``B``.
+
+Frame-level ADWIN: δ by simulation
+----------------------------------
+The monitor feeds ADWIN (river ``ADWIN(delta=δ, clock=1)``, other parameters at river's defaults:
+``min_window_length=5``, ``grace_period=10``, ``max_buckets=5``) with *standardised frame means*
+``u = (m − m_ref) · √k / s_ref``, where ``m`` is the frame's mean of the signal, ``m_ref`` its
+reference mean and ``s_ref`` the reference per-reading standard deviation. Under no drift ``u`` has
+mean ≈ 0 and variance ≈ 1 whatever the signal's units, so one δ-versus-false-alarm curve serves
+every stream. (ADWIN's cut threshold ``√(2 m σ²_W δ') + ⅔ δ' m`` is not scale-free: its second,
+range term assumes values in ``[0, 1]``. Without standardisation a low-variance stream such as the
+confidence would get a far more conservative test than a ``z`` stream. Keeping ``u`` at unit scale
+keeps that range term, which makes ADWIN robust to skewed frame means: at δ = 0.01, the means of 16
+χ²₁ readings raise 1.35× and single χ²₁ readings 6.7× the Gaussian rate, against 5.4× and 61×
+once the range term is made negligible by scaling ``u`` up by 4.)
+
+The model for the simulation is ``u ~ N(0, 1)`` i.i.d. For each δ on a grid
+(``0.1 … 0.001``) a stationary stream of ``10⁶–10⁸`` updates runs through ``ADWIN(δ, clock=1)``
+(which resets after each alarm, as in service), and the alarms per update are counted. A weighted
+least-squares fit on log scale ``FA(δ) ≈ a · δ^b`` (weights = alarm counts, the inverse Poisson
+variance of ``log FA``) gives ``b ≈ 1.2``, and the fit is inverted for the per-frame budget. Budgets
+below the smallest measured rate are reached by extrapolating from the fit at the smallest
+simulated δ with the slope ``min(b, 1)``. This is conservative: ADWIN's false-alarm probability
+per cut point is about ``exp(−δ') / √δ'`` with ``δ' = ln(2 ln W / δ)``, so the local slope
+``d ln FA / d ln δ = 1 + 1 / (2δ') + …`` stays above 1. The measured slopes fall from 1.4 to 1.1
+as δ falls, so a unit slope gives a δ at or below the one the budget allows. The cost is small,
+because ADWIN's delay grows only with ``ln(1/δ)``.
+
+For F = 8, C = 4 and frames of 16 readings the per-frame budget is ``1e-7 · 16 / 24 ≈ 6.7e-8``
+and δ ≈ 2.1e-4. ``python -m service.drift.calibration`` prints the current values.
+
+Error stream (labels)
+---------------------
+``ADWIN`` on the 0/1 error stream is calibrated the same way on Bernoulli(0.5) streams. 0.5 is
+the worst case: at δ = 0.1, Bernoulli(p) raises 5.5e-6 (p = 0.02), 2.1e-5 (0.1), 3.2e-5 (0.3) and
+3.9e-5 (0.5) false alarms per update. So the δ holds for every reference error rate, and the
+stream is not standardised, since 0/1 data is exactly what the range term assumes. ``HDDM_A``
+(river ``binary.HDDMA``, one-sided: error increases) is set from its own Hoeffding bound, not by
+a fitted curve: for a fixed cut point the drift test fires with probability at most
+``confidence / 2``, so ``drift_confidence = 2 · B / D`` and
+``warning_confidence = 2 · warning budget``. Simulation (stored in the table as a check) shows
+the realised rate is 10²–10³× below ``confidence / 2``. Its false alarms are also bursty (after
+one, a reset at small ``n`` often fires again within tens of updates), so a fitted curve would be
+unreliable, and the bound is the honest choice. HDDM_A is therefore slower than ADWIN on errors.
+ADWIN is the primary error alarm; HDDM_A is kept for its warning zone.
+
+``drifting`` status band
+------------------------
+``DeviceMonitor.drifting`` compares each stream's current ADWIN-window mean with the fixed
+reference. Under no drift the difference, standardised by
+``√(1/w + k/n_ref)`` (window of ``w`` frames, reference of ``n_ref`` readings), is ≈ N(0, 1), so
+the band is the two-sided normal quantile at ``drifting_alpha / (S + 1)`` (Bonferroni over the
+streams and the error stream): :func:`drifting_band`.
+
+The table
+---------
+The simulations take about a minute on two cores, so their results are shipped as
+``service/drift/calibration_table.json``, written by::
+
+    python -m service.drift.calibration --write       # simulate and write the table
+    python -m service.drift.calibration               # show the table and derived thresholds
+
+and the service only evaluates the fitted curves at start-up (:func:`load_table`).
+``--quick`` runs a 20× shorter simulation and prints the result without writing it.
+
+>>> t = thresholds(n_streams=22, frame_readings=16)
+>>> t.n_detectors, t.frame_budget
+(24, 6.666666666666667e-08)
+>>> 1e-5 < t.frame_delta < 1e-3 and 1e-6 < t.error_delta < t.frame_delta
+True
+>>> round(drifting_band(1e-3, 23), 2)
+4.09
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, Final
+
+import numpy as np
+
+TABLE_PATH: Final = Path(__file__).with_name("calibration_table.json")
+"""The shipped calibration table."""
+
+TABLE_FORMAT: Final = 1
+"""Version of the table's JSON layout."""
+
+DEFAULT_BUDGET: Final = 1e-7
+"""Fleet-level false alarms per device-reading (the issue's target)."""
+
+DEFAULT_WARNING_BUDGET: Final = 1e-5
+"""HDDM_A warning-zone entries per device-reading on stationary data."""
+
+DEFAULT_DRIFTING_ALPHA: Final = 1e-3
+"""Probability that a stationary device shows any stream in ``drifting`` at a given moment."""
+
+ERROR_DETECTORS: Final = 2
+"""Alarm detectors on the error stream that share the budget: ADWIN and HDDM_A."""
+
+ADWIN_MIN_WINDOW: Final = 5
+"""river's default ``min_window_length``, used and simulated as is."""
+ADWIN_GRACE: Final = 10
+"""river's default ``grace_period``, used and simulated as is."""
+
+# (delta, updates) of the full simulation; --quick divides the updates by 20
+_FRAME_GRID: Final = ((0.1, 4_000_000), (0.03, 10_000_000), (0.01, 20_000_000),
+                      (0.003, 60_000_000), (0.001, 120_000_000))  # fmt: skip
+_ERROR_GRID: Final = ((0.3, 2_000_000), (0.1, 6_000_000), (0.03, 20_000_000),
+                      (0.01, 50_000_000))  # fmt: skip
+_ERROR_P: Final = 0.5
+_HDDM_GRID: Final = ((0.01, 4_000_000), (0.001, 4_000_000))
+_CHUNK: Final = 10_000_000
+"""Updates per simulation task (tasks run in parallel, each with its own seed)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Rate curves
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RatePoint:
+    """One simulated setting: ``alarms`` false alarms in ``updates`` stationary updates."""
+
+    param: float
+    updates: int
+    alarms: int
+
+    @property
+    def rate(self) -> float:
+        """False alarms per update."""
+        return self.alarms / self.updates if self.updates else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class RateCurve:
+    """Fitted ``FA(param) ≈ a · param^b`` with a conservative inverse (see module docstring)."""
+
+    points: tuple[RatePoint, ...]
+    a: float
+    b: float
+
+    @classmethod
+    def fit(cls, points: Sequence[RatePoint]) -> RateCurve:
+        """Weighted least squares of ``log rate`` on ``log param`` (weights: alarm counts).
+
+        >>> c = RateCurve.fit([RatePoint(0.1, 10_000, 100), RatePoint(0.01, 100_000, 100)])
+        >>> round(c.b, 6), round(c.rate(0.1), 6)
+        (1.0, 0.01)
+        """
+        used = [p for p in points if p.alarms > 0 and p.updates > 0 and p.param > 0]
+        if len(used) < 2:
+            raise ValueError("need at least two simulated points with alarms to fit a curve")
+        x = np.log([p.param for p in used])
+        y = np.log([p.rate for p in used])
+        w = np.array([float(p.alarms) for p in used])
+        xm = float(np.average(x, weights=w))
+        ym = float(np.average(y, weights=w))
+        sxx = float(np.sum(w * (x - xm) ** 2))
+        if sxx <= 0.0:
+            raise ValueError("need points at two different parameter values")
+        b = float(np.sum(w * (x - xm) * (y - ym))) / sxx
+        if b <= 0.0:
+            raise ValueError(f"false alarms must grow with the parameter (fitted slope {b:.3g})")
+        a = math.exp(ym - b * xm)
+        return cls(points=tuple(points), a=a, b=b)
+
+    def rate(self, param: float) -> float:
+        """Fitted false alarms per update at ``param``."""
+        return float(self.a * param**self.b)
+
+    @property
+    def min_param(self) -> float:
+        """Smallest simulated parameter with alarms (where extrapolation starts)."""
+        return min(p.param for p in self.points if p.alarms > 0)
+
+    def param_for_rate(self, rate: float) -> float:
+        """The parameter whose false-alarm rate is ``rate`` (conservative below the data).
+
+        >>> c = RateCurve(points=(RatePoint(0.01, 10**6, 10),), a=1.0, b=2.0)
+        >>> c.param_for_rate(1e-4)  # inside the data: the fit
+        0.01
+        >>> f"{c.param_for_rate(1e-6):.3g}"  # below: slope min(b, 1) from the smallest point
+        '0.0001'
+        """
+        if not rate > 0.0:
+            raise ValueError("the budget must be positive")
+        p0 = self.min_param
+        r0 = self.rate(p0)
+        if rate >= r0:
+            return float(min((rate / self.a) ** (1.0 / self.b), 0.5))
+        return float(p0 * (rate / r0) ** (1.0 / min(self.b, 1.0)))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "fit": {"a": self.a, "b": self.b},
+            "points": [
+                {"param": p.param, "updates": p.updates, "alarms": p.alarms, "rate": p.rate}
+                for p in self.points
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> RateCurve:
+        """Inverse of :meth:`to_json`."""
+        pts = tuple(
+            RatePoint(float(p["param"]), int(p["updates"]), int(p["alarms"])) for p in obj["points"]
+        )
+        return cls(points=pts, a=float(obj["fit"]["a"]), b=float(obj["fit"]["b"]))
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationTable:
+    """The shipped simulation results (``calibration_table.json``)."""
+
+    adwin_frame: RateCurve
+    """ADWIN(δ, clock=1) on i.i.d. N(0, 1) standardised frame means: alarms per frame."""
+    adwin_error: RateCurve
+    """ADWIN(δ, clock=1) on Bernoulli(0.5) 0/1 errors: alarms per labelled reading."""
+    hddm_a_check: tuple[RatePoint, ...]
+    """HDDM_A drift alarms on Bernoulli(0.5) at a few confidences (evidence for the bound)."""
+    river_version: str
+    generated: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (``format`` first)."""
+        return {
+            "format": TABLE_FORMAT,
+            "generated_by": "python -m service.drift.calibration --write",
+            "generated": self.generated,
+            "river_version": self.river_version,
+            "adwin_frame": {
+                "model": "i.i.d. N(0,1) standardised frame means",
+                "detector": {
+                    "clock": 1,
+                    "min_window_length": ADWIN_MIN_WINDOW,
+                    "grace_period": ADWIN_GRACE,
+                    "max_buckets": 5,
+                },
+                "param": "delta",
+                **self.adwin_frame.to_json(),
+            },
+            "adwin_error": {
+                "model": f"i.i.d. Bernoulli({_ERROR_P}) errors (worst case over p)",
+                "param": "delta",
+                **self.adwin_error.to_json(),
+            },
+            "hddm_a_check": {
+                "model": f"i.i.d. Bernoulli({_ERROR_P}) errors, one-sided HDDMA",
+                "param": "drift_confidence",
+                "points": [
+                    {"param": p.param, "updates": p.updates, "alarms": p.alarms, "rate": p.rate}
+                    for p in self.hddm_a_check
+                ],
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> CalibrationTable:
+        """Parse; refuses another ``format``."""
+        if obj.get("format") != TABLE_FORMAT:
+            raise ValueError(
+                f"calibration table format {obj.get('format')!r}, expected {TABLE_FORMAT}: "
+                "regenerate it with `python -m service.drift.calibration --write`"
+            )
+        return cls(
+            adwin_frame=RateCurve.from_json(obj["adwin_frame"]),
+            adwin_error=RateCurve.from_json(obj["adwin_error"]),
+            hddm_a_check=tuple(
+                RatePoint(float(p["param"]), int(p["updates"]), int(p["alarms"]))
+                for p in obj["hddm_a_check"]["points"]
+            ),
+            river_version=str(obj["river_version"]),
+            generated=str(obj["generated"]),
+        )
+
+
+@functools.cache
+def load_table(path: Path | None = None) -> CalibrationTable:
+    """The calibration table (the shipped one by default); cached."""
+    p = TABLE_PATH if path is None else path
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{p} is missing: generate it with `python -m service.drift.calibration --write`"
+        ) from None
+    return CalibrationTable.from_json(obj)
+
+
+# ------------------------------------------------------------------------------------------------
+# Budget → thresholds
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Every threshold of one device's layer-A detectors, with the budget shares behind them."""
+
+    n_streams: int
+    n_detectors: int
+    frame_readings: int
+    frame_budget: float
+    """False alarms allowed per stream per frame (``B · k / D``)."""
+    frame_delta: float
+    """ADWIN δ on standardised frame means."""
+    label_budget: float
+    """False alarms allowed per error detector per labelled reading (``B / D``)."""
+    error_delta: float
+    """ADWIN δ on the 0/1 error stream."""
+    hddm_drift_confidence: float
+    hddm_warning_confidence: float
+    drifting_z: float
+    """Band of the ``drifting`` status, in standard errors."""
+
+
+def drifting_band(alpha: float, n_streams: int) -> float:
+    """Two-sided normal quantile at ``alpha / n_streams`` (Bonferroni).
+
+    >>> round(drifting_band(0.05, 1), 3)
+    1.96
+    """
+    if not 0.0 < alpha < 1.0 or n_streams < 1:
+        raise ValueError("need 0 < alpha < 1 and n_streams >= 1")
+    return NormalDist().inv_cdf(1.0 - alpha / (2.0 * n_streams))
+
+
+def thresholds(
+    n_streams: int,
+    frame_readings: int,
+    budget_per_device_reading: float = DEFAULT_BUDGET,
+    warning_budget_per_device_reading: float = DEFAULT_WARNING_BUDGET,
+    drifting_alpha: float = DEFAULT_DRIFTING_ALPHA,
+    table: CalibrationTable | None = None,
+) -> Thresholds:
+    """Thresholds for a device with ``n_streams`` signal streams and frames of ``frame_readings``.
+
+    See the module docstring for the split of the budget and the inversion of the curves.
+    """
+    if n_streams < 1 or frame_readings < 1:
+        raise ValueError("need n_streams >= 1 and frame_readings >= 1")
+    if not (budget_per_device_reading > 0.0 and warning_budget_per_device_reading > 0.0):
+        raise ValueError("budgets must be positive")
+    tab = load_table() if table is None else table
+    d = n_streams + ERROR_DETECTORS
+    frame_budget = budget_per_device_reading * frame_readings / d
+    label_budget = budget_per_device_reading / d
+    drift_conf = min(2.0 * label_budget, 0.5)
+    warn_conf = min(max(2.0 * warning_budget_per_device_reading, drift_conf), 0.5)
+    return Thresholds(
+        n_streams=n_streams,
+        n_detectors=d,
+        frame_readings=frame_readings,
+        frame_budget=frame_budget,
+        frame_delta=tab.adwin_frame.param_for_rate(frame_budget),
+        label_budget=label_budget,
+        error_delta=tab.adwin_error.param_for_rate(label_budget),
+        hddm_drift_confidence=drift_conf,
+        hddm_warning_confidence=warn_conf,
+        drifting_z=drifting_band(drifting_alpha, n_streams + 1),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulation
+# ------------------------------------------------------------------------------------------------
+
+
+def simulate_adwin(
+    delta: float, updates: int, seed: int, bernoulli_p: float | None = None
+) -> RatePoint:
+    """False alarms of ``ADWIN(delta, clock=1)`` on ``updates`` stationary values.
+
+    N(0, 1) values, or 0/1 values with ``P(1) = bernoulli_p``. ADWIN resets itself after an alarm.
+    """
+    from river import drift as river_drift
+
+    drift: Any = river_drift
+    rng = np.random.default_rng(seed)
+    det = drift.ADWIN(
+        delta=delta, clock=1, min_window_length=ADWIN_MIN_WINDOW, grace_period=ADWIN_GRACE
+    )
+    update = det.update
+    alarms = 0
+    done = 0
+    while done < updates:
+        n = min(1_000_000, updates - done)
+        if bernoulli_p is None:
+            values = rng.standard_normal(n).tolist()
+        else:
+            values = (rng.random(n) < bernoulli_p).astype(np.float64).tolist()
+        for v in values:
+            update(v)
+            if det.drift_detected:
+                alarms += 1
+        done += n
+    return RatePoint(delta, updates, alarms)
+
+
+def simulate_hddm_a(confidence: float, updates: int, seed: int, p: float = _ERROR_P) -> RatePoint:
+    """Drift alarms of one-sided ``HDDMA(drift_confidence=confidence)`` on Bernoulli(p) errors."""
+    from river import drift as river_drift
+
+    drift: Any = river_drift
+    rng = np.random.default_rng(seed)
+    det = drift.binary.HDDMA(drift_confidence=confidence, warning_confidence=confidence)
+    update = det.update
+    alarms = 0
+    done = 0
+    while done < updates:
+        n = min(1_000_000, updates - done)
+        for v in (rng.random(n) < p).astype(np.int64).tolist():
+            update(v)
+            if det.drift_detected:
+                alarms += 1
+        done += n
+    return RatePoint(confidence, updates, alarms)
+
+
+def _task(args: tuple[str, float, int, int]) -> tuple[str, RatePoint]:
+    kind, param, updates, seed = args
+    if kind == "frame":
+        return kind, simulate_adwin(param, updates, seed)
+    if kind == "error":
+        return kind, simulate_adwin(param, updates, seed, bernoulli_p=_ERROR_P)
+    return kind, simulate_hddm_a(param, updates, seed)
+
+
+def _tasks(scale: float) -> list[tuple[str, float, int, int]]:
+    grids: list[tuple[str, tuple[tuple[float, int], ...]]] = [
+        ("frame", _FRAME_GRID),
+        ("error", _ERROR_GRID),
+        ("hddm", _HDDM_GRID),
+    ]
+    out: list[tuple[str, float, int, int]] = []
+    for g, (kind, grid) in enumerate(grids):
+        for i, (param, updates) in enumerate(grid):
+            total = max(int(updates * scale), 10_000)
+            chunks = max(1, math.ceil(total / _CHUNK))
+            for c in range(chunks):
+                seed = int(np.random.SeedSequence([20240601, g, i, c]).generate_state(1)[0])
+                out.append((kind, param, total // chunks, seed))
+    out.sort(key=lambda t: -t[2])  # longest first: better load balance
+    return out
+
+
+def build_table(scale: float = 1.0, workers: int = 2) -> CalibrationTable:
+    """Run every simulation (``scale`` multiplies the number of updates) and fit the curves."""
+    from importlib.metadata import version
+
+    merged: dict[tuple[str, float], list[int]] = {}
+    tasks = _tasks(scale)
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_task, tasks))
+    else:
+        results = [_task(t) for t in tasks]
+    for kind, pt in results:
+        acc = merged.setdefault((kind, pt.param), [0, 0])
+        acc[0] += pt.updates
+        acc[1] += pt.alarms
+
+    def points(kind: str) -> list[RatePoint]:
+        return sorted(
+            (RatePoint(p, u, a) for (k, p), (u, a) in merged.items() if k == kind),
+            key=lambda r: -r.param,
+        )
+
+    return CalibrationTable(
+        adwin_frame=RateCurve.fit(points("frame")),
+        adwin_error=RateCurve.fit(points("error")),
+        hddm_a_check=tuple(points("hddm")),
+        river_version=version("river"),
+        generated=time.strftime("%Y-%m-%d", time.gmtime()),
+    )
+
+
+def describe(table: CalibrationTable) -> str:
+    """Human-readable table and the thresholds for a few typical devices."""
+    lines = [f"calibration table (river {table.river_version}, generated {table.generated})"]
+    for name, curve in (("adwin_frame", table.adwin_frame), ("adwin_error", table.adwin_error)):
+        lines.append(f"{name}: FA/update ≈ {curve.a:.4g} · δ^{curve.b:.3f}")
+        for p in curve.points:
+            lines.append(
+                f"  δ={p.param:<7g} {p.alarms:>5} alarms / {p.updates:>11,} updates "
+                f"= {p.rate:.3g}  (fit {curve.rate(p.param):.3g})"
+            )
+    lines.append("hddm_a_check (drift alarms on Bernoulli(0.5); bound: confidence/2 per check):")
+    for p in table.hddm_a_check:
+        lines.append(
+            f"  conf={p.param:<7g} {p.alarms:>5} alarms / {p.updates:>11,} updates "
+            f"= {p.rate:.3g}  (bound {p.param / 2:.3g})"
+        )
+    lines.append("thresholds at budget 1e-7 per device-reading:")
+    for f, c, k in ((8, 4, 1), (8, 4, 16), (8, 4, 64), (16, 10, 16)):
+        s = 2 + c + 2 * f
+        t = thresholds(s, k, table=table)
+        lines.append(
+            f"  F={f:<2} C={c:<2} S={s:<2} k={k:<3} frame budget {t.frame_budget:.3g} → "
+            f"δ_frame={t.frame_delta:.3g}; label budget {t.label_budget:.3g} → "
+            f"δ_error={t.error_delta:.3g}, HDDM_A drift {t.hddm_drift_confidence:.3g} "
+            f"warning {t.hddm_warning_confidence:.3g}; drifting band {t.drifting_z:.2f}σ"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m service.drift.calibration [--write | --quick] [--workers N]``."""
+    ap = argparse.ArgumentParser(prog="python -m service.drift.calibration", description=__doc__)
+    ap.add_argument("--write", action="store_true", help=f"simulate and write {TABLE_PATH.name}")
+    ap.add_argument("--quick", action="store_true", help="20x shorter simulation, print only")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=TABLE_PATH, help="where --write writes")
+    args = ap.parse_args(argv)
+    if args.write and args.quick:
+        ap.error("--quick results are too noisy to ship; use --write alone")
+    if args.write or args.quick:
+        t0 = time.perf_counter()
+        table = build_table(scale=0.05 if args.quick else 1.0, workers=args.workers)
+        print(f"simulated in {time.perf_counter() - t0:.1f} s")
+        if args.write:
+            args.out.write_text(json.dumps(table.to_json(), indent=1) + "\n", encoding="utf-8")
+            print(f"wrote {args.out}")
+    else:
+        table = load_table()
+    print(describe(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,719 @@
+"""Layer A: one streaming drift monitor per device (service/README.md, "Layer A").
+
+Lifecycle per (device, model version)
+-------------------------------------
+1. **Reference.** The first ``reference_readings`` readings (default 512) of a model version are
+   buffered (float32 features, so ≤ 16 KiB for F = 8) and give the fixed reference: ``μ_ref``,
+   ``σ_ref`` of the raw features, then, with the features standardised and clipped
+   (``z = clip((x − μ_ref)/σ_ref, ±4)``), the mean ``m_ref`` and per-reading standard deviation
+   ``s_ref`` of every signal (confidence, confidence², class indicators, ``z``, ``z²``;
+   :mod:`service.drift.signals`). The buffer is dropped once the reference is complete. A frame
+   that straddles the end of the reference is split: the rest of it is monitored. Nothing is
+   detected during the reference.
+2. **Monitoring.** Each frame of ``k`` readings gives one value per stream, the *standardised
+   frame mean* ``u = (m − m_ref) · √k / s_ref`` (≈ N(0, 1) under no drift, whatever the signal's
+   units), and one river ``ADWIN(delta=δ, clock=1)`` update per stream. δ comes from the
+   false-alarm budget for the device's nominal frame size (:mod:`service.drift.calibration`);
+   the nominal size is the median frame size during the reference unless
+   ``DeviceMonitorConfig.frame_readings`` fixes it.
+3. **Labels.** ``update_labels`` turns labelled readings into the 0/1 error stream
+   ``1[pred ≠ label]``. The first ``reference_labels`` labels of the model version give the
+   reference error rate; later ones feed ``ADWIN`` (δ calibrated on Bernoulli errors) and one-sided
+   ``binary.HDDMA`` (its warning zone is reported once per entry as ``hddm_a_warning``). Labels
+   for another model version than the current one are ignored (counted in
+   ``labels_ignored``).
+4. **Model-version change.** A frame with another ``param_version`` (an update, or a revert)
+   drops every detector and starts a new reference; ``readings`` restarts at 0.
+
+Detections and scores
+---------------------
+river's detectors reset themselves after an alarm; the fixed reference stays, and
+:attr:`DeviceMonitor.drifting` lists the streams whose current ADWIN window mean is still outside
+the calibrated band around the reference: "still drifted since the last update".
+
+``Detection.score`` for ADWIN is ``|mean(kept) − mean(dropped)| / ε_cut``, evaluated with
+river's cut formula at the split ADWIN ended with (dropped = the old part it discarded, kept = its
+window after the cut, variance = the whole pre-cut window's). ADWIN may cut more than once in one
+update, and that split is not the first one that crossed, so the ratio can fall slightly below
+1; it is floored at 1.0. For HDDM_A (drift and warning) the score is 1.0: river does not expose
+its statistic.
+
+``Detection.readings`` counts the readings of the current model version including the reference
+(the frame that triggered the detection is counted).
+
+Checkpoints
+-----------
+:meth:`DeviceMonitor.state_bytes` is ``b"TDDM"``, a big-endian u16 format version and the
+zlib-compressed pickle of the monitor. :meth:`DeviceMonitor.from_state_bytes` refuses another
+magic or version with :class:`CheckpointFormatError`. Pickle executes code on load: restore only
+checkpoints the service wrote itself (the registry's ``detector_checkpoints``).
+
+>>> import numpy as np
+>>> from service.ingest.frames import DeviceFrame
+>>> mon = DeviceMonitor("f", "d1", ["a", "b"], ["no", "yes"],
+...                     DeviceMonitorConfig(reference_readings=32))
+>>> rng = np.random.default_rng(0)
+>>> def frame(seq, shift=0.0):
+...     x = rng.standard_normal((16, 2)) + shift
+...     pred = (x[:, 0] > 0).astype(np.int64)
+...     return DeviceFrame("f", "d1", 0, seq, 1000 * seq, 0.0, 1, x, pred, np.full(16, 0.8))
+>>> [d for s in range(100) for d in mon.update(frame(s))]
+[]
+>>> hits = [d for s in range(100, 140) for d in mon.update(frame(s, shift=1.0))]
+>>> sorted({(d.signal, d.feature) for d in hits})[:2]
+[('class_mix', 'no'), ('class_mix', 'yes')]
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from river import drift as _river_drift
+
+from service.drift import calibration
+from service.drift.calibration import (
+    ADWIN_GRACE,
+    ADWIN_MIN_WINDOW,
+    DEFAULT_BUDGET,
+    DEFAULT_DRIFTING_ALPHA,
+    DEFAULT_WARNING_BUDGET,
+    Thresholds,
+)
+from service.drift.checkpoint_format import CheckpointFormatError, add_header, check_header
+from service.drift.detection import Detection, DetectorName, Signal
+from service.drift.signals import (
+    DEFAULT_Z_CLIP,
+    MAX_FRAME_READINGS,
+    SignalLayout,
+    Stream,
+    batch_frame_means_arrays,
+    frame_means_arrays,
+    reading_signals,
+)
+from service.ingest.frames import DeviceFrame, DeviceLabels
+
+__all__ = [
+    "ERROR_STREAM",
+    "STATE_FORMAT",
+    "STATE_MAGIC",
+    "BatchResult",
+    "CheckpointFormatError",
+    "DeviceMonitor",
+    "DeviceMonitorConfig",
+    "update_frames",
+]
+
+FloatArray = npt.NDArray[np.float64]
+
+drift: Any = _river_drift
+"""river's drift detectors (untyped: held as ``Any`` for mypy)."""
+
+STATE_MAGIC: Final = b"TDDM"
+STATE_FORMAT: Final = 1
+"""Version of :meth:`DeviceMonitor.state_bytes`; bump it when the pickled layout changes."""
+
+ERROR_STREAM: Final = Stream("error", None)
+"""The labelled error stream, as listed by :attr:`DeviceMonitor.drifting`."""
+
+_SD_FLOOR: Final = 1e-3
+"""Floor of a signal's reference standard deviation (in its own units; conf steps are 1/256)."""
+_SIGMA_FLOOR_REL: Final = 1e-6
+"""Floor of a feature's ``σ_ref`` relative to ``max(1, |μ_ref|)`` (a constant feature)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMonitorConfig:
+    """Settings of one device's monitor; every detector threshold derives from the budgets."""
+
+    reference_readings: int = 512
+    """Readings of a model version that form the fixed reference."""
+    reference_labels: int = 100
+    """Labels of a model version that form the reference error rate."""
+    budget_per_device_reading: float = DEFAULT_BUDGET
+    """Fleet-level false alarms per device-reading (split over the device's detectors)."""
+    warning_budget_per_device_reading: float = DEFAULT_WARNING_BUDGET
+    """HDDM_A warning-zone entries per device-reading."""
+    drifting_alpha: float = DEFAULT_DRIFTING_ALPHA
+    """False-positive probability of the :attr:`DeviceMonitor.drifting` status per device."""
+    frame_readings: int | None = None
+    """Nominal readings per frame for δ; ``None``: the median frame size of the reference."""
+    z_clip: float = DEFAULT_Z_CLIP
+    """Standardised features are clipped to ``±z_clip``."""
+    calibration_table: calibration.CalibrationTable | None = None
+    """``None``: the shipped table (``calibration_table.json``)."""
+
+    def __post_init__(self) -> None:
+        if self.reference_readings < 2:
+            raise ValueError("reference_readings must be >= 2")
+        if self.reference_labels < 1:
+            raise ValueError("reference_labels must be >= 1")
+        if self.frame_readings is not None and not 1 <= self.frame_readings <= MAX_FRAME_READINGS:
+            raise ValueError(f"frame_readings must be in 1..{MAX_FRAME_READINGS}")
+        if not self.z_clip > 0.0:
+            raise ValueError("z_clip must be positive")
+
+
+def _adwin(delta: float) -> Any:
+    return drift.ADWIN(
+        delta=delta, clock=1, min_window_length=ADWIN_MIN_WINDOW, grace_period=ADWIN_GRACE
+    )
+
+
+def _adwin_score(det: Any, width: float, total: float, total_sq: float, delta: float) -> float:
+    """``|mean(kept) − mean(dropped)| / ε_cut`` after ADWIN cut its pre-update window.
+
+    ``width``, ``total``, ``total_sq``: count, sum and sum of squares of the values ADWIN held
+    before the cut (including the value that triggered it).
+    """
+    kept_n = float(det.width)
+    kept_total = float(det.total)
+    dropped_n = width - kept_n
+    if dropped_n < 1.0 or kept_n < 1.0 or width < 2.0:
+        return 1.0
+    shift = kept_total / kept_n - (total - kept_total) / dropped_n
+    var = max(total_sq / width - (total / width) ** 2, 0.0)
+    d_prime = math.log(2.0 * math.log(width) / delta)
+    m = 1.0 / max(dropped_n - ADWIN_MIN_WINDOW + 1.0, 1.0) + 1.0 / max(
+        kept_n - ADWIN_MIN_WINDOW + 1.0, 1.0
+    )
+    eps = math.sqrt(2.0 * m * var * d_prime) + 2.0 / 3.0 * d_prime * m
+    return max(1.0, abs(shift) / eps) if eps > 0.0 else 1.0
+
+
+class DeviceMonitor:
+    """Layer-A drift monitor of one device (see the module docstring).
+
+    ``feature_names`` and ``class_names`` come from the device's schema; frames must carry
+    exactly ``len(feature_names)`` features and predictions in ``0..len(class_names) − 1``.
+    """
+
+    def __init__(
+        self,
+        fleet: str,
+        device: str,
+        feature_names: Sequence[str],
+        class_names: Sequence[str],
+        config: DeviceMonitorConfig | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.device = device
+        self.config = config if config is not None else DeviceMonitorConfig()
+        self.layout = SignalLayout.create(feature_names, class_names)
+        self.labels_ignored = 0
+        """Labelled readings dropped because they were for another model version."""
+        self.last_frame: tuple[int, int] | None = None
+        """``(boot, seq)`` of the last frame processed (for replay checks by the caller)."""
+        self.last_labels: tuple[int, int] | None = None
+        """``(boot, seq)`` of the last label batch processed."""
+        self._version: int | None = None
+        self._reset_version(None)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _reset_version(self, version: int | None) -> None:
+        lay = self.layout
+        cfg = self.config
+        self._version = version
+        self._readings = 0
+        # reference buffer (dropped when complete)
+        self._ref_n = 0
+        self._buf_x: npt.NDArray[np.float32] | None = np.empty(
+            (cfg.reference_readings, lay.n_features), dtype=np.float32
+        )
+        self._buf_pred: npt.NDArray[np.int32] | None = np.empty(
+            cfg.reference_readings, dtype=np.int32
+        )
+        self._buf_conf: npt.NDArray[np.float32] | None = np.empty(
+            cfg.reference_readings, dtype=np.float32
+        )
+        self._ref_ks: list[int] | None = []  # full size of each reference frame
+        self._ref_takes: list[int] | None = []  # its readings that went into the reference
+        # fixed reference (set when complete)
+        self._mu: FloatArray | None = None
+        self._sigma: FloatArray | None = None
+        self._ref_mean: FloatArray | None = None
+        self._inv_sd: FloatArray | None = None
+        self._thr: Thresholds | None = None
+        self._adwins: list[Any] = []
+        s = lay.n_streams
+        self._win = np.zeros((3, s), dtype=np.float64)  # count, sum, sum of squares since reset
+        # labels
+        self._lbl_ref_n = 0
+        self._lbl_ref_err = 0
+        self._lbl_ref_bits: list[int] = []
+        self._err_adwin: Any = None
+        self._err_win = [0.0, 0.0, 0.0]
+        self._hddm: Any = None
+        self._warning = False
+        self._label_thr: Thresholds | None = None
+
+    @property
+    def model_version(self) -> int | None:
+        """The model version being monitored (``None`` before the first frame)."""
+        return self._version
+
+    @property
+    def readings(self) -> int:
+        """Readings seen for the current model version (reference included)."""
+        return self._readings
+
+    @property
+    def reference_complete(self) -> bool:
+        """Whether the fixed reference of the current model version is complete."""
+        return self._mu is not None
+
+    @property
+    def reference(self) -> tuple[FloatArray, FloatArray] | None:
+        """``(μ_ref, σ_ref)`` of the raw features, once the reference is complete."""
+        if self._mu is None or self._sigma is None:
+            return None
+        return self._mu.copy(), self._sigma.copy()
+
+    @property
+    def thresholds(self) -> Thresholds | None:
+        """The calibrated thresholds in use (``None`` during the reference)."""
+        return self._thr
+
+    @property
+    def streams(self) -> tuple[Stream, ...]:
+        """The signal streams, in ADWIN order (the error stream is :data:`ERROR_STREAM`)."""
+        return self.layout.streams
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def _check_frame(self, frame: DeviceFrame) -> None:
+        if frame.fleet != self.fleet or frame.device != self.device:
+            raise ValueError(
+                f"frame of {frame.fleet}/{frame.device} given to the monitor of "
+                f"{self.fleet}/{self.device}"
+            )
+        f = self.layout.n_features
+        x = frame.features
+        if x.ndim != 2 or x.shape[1] != f:
+            raise ValueError(
+                f"{self.fleet}/{self.device}: frame has features of shape {tuple(x.shape)}, "
+                f"the schema has {f} features"
+            )
+        k = x.shape[0]
+        if not 1 <= k <= MAX_FRAME_READINGS:
+            raise ValueError(f"a frame must hold 1..{MAX_FRAME_READINGS} readings, got {k}")
+        if frame.pred.shape != (k,) or frame.conf.shape != (k,):
+            raise ValueError("pred and conf need one entry per reading")
+        c = self.layout.n_classes
+        if int(frame.pred.min()) < 0 or int(frame.pred.max()) >= c:
+            raise ValueError(f"predicted class out of range 0..{c - 1}")
+
+    # -- frames --------------------------------------------------------------------------------
+
+    def update(self, frame: DeviceFrame) -> list[Detection]:
+        """Process one telemetry frame; returns the detections it triggered.
+
+        Raises ``ValueError`` for a frame of another device, with a feature count other than the
+        schema's, with 0 or more than 4096 readings, or with a class index out of range.
+        """
+        self._check_frame(frame)
+        if frame.param_version != self._version:
+            self._reset_version(frame.param_version)
+        self.last_frame = (frame.boot, frame.seq)
+        k = frame.k
+        self._readings += k
+        if self._mu is not None:
+            return self._monitor_means(
+                self._means(frame.features, frame.pred, frame.conf), k, frame
+            )
+        taken = self._add_reference(frame)
+        if self._mu is None or taken == k:
+            return []
+        rest = slice(taken, k)
+        means = self._means(frame.features[rest], frame.pred[rest], frame.conf[rest])
+        return self._monitor_means(means, k - taken, frame)
+
+    def _means(self, x: FloatArray, pred: npt.NDArray[np.int64], conf: FloatArray) -> FloatArray:
+        assert self._mu is not None
+        assert self._sigma is not None
+        return frame_means_arrays(
+            x, pred, conf, self._mu, self._sigma, self.layout.n_classes, self.config.z_clip
+        )
+
+    def _add_reference(self, frame: DeviceFrame) -> int:
+        assert self._buf_x is not None
+        assert self._buf_pred is not None
+        assert self._buf_conf is not None
+        assert self._ref_ks is not None
+        n_ref = self.config.reference_readings
+        take = min(frame.k, n_ref - self._ref_n)
+        lo, hi = self._ref_n, self._ref_n + take
+        self._buf_x[lo:hi] = frame.features[:take]
+        self._buf_pred[lo:hi] = frame.pred[:take]
+        self._buf_conf[lo:hi] = frame.conf[:take]
+        self._ref_ks.append(frame.k)
+        assert self._ref_takes is not None
+        self._ref_takes.append(take)
+        self._ref_n = hi
+        if hi == n_ref:
+            self._complete_reference()
+        return take
+
+    def _complete_reference(self) -> None:
+        assert self._buf_x is not None
+        assert self._buf_pred is not None
+        assert self._buf_conf is not None
+        assert self._ref_ks is not None
+        cfg = self.config
+        lay = self.layout
+        x = self._buf_x.astype(np.float64)
+        mu = x.mean(axis=0)
+        sigma = x.std(axis=0)
+        sigma = np.maximum(sigma, _SIGMA_FLOOR_REL * np.maximum(1.0, np.abs(mu)))
+        values = reading_signals(
+            x,
+            self._buf_pred.astype(np.int64),
+            self._buf_conf.astype(np.float64),
+            mu,
+            sigma,
+            lay.n_classes,
+            cfg.z_clip,
+        )
+        n = values.shape[0]
+        ref_mean = values.mean(axis=0)
+        sd = np.maximum(values.std(axis=0), _SD_FLOOR)
+        # class indicators: a class never (or always) predicted in the reference still gets a
+        # finite scale, from the Laplace-smoothed rate
+        p = (values[:, lay.class_slice].sum(axis=0) + 0.5) / (n + 1.0)
+        sd[lay.class_slice] = np.maximum(sd[lay.class_slice], np.sqrt(p * (1.0 - p)))
+        k_nom = cfg.frame_readings or max(1, int(np.median(self._ref_ks)))
+        self._thr = calibration.thresholds(
+            lay.n_streams,
+            k_nom,
+            budget_per_device_reading=cfg.budget_per_device_reading,
+            warning_budget_per_device_reading=cfg.warning_budget_per_device_reading,
+            drifting_alpha=cfg.drifting_alpha,
+            table=cfg.calibration_table,
+        )
+        self._mu, self._sigma = mu, sigma
+        self._ref_mean = ref_mean
+        self._inv_sd = 1.0 / sd
+        self._adwins = [_adwin(self._thr.frame_delta) for _ in range(lay.n_streams)]
+        self._win[:] = 0.0
+        # prime ADWIN with the reference frames, so that its window starts with the reference
+        # period (detections while priming are dropped: nothing is detected in the reference)
+        assert self._ref_takes is not None
+        takes = np.asarray(self._ref_takes, dtype=np.int64)
+        ref_means = batch_frame_means_arrays(
+            x,
+            self._buf_pred.astype(np.int64),
+            self._buf_conf.astype(np.float64),
+            takes,
+            mu,
+            sigma,
+            lay.n_classes,
+            cfg.z_clip,
+        )
+        u = (ref_means - ref_mean) * (np.sqrt(takes)[:, None] * self._inv_sd[None, :])
+        for row in u:
+            self._feed(row)
+        self._buf_x = self._buf_pred = self._buf_conf = None
+        self._ref_ks = self._ref_takes = None
+
+    def _feed(self, u: FloatArray) -> list[tuple[int, float]] | None:
+        """One ADWIN update per stream; ``(stream, score)`` of the streams that fired."""
+        assert self._thr is not None
+        win = self._win
+        win[0] += 1.0
+        win[1] += u
+        win[2] += u * u
+        hits: list[int] | None = None
+        for i, (det, v) in enumerate(zip(self._adwins, u.tolist(), strict=True)):
+            det.update(v)
+            if det.drift_detected:
+                if hits is None:
+                    hits = []
+                hits.append(i)
+        if hits is None:
+            return None
+        out = []
+        delta = self._thr.frame_delta
+        for i in hits:
+            out.append((i, _adwin_score(self._adwins[i], win[0, i], win[1, i], win[2, i], delta)))
+            win[:, i] = 0.0  # river's ADWIN starts afresh on its next update
+        return out
+
+    def _monitor_means(self, means: FloatArray, k: int, frame: DeviceFrame) -> list[Detection]:
+        assert self._ref_mean is not None
+        assert self._inv_sd is not None
+        hits = self._feed((means - self._ref_mean) * (math.sqrt(k) * self._inv_sd))
+        if hits is None:
+            return []
+        streams = self.layout.streams
+        return [
+            self._detection(streams[i].signal, streams[i].feature, "adwin", score, frame.ts_ms)
+            for i, score in hits
+        ]
+
+    def _detection(
+        self,
+        signal: Signal,
+        feature: str | None,
+        detector: DetectorName,
+        score: float,
+        ts_ms: int,
+    ) -> Detection:
+        assert self._version is not None
+        return Detection(
+            fleet=self.fleet,
+            device=self.device,
+            scope="device",
+            signal=signal,
+            feature=feature,
+            detector=detector,
+            score=float(score),
+            model_version=self._version,
+            ts_ms=ts_ms,
+            readings=self._readings,
+        )
+
+    # -- labels --------------------------------------------------------------------------------
+
+    def update_labels(self, labels: DeviceLabels) -> list[Detection]:
+        """Process labelled readings (the 0/1 error stream); returns detections.
+
+        Labels for another model version than the current one are ignored.
+        """
+        if labels.fleet != self.fleet or labels.device != self.device:
+            raise ValueError(
+                f"labels of {labels.fleet}/{labels.device} given to the monitor of "
+                f"{self.fleet}/{self.device}"
+            )
+        k = labels.k
+        if labels.pred.shape != (k,):
+            raise ValueError("pred and label need one entry per labelled reading")
+        if self._version is None or labels.param_version != self._version:
+            self.labels_ignored += k
+            return []
+        self.last_labels = (labels.boot, labels.seq)
+        errors = (labels.pred != labels.label).astype(np.int64)
+        start = 0
+        if self._err_adwin is None:
+            need = self.config.reference_labels - self._lbl_ref_n
+            start = min(need, k)
+            self._lbl_ref_n += start
+            self._lbl_ref_err += int(errors[:start].sum())
+            self._lbl_ref_bits += errors[:start].tolist()
+            if self._lbl_ref_n < self.config.reference_labels:
+                return []
+            self._start_error_detectors()
+        return self._monitor_errors(errors[start:].tolist(), labels.ts_ms)
+
+    def _start_error_detectors(self) -> None:
+        cfg = self.config
+        thr = calibration.thresholds(
+            self.layout.n_streams,
+            1,
+            budget_per_device_reading=cfg.budget_per_device_reading,
+            warning_budget_per_device_reading=cfg.warning_budget_per_device_reading,
+            drifting_alpha=cfg.drifting_alpha,
+            table=cfg.calibration_table,
+        )
+        self._label_thr = thr
+        self._err_adwin = _adwin(thr.error_delta)
+        self._err_win = [0.0, 0.0, 0.0]
+        self._hddm = drift.binary.HDDMA(
+            drift_confidence=thr.hddm_drift_confidence,
+            warning_confidence=thr.hddm_warning_confidence,
+            two_sided_test=False,
+        )
+        # prime with the reference labels (their detections are dropped, as for frames)
+        self._monitor_errors(self._lbl_ref_bits, 0)
+        self._lbl_ref_bits = []
+
+    def _monitor_errors(self, errors: list[int], ts_ms: int) -> list[Detection]:
+        adw, hddm, thr = self._err_adwin, self._hddm, self._label_thr
+        assert adw is not None
+        assert hddm is not None
+        assert thr is not None
+        out: list[Detection] = []
+        win = self._err_win
+        for e in errors:
+            win[0] += 1.0
+            win[1] += e
+            win[2] += e
+            adw.update(e)
+            if adw.drift_detected:
+                score = _adwin_score(adw, win[0], win[1], win[2], thr.error_delta)
+                win[0] = win[1] = win[2] = 0.0
+                out.append(self._detection("error", None, "adwin", score, ts_ms))
+            hddm.update(e)
+            if hddm.drift_detected:
+                self._warning = False
+                out.append(self._detection("error", None, "hddm_a", 1.0, ts_ms))
+            elif hddm.warning_detected:
+                if not self._warning:
+                    self._warning = True
+                    out.append(self._detection("error", None, "hddm_a_warning", 1.0, ts_ms))
+            else:
+                self._warning = False
+        return out
+
+    # -- status --------------------------------------------------------------------------------
+
+    def band_scores(self) -> dict[Stream, float]:
+        """Per stream: |current ADWIN-window mean − reference| / (its standard error · band).
+
+        ≥ 1 means outside the calibrated band (see :attr:`drifting`). The error stream appears
+        once its reference error rate is complete. Empty during the reference.
+        """
+        thr = self._thr
+        if thr is None:
+            return {}
+        out: dict[Stream, float] = {}
+        ref_var = thr.frame_readings / self.config.reference_readings
+        for st, det in zip(self.layout.streams, self._adwins, strict=True):
+            w = float(det.width)
+            t = 0.0 if w == 0 else abs(float(det.total) / w) / math.sqrt(1.0 / w + ref_var)
+            out[st] = t / thr.drifting_z
+        adw = self._err_adwin
+        if adw is not None:
+            w = float(adw.width)
+            n_ref = float(self._lbl_ref_n)
+            p = (self._lbl_ref_err + 0.5) / (n_ref + 1.0)
+            if w == 0:
+                out[ERROR_STREAM] = 0.0
+            else:
+                se = math.sqrt(p * (1.0 - p) * (1.0 / w + 1.0 / n_ref))
+                out[ERROR_STREAM] = abs(float(adw.total) / w - p) / se / thr.drifting_z
+        return out
+
+    @property
+    def drifting(self) -> tuple[Stream, ...]:
+        """Streams whose current window mean lies outside the reference's calibrated band.
+
+        The band is ``drifting_z`` standard errors of (window mean − reference mean), where
+        ``drifting_z`` is the two-sided normal quantile at ``drifting_alpha / (S + 1)``; under no
+        drift a device shows any stream here with probability about ``drifting_alpha``. After a
+        detection ADWIN restarts its window, so this says whether the device is *still* off its
+        reference, not whether it ever was.
+        """
+        return tuple(st for st, s in self.band_scores().items() if s >= 1.0)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _getstate(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def state_bytes(self) -> bytes:
+        """The whole monitor as a versioned, compressed checkpoint (see the module docstring)."""
+        body = zlib.compress(pickle.dumps(self._getstate(), protocol=5), 6)
+        return add_header(STATE_MAGIC, STATE_FORMAT, body)
+
+    @classmethod
+    def from_state_bytes(cls, data: bytes) -> DeviceMonitor:
+        """Restore a monitor from :meth:`state_bytes`; ``CheckpointFormatError`` if not one."""
+        body = check_header(data, STATE_MAGIC, STATE_FORMAT)
+        try:
+            state = pickle.loads(zlib.decompress(body))
+        except Exception as exc:  # zlib.error, pickle errors, ...
+            raise CheckpointFormatError(f"corrupt device monitor checkpoint: {exc}") from exc
+        if not isinstance(state, dict) or "layout" not in state:
+            raise CheckpointFormatError("corrupt device monitor checkpoint: no monitor state")
+        obj = cls.__new__(cls)
+        obj.__dict__.update(state)
+        return obj
+
+    def memory_bytes(self) -> int:
+        """Estimated memory of this device's state: the size of its checkpoint."""
+        return len(self.state_bytes())
+
+    def raw_state_bytes(self) -> int:
+        """Size of the uncompressed pickle of the state (for comparison with research §3.1)."""
+        return len(pickle.dumps(self._getstate(), protocol=5))
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def _fast_ok(self, frame: DeviceFrame) -> bool:
+        return self._mu is not None and frame.param_version == self._version
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What :func:`update_frames` returns."""
+
+    detections: list[Detection]
+    rejected: list[tuple[DeviceFrame, str]]
+    """Frames that were refused, with the reason (nothing of them was processed)."""
+
+
+def update_frames(
+    monitors: Mapping[tuple[str, str], DeviceMonitor], frames: Sequence[DeviceFrame]
+) -> BatchResult:
+    """Process a drained batch of frames of many devices, in order per device.
+
+    Frames of devices whose reference is complete (and whose model version does not change)
+    have their stream means computed together, one ``np.add.reduceat`` per schema
+    (:func:`service.drift.signals.batch_frame_means_arrays`); the others take
+    :meth:`DeviceMonitor.update`. A frame with no monitor under ``frame.key`` or failing
+    validation is returned in ``rejected`` and skipped.
+    """
+    rejected: list[tuple[DeviceFrame, str]] = []
+    accepted: list[tuple[DeviceFrame, DeviceMonitor]] = []
+    for fr in frames:
+        mon = monitors.get(fr.key)
+        if mon is None:
+            rejected.append((fr, "no monitor"))
+            continue
+        try:
+            mon._check_frame(fr)
+        except ValueError as exc:
+            rejected.append((fr, str(exc)))
+            continue
+        accepted.append((fr, mon))
+    # the fast prefix of each device: reference complete, same model version
+    slow_devices: set[tuple[str, str]] = set()
+    fast: list[int] = []
+    for i, (fr, mon) in enumerate(accepted):
+        if fr.key in slow_devices:
+            continue
+        if mon._fast_ok(fr):
+            fast.append(i)
+        else:
+            slow_devices.add(fr.key)
+    means: dict[int, FloatArray] = {}
+    groups: dict[tuple[int, int, float], list[int]] = {}
+    for i in fast:
+        lay = accepted[i][1].layout
+        key = (lay.n_features, lay.n_classes, accepted[i][1].config.z_clip)
+        groups.setdefault(key, []).append(i)
+    for (_, n_classes, z_clip), idx in groups.items():
+        frs = [accepted[i][0] for i in idx]
+        mons = [accepted[i][1] for i in idx]
+        ks = np.fromiter((f.k for f in frs), dtype=np.int64, count=len(frs))
+        mu = np.stack([m._mu for m in mons if m._mu is not None])
+        sigma = np.stack([m._sigma for m in mons if m._sigma is not None])
+        rows = batch_frame_means_arrays(
+            np.concatenate([f.features for f in frs]).astype(np.float64, copy=False),
+            np.concatenate([f.pred for f in frs]).astype(np.int64, copy=False),
+            np.concatenate([f.conf for f in frs]).astype(np.float64, copy=False),
+            ks,
+            mu,
+            sigma,
+            n_classes,
+            z_clip,
+        )
+        for j, i in enumerate(idx):
+            means[i] = rows[j]
+    out: list[Detection] = []
+    for i, (fr, mon) in enumerate(accepted):
+        row = means.get(i)
+        if row is None:
+            out += mon.update(fr)
+        else:
+            mon.last_frame = (fr.boot, fr.seq)
+            mon._readings += fr.k
+            out += mon._monitor_means(row, fr.k, fr)
+    return BatchResult(out, rejected)

@@ -1,0 +1,1 @@
+"""Alembic environment of the registry, shipped inside the package (see ``migrate.py``)."""

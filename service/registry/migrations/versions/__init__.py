@@ -1,0 +1,1 @@
+"""The registry's Alembic revisions, oldest first (``0001_initial`` creates every table)."""
