@@ -85,6 +85,7 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self._fleets: set[str] = set()
         self.build = Info("tinydrift_build", "tinydrift build information.", registry=r)
         self.build.info({"version": service.__version__})
         self.model_info = Gauge(
@@ -224,6 +225,20 @@ class ServiceMetrics:
         self.checkpoints = Counter(
             "tinydrift_checkpoints", "Detector checkpoints written.", ["outcome"], registry=r
         )
+
+    def init_reasons(self, reasons: Sequence[str]) -> None:
+        """Create every rejection series at 0, so rates and alerts see them before any occurs."""
+        for reason in reasons:
+            self.rejected.labels(reason=reason)
+
+    def ensure_fleet(self, fleet: str) -> None:
+        """Create a fleet's counters at 0 the first time the fleet is seen."""
+        if fleet in self._fleets:
+            return
+        self._fleets.add(fleet)
+        self.readings.labels(fleet=fleet)
+        self.sequence_gaps.labels(fleet=fleet)
+        self.labels.labels(fleet=fleet)
 
     def exposition(self) -> bytes:
         """The text exposition (what ``/metrics`` serves)."""

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edge_agent.wire.errors import WireError
+from edge_agent.wire.errors import REASONS, WireError
 from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch, UpdateAck
 from edge_agent.wire.telemetry_codec import decode_telemetry
 from edge_agent.wire.topics import Leaf, parse_topic
@@ -87,6 +87,7 @@ class Batcher:
         self.processed = 0
         self._stop = threading.Event()
         self._idle = threading.Event()
+        metrics.init_reasons(sorted(REASONS | set(SERVICE_REASONS)))
         self._thread = threading.Thread(target=self._run, name="ingest-batcher", daemon=True)
 
     # -- thread ---------------------------------------------------------------------------
@@ -184,6 +185,7 @@ class Batcher:
 
     def _one(self, msg: Incoming, frames: list[DeviceFrame], labels: list[DeviceLabels]) -> None:
         t = parse_topic(msg.topic)
+        self.metrics.ensure_fleet(t.fleet)
         self.metrics.messages.labels(fleet=t.fleet, kind=t.leaf.value).inc()
         if len(msg.payload) > self.max_payload_bytes:
             raise WireError("oversized", f"{len(msg.payload)} bytes")
