@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -100,12 +101,12 @@ class ParameterSchema:
             self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         ).encode()
 
-    @property
+    @functools.cached_property
     def schema_id(self) -> bytes:
-        """First 8 bytes of the SHA-256 of :meth:`canonical_json`."""
+        """First 8 bytes of the SHA-256 of :meth:`canonical_json` (computed once)."""
         return hashlib.sha256(self.canonical_json()).digest()[:8]
 
-    @property
+    @functools.cached_property
     def schema_id_hex(self) -> str:
         """:attr:`schema_id` as 16 lowercase hex characters."""
         return self.schema_id.hex()

@@ -15,7 +15,8 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,6 +58,17 @@ class IngestSink(Protocol):
         """An update ack from a device."""
 
 
+@dataclass(frozen=True, slots=True)
+class _FleetMetrics:
+    """A fleet's metric children, looked up once (``labels()`` costs µs per call)."""
+
+    messages: dict[Leaf, Any]
+    readings: Any
+    gaps: Any
+    lag: Any
+    labels: Any
+
+
 class _RejectedError(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -88,6 +100,7 @@ class Batcher:
         self._stop = threading.Event()
         self._idle = threading.Event()
         metrics.init_reasons(sorted(REASONS | set(SERVICE_REASONS)))
+        self._fleets: dict[str, _FleetMetrics] = {}
         self._thread = threading.Thread(target=self._run, name="ingest-batcher", daemon=True)
 
     # -- thread ---------------------------------------------------------------------------
@@ -167,6 +180,20 @@ class Batcher:
             self.sink.on_labels(labels)
         self.metrics.process_seconds.observe(time.perf_counter() - t0)
 
+    def _fleet_metrics(self, fleet: str) -> _FleetMetrics:
+        fm = self._fleets.get(fleet)
+        if fm is None:
+            m = self.metrics
+            m.ensure_fleet(fleet)
+            fm = self._fleets[fleet] = _FleetMetrics(
+                messages={leaf: m.messages.labels(fleet=fleet, kind=leaf.value) for leaf in Leaf},
+                readings=m.readings.labels(fleet=fleet),
+                gaps=m.sequence_gaps.labels(fleet=fleet),
+                lag=m.lag.labels(fleet=fleet),
+                labels=m.labels.labels(fleet=fleet),
+            )
+        return fm
+
     def _known(self, fleet: str, device: str, recv_ts: float) -> DeviceInfo:
         info = self.directory.get(fleet, device)
         if info is None or (info.schema_id is None and not info.adopted):
@@ -185,8 +212,8 @@ class Batcher:
 
     def _one(self, msg: Incoming, frames: list[DeviceFrame], labels: list[DeviceLabels]) -> None:
         t = parse_topic(msg.topic)
-        self.metrics.ensure_fleet(t.fleet)
-        self.metrics.messages.labels(fleet=t.fleet, kind=t.leaf.value).inc()
+        fm = self._fleet_metrics(t.fleet)
+        fm.messages[t.leaf].inc()
         if len(msg.payload) > self.max_payload_bytes:
             raise WireError("oversized", f"{len(msg.payload)} bytes")
         if t.leaf == Leaf.TEL:
@@ -198,11 +225,10 @@ class Batcher:
             if verdict != "ok":
                 raise _RejectedError(verdict)
             if info.lost_frames > lost_before:
-                self.metrics.sequence_gaps.labels(fleet=t.fleet).inc(info.lost_frames - lost_before)
+                fm.gaps.inc(info.lost_frames - lost_before)
             info.readings += batch.k
-            self.metrics.readings.labels(fleet=t.fleet).inc(batch.k)
-            lag = msg.recv_ts - batch.ts_ms / 1000.0
-            self.metrics.lag.labels(fleet=t.fleet).observe(max(lag, 0.0))
+            fm.readings.inc(batch.k)
+            fm.lag.observe(max(msg.recv_ts - batch.ts_ms / 1000.0, 0.0))
             frames.append(
                 DeviceFrame(
                     fleet=t.fleet,
@@ -224,7 +250,7 @@ class Batcher:
             verdict = self.directory.check_label_sequence(t.fleet, t.device, lb.boot, lb.seq)
             if verdict != "ok":
                 raise _RejectedError(verdict)
-            self.metrics.labels.labels(fleet=t.fleet).inc(lb.k)
+            fm.labels.inc(lb.k)
             labels.append(
                 DeviceLabels(
                     fleet=t.fleet,
