@@ -119,6 +119,8 @@ class Service:
         self.detections_by_signal: Counter[tuple[str, str]] = Counter()
         self.last_reports: list[CohortReport] = []
         self.registry_dropped = 0
+        self._last_window_detections: set[tuple[object, ...]] = set()
+        self._window_detections: set[tuple[object, ...]] = set()
         self._stop = threading.Event()
         self._timer = threading.Thread(target=self._timers, name="service-timers", daemon=True)
         self._http: WSGIServer | None = None
@@ -285,8 +287,17 @@ class Service:
             m.alarm_active.labels(fleet=r.fleet, model_version=mv, signal="cohort").set(
                 1 if r.cohort_alarm else 0
             )
-            if r.detections:
-                self._record(list(r.detections))
+            fresh = []
+            now_set = set()
+            for d in r.detections:
+                key = (d.fleet, d.model_version, d.device, d.signal, d.feature, d.detector)
+                now_set.add(key)
+                if key not in self._last_window_detections:
+                    fresh.append(d)
+            self._window_detections |= now_set
+            if fresh:  # a device that stays discovered is recorded once, not every window
+                self._record(fresh)
+        self._last_window_detections, self._window_detections = self._window_detections, set()
         return reports
 
     def _refresh_gauges(self) -> None:

@@ -128,10 +128,53 @@ DEFAULT_DRIFTING_ALPHA: Final = 1e-3
 ERROR_DETECTORS: Final = 2
 """Alarm detectors on the error stream that share the budget: ADWIN and HDDM_A."""
 
-ADWIN_MIN_WINDOW: Final = 5
-"""river's default ``min_window_length``, used and simulated as is."""
-ADWIN_GRACE: Final = 10
-"""river's default ``grace_period``, used and simulated as is."""
+
+@dataclass(frozen=True, slots=True)
+class AdwinSettings:
+    """How an ADWIN stream is fed and configured (besides δ; always ``clock=1``).
+
+    Values are ``clip(u, ±u_clip) · u_scale`` for standardised ``u`` (``u_clip = inf``: no clip).
+    """
+
+    min_window_length: int = 5
+    grace_period: int = 10
+    u_scale: float = 1.0
+    u_clip: float = math.inf
+
+    def transform(self, u: Any) -> Any:
+        """``clip(u, ±u_clip) · u_scale`` (numpy arrays or floats)."""
+        if math.isfinite(self.u_clip):
+            u = np.clip(u, -self.u_clip, self.u_clip)
+        return u * self.u_scale if self.u_scale != 1.0 else u
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (``u_clip`` as ``null`` when there is none)."""
+        return {
+            "clock": 1,
+            "max_buckets": 5,
+            "min_window_length": self.min_window_length,
+            "grace_period": self.grace_period,
+            "u_scale": self.u_scale,
+            "u_clip": self.u_clip if math.isfinite(self.u_clip) else None,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> AdwinSettings:
+        """Inverse of :meth:`to_json`."""
+        clip = obj.get("u_clip")
+        return cls(
+            min_window_length=int(obj["min_window_length"]),
+            grace_period=int(obj["grace_period"]),
+            u_scale=float(obj.get("u_scale", 1.0)),
+            u_clip=math.inf if clip is None else float(clip),
+        )
+
+
+FRAME_ADWIN: AdwinSettings = AdwinSettings()
+"""Settings of the frame-level ADWIN on standardised frame means (what the table simulates)."""
+
+ERROR_ADWIN: Final = AdwinSettings()
+"""Settings of ADWIN on the 0/1 error stream: river's defaults, raw 0/1 values."""
 
 # (delta, updates) of the full simulation; --quick divides the updates by 20
 _FRAME_GRID: Final = ((0.1, 4_000_000), (0.03, 10_000_000), (0.01, 20_000_000),
@@ -253,6 +296,8 @@ class CalibrationTable:
     """HDDM_A drift alarms on Bernoulli(0.5) at a few confidences (evidence for the bound)."""
     river_version: str
     generated: str
+    frame_settings: AdwinSettings = AdwinSettings()
+    """The frame-level ADWIN the ``adwin_frame`` curve was simulated for; monitors use these."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (``format`` first)."""
@@ -263,17 +308,13 @@ class CalibrationTable:
             "river_version": self.river_version,
             "adwin_frame": {
                 "model": "i.i.d. N(0,1) standardised frame means",
-                "detector": {
-                    "clock": 1,
-                    "min_window_length": ADWIN_MIN_WINDOW,
-                    "grace_period": ADWIN_GRACE,
-                    "max_buckets": 5,
-                },
+                "detector": self.frame_settings.to_json(),
                 "param": "delta",
                 **self.adwin_frame.to_json(),
             },
             "adwin_error": {
                 "model": f"i.i.d. Bernoulli({_ERROR_P}) errors (worst case over p)",
+                "detector": ERROR_ADWIN.to_json(),
                 "param": "delta",
                 **self.adwin_error.to_json(),
             },
@@ -304,6 +345,7 @@ class CalibrationTable:
             ),
             river_version=str(obj["river_version"]),
             generated=str(obj["generated"]),
+            frame_settings=AdwinSettings.from_json(obj["adwin_frame"]["detector"]),
         )
 
 
@@ -398,27 +440,41 @@ def thresholds(
 # ------------------------------------------------------------------------------------------------
 
 
-def simulate_adwin(
-    delta: float, updates: int, seed: int, bernoulli_p: float | None = None
-) -> RatePoint:
-    """False alarms of ``ADWIN(delta, clock=1)`` on ``updates`` stationary values.
-
-    N(0, 1) values, or 0/1 values with ``P(1) = bernoulli_p``. ADWIN resets itself after an alarm.
-    """
+def make_adwin(delta: float, settings: AdwinSettings) -> Any:
+    """river ``ADWIN(delta, clock=1)`` with ``settings``' window parameters."""
     from river import drift as river_drift
 
     drift: Any = river_drift
-    rng = np.random.default_rng(seed)
-    det = drift.ADWIN(
-        delta=delta, clock=1, min_window_length=ADWIN_MIN_WINDOW, grace_period=ADWIN_GRACE
+    return drift.ADWIN(
+        delta=delta,
+        clock=1,
+        min_window_length=settings.min_window_length,
+        grace_period=settings.grace_period,
     )
+
+
+def simulate_adwin(
+    delta: float,
+    updates: int,
+    seed: int,
+    bernoulli_p: float | None = None,
+    settings: AdwinSettings | None = None,
+) -> RatePoint:
+    """False alarms of ``ADWIN(delta, clock=1)`` on ``updates`` stationary values.
+
+    ``settings.transform`` of N(0, 1) values (default :data:`FRAME_ADWIN`), or raw 0/1 values
+    with ``P(1) = bernoulli_p`` (:data:`ERROR_ADWIN`). ADWIN resets itself after an alarm.
+    """
+    st = settings or (FRAME_ADWIN if bernoulli_p is None else ERROR_ADWIN)
+    rng = np.random.default_rng(seed)
+    det = make_adwin(delta, st)
     update = det.update
     alarms = 0
     done = 0
     while done < updates:
         n = min(1_000_000, updates - done)
         if bernoulli_p is None:
-            values = rng.standard_normal(n).tolist()
+            values = st.transform(rng.standard_normal(n)).tolist()
         else:
             values = (rng.random(n) < bernoulli_p).astype(np.float64).tolist()
         for v in values:
@@ -449,39 +505,47 @@ def simulate_hddm_a(confidence: float, updates: int, seed: int, p: float = _ERRO
     return RatePoint(confidence, updates, alarms)
 
 
-def _task(args: tuple[str, float, int, int]) -> tuple[str, RatePoint]:
-    kind, param, updates, seed = args
+def _task(args: tuple[str, float, int, int, AdwinSettings]) -> tuple[str, RatePoint]:
+    kind, param, updates, seed, settings = args
     if kind == "frame":
-        return kind, simulate_adwin(param, updates, seed)
+        return kind, simulate_adwin(param, updates, seed, settings=settings)
     if kind == "error":
         return kind, simulate_adwin(param, updates, seed, bernoulli_p=_ERROR_P)
     return kind, simulate_hddm_a(param, updates, seed)
 
 
-def _tasks(scale: float) -> list[tuple[str, float, int, int]]:
+def _tasks(
+    scale: float, settings: AdwinSettings
+) -> list[tuple[str, float, int, int, AdwinSettings]]:
     grids: list[tuple[str, tuple[tuple[float, int], ...]]] = [
         ("frame", _FRAME_GRID),
         ("error", _ERROR_GRID),
         ("hddm", _HDDM_GRID),
     ]
-    out: list[tuple[str, float, int, int]] = []
+    out: list[tuple[str, float, int, int, AdwinSettings]] = []
     for g, (kind, grid) in enumerate(grids):
         for i, (param, updates) in enumerate(grid):
             total = max(int(updates * scale), 10_000)
             chunks = max(1, math.ceil(total / _CHUNK))
             for c in range(chunks):
                 seed = int(np.random.SeedSequence([20240601, g, i, c]).generate_state(1)[0])
-                out.append((kind, param, total // chunks, seed))
+                out.append((kind, param, total // chunks, seed, settings))
     out.sort(key=lambda t: -t[2])  # longest first: better load balance
     return out
 
 
-def build_table(scale: float = 1.0, workers: int = 2) -> CalibrationTable:
-    """Run every simulation (``scale`` multiplies the number of updates) and fit the curves."""
+def build_table(
+    scale: float = 1.0, workers: int = 2, settings: AdwinSettings | None = None
+) -> CalibrationTable:
+    """Run every simulation (``scale`` multiplies the number of updates) and fit the curves.
+
+    ``settings``: the frame-level ADWIN to calibrate (default :data:`FRAME_ADWIN`).
+    """
     from importlib.metadata import version
 
+    st = FRAME_ADWIN if settings is None else settings
     merged: dict[tuple[str, float], list[int]] = {}
-    tasks = _tasks(scale)
+    tasks = _tasks(scale, st)
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_task, tasks))
@@ -504,6 +568,7 @@ def build_table(scale: float = 1.0, workers: int = 2) -> CalibrationTable:
         hddm_a_check=tuple(points("hddm")),
         river_version=version("river"),
         generated=time.strftime("%Y-%m-%d", time.gmtime()),
+        frame_settings=st,
     )
 
 

@@ -79,12 +79,13 @@ from river import drift as _river_drift
 
 from service.drift import calibration
 from service.drift.calibration import (
-    ADWIN_GRACE,
-    ADWIN_MIN_WINDOW,
     DEFAULT_BUDGET,
     DEFAULT_DRIFTING_ALPHA,
     DEFAULT_WARNING_BUDGET,
+    ERROR_ADWIN,
+    AdwinSettings,
     Thresholds,
+    make_adwin,
 )
 from service.drift.checkpoint_format import CheckpointFormatError, add_header, check_header
 from service.drift.detection import Detection, DetectorName, Signal
@@ -160,13 +161,9 @@ class DeviceMonitorConfig:
             raise ValueError("z_clip must be positive")
 
 
-def _adwin(delta: float) -> Any:
-    return drift.ADWIN(
-        delta=delta, clock=1, min_window_length=ADWIN_MIN_WINDOW, grace_period=ADWIN_GRACE
-    )
-
-
-def _adwin_score(det: Any, width: float, total: float, total_sq: float, delta: float) -> float:
+def _adwin_score(
+    det: Any, width: float, total: float, total_sq: float, delta: float, min_window: int
+) -> float:
     """``|mean(kept) − mean(dropped)| / ε_cut`` after ADWIN cut its pre-update window.
 
     ``width``, ``total``, ``total_sq``: count, sum and sum of squares of the values ADWIN held
@@ -180,9 +177,7 @@ def _adwin_score(det: Any, width: float, total: float, total_sq: float, delta: f
     shift = kept_total / kept_n - (total - kept_total) / dropped_n
     var = max(total_sq / width - (total / width) ** 2, 0.0)
     d_prime = math.log(2.0 * math.log(width) / delta)
-    m = 1.0 / max(dropped_n - ADWIN_MIN_WINDOW + 1.0, 1.0) + 1.0 / max(
-        kept_n - ADWIN_MIN_WINDOW + 1.0, 1.0
-    )
+    m = 1.0 / max(dropped_n - min_window + 1.0, 1.0) + 1.0 / max(kept_n - min_window + 1.0, 1.0)
     eps = math.sqrt(2.0 * m * var * d_prime) + 2.0 / 3.0 * d_prime * m
     return max(1.0, abs(shift) / eps) if eps > 0.0 else 1.0
 
@@ -240,6 +235,7 @@ class DeviceMonitor:
         self._sigma: FloatArray | None = None
         self._ref_mean: FloatArray | None = None
         self._inv_sd: FloatArray | None = None
+        self._settings = AdwinSettings()
         self._thr: Thresholds | None = None
         self._adwins: list[Any] = []
         s = lay.n_streams
@@ -389,18 +385,22 @@ class DeviceMonitor:
         p = (values[:, lay.class_slice].sum(axis=0) + 0.5) / (n + 1.0)
         sd[lay.class_slice] = np.maximum(sd[lay.class_slice], np.sqrt(p * (1.0 - p)))
         k_nom = cfg.frame_readings or max(1, int(np.median(self._ref_ks)))
+        table = cfg.calibration_table or calibration.load_table()
+        self._settings = table.frame_settings
         self._thr = calibration.thresholds(
             lay.n_streams,
             k_nom,
             budget_per_device_reading=cfg.budget_per_device_reading,
             warning_budget_per_device_reading=cfg.warning_budget_per_device_reading,
             drifting_alpha=cfg.drifting_alpha,
-            table=cfg.calibration_table,
+            table=table,
         )
         self._mu, self._sigma = mu, sigma
         self._ref_mean = ref_mean
         self._inv_sd = 1.0 / sd
-        self._adwins = [_adwin(self._thr.frame_delta) for _ in range(lay.n_streams)]
+        self._adwins = [
+            make_adwin(self._thr.frame_delta, self._settings) for _ in range(lay.n_streams)
+        ]
         self._win[:] = 0.0
         # prime ADWIN with the reference frames, so that its window starts with the reference
         # period (detections while priming are dropped: nothing is detected in the reference)
@@ -425,6 +425,7 @@ class DeviceMonitor:
     def _feed(self, u: FloatArray) -> list[tuple[int, float]] | None:
         """One ADWIN update per stream; ``(stream, score)`` of the streams that fired."""
         assert self._thr is not None
+        u = self._settings.transform(u)
         win = self._win
         win[0] += 1.0
         win[1] += u
@@ -440,8 +441,10 @@ class DeviceMonitor:
             return None
         out = []
         delta = self._thr.frame_delta
+        mw = self._settings.min_window_length
         for i in hits:
-            out.append((i, _adwin_score(self._adwins[i], win[0, i], win[1, i], win[2, i], delta)))
+            score = _adwin_score(self._adwins[i], win[0, i], win[1, i], win[2, i], delta, mw)
+            out.append((i, score))
             win[:, i] = 0.0  # river's ADWIN starts afresh on its next update
         return out
 
@@ -522,7 +525,7 @@ class DeviceMonitor:
             table=cfg.calibration_table,
         )
         self._label_thr = thr
-        self._err_adwin = _adwin(thr.error_delta)
+        self._err_adwin = make_adwin(thr.error_delta, ERROR_ADWIN)
         self._err_win = [0.0, 0.0, 0.0]
         self._hddm = drift.binary.HDDMA(
             drift_confidence=thr.hddm_drift_confidence,
@@ -546,7 +549,9 @@ class DeviceMonitor:
             win[2] += e
             adw.update(e)
             if adw.drift_detected:
-                score = _adwin_score(adw, win[0], win[1], win[2], thr.error_delta)
+                score = _adwin_score(
+                    adw, win[0], win[1], win[2], thr.error_delta, ERROR_ADWIN.min_window_length
+                )
                 win[0] = win[1] = win[2] = 0.0
                 out.append(self._detection("error", None, "adwin", score, ts_ms))
             hddm.update(e)
@@ -574,9 +579,11 @@ class DeviceMonitor:
             return {}
         out: dict[Stream, float] = {}
         ref_var = thr.frame_readings / self.config.reference_readings
+        scale = self._settings.u_scale
         for st, det in zip(self.layout.streams, self._adwins, strict=True):
             w = float(det.width)
-            t = 0.0 if w == 0 else abs(float(det.total) / w) / math.sqrt(1.0 / w + ref_var)
+            mean_u = 0.0 if w == 0 else float(det.total) / w / scale
+            t = abs(mean_u) / math.sqrt(1.0 / w + ref_var) if w else 0.0
             out[st] = t / thr.drifting_z
         adw = self._err_adwin
         if adw is not None:

@@ -174,7 +174,7 @@ class DriftEngine:
     def drifting(self) -> dict[tuple[str, str], tuple[str, ...]]:
         """``(fleet, device) → signals`` still outside their fixed reference (layer A)."""
         with self.lock:
-            out = {}
+            out: dict[tuple[str, str], tuple[str, ...]] = {}
             for key, mon in self.monitors.items():
                 streams = mon.drifting
                 if streams:

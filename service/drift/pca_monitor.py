@@ -240,7 +240,7 @@ class PcaMonitor:
         """Add one reference window: its moment sums and a sample of its readings."""
         if self.model is not None:
             raise RuntimeError("the reference is already fitted")
-        s = np.atleast_2d(np.asarray(sample, dtype=np.float64))
+        s = np.atleast_2d(np.array(sample, dtype=np.float64))  # a copy: the caller reuses its own
         if moments.n_features != self.n_features or s.shape[1] != self.n_features:
             raise ValueError(f"expected {self.n_features} features")
         if moments.n == 0 or s.shape[0] == 0:

@@ -62,7 +62,7 @@ def running(mosquitto, bundle, tmp_path_factory) -> Iterator[tuple[Service, Prom
 
 
 def test_prometheus_scrapes_every_series(running):
-    svc, prom = running
+    _svc, prom = running
     deadline = time.monotonic() + 90
     missing = list(SERIES)
     while time.monotonic() < deadline and missing:

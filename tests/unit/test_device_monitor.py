@@ -1,0 +1,482 @@
+"""Layer A: DeviceMonitor on simulated devices (the real simulator and integer model) + signals."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+
+from edge_agent.device.simulator import (
+    CLASSES,
+    FEATURES,
+    DriftSpec,
+    SensorSimulator,
+    window_times,
+)
+from edge_agent.fixedpoint import QuantizedLinear, round_half_away
+from service.drift.device_monitor import (
+    ERROR_STREAM,
+    STATE_FORMAT,
+    CheckpointFormatError,
+    DeviceMonitor,
+    update_frames,
+)
+from service.drift.signals import (
+    SignalLayout,
+    Stream,
+    batch_frame_means,
+    frame_means,
+    reading_signals,
+)
+from service.ingest.frames import DeviceFrame, DeviceLabels
+from service.learn.factory_model import train_factory_model
+
+FRAC_BITS = 11
+K = 16
+CHANGE = 3000
+"""Reading index at which drift starts in the drift scenarios (reference: the first 512)."""
+HORIZON = 3000
+"""Readings after the change within which a drift must be detected."""
+STD_FEATURES = {"std_x", "std_y", "std_z"}
+
+
+@pytest.fixture(scope="module")
+def model() -> QuantizedLinear:
+    return train_factory_model(seed=0).quantize()
+
+
+@dataclass
+class Device:
+    """Readings of one simulated device exactly as it would send them (agent.step)."""
+
+    name: str
+    features: np.ndarray
+    pred: np.ndarray
+    conf: np.ndarray
+    labels: np.ndarray
+    label_rng: np.random.Generator
+
+    def frames(self, k: int = K, version: int = 1, start: int = 0, stop: int | None = None):
+        stop = self.features.shape[0] if stop is None else stop
+        for lo in range(start, stop, k):
+            sl = slice(lo, min(lo + k, stop))
+            yield DeviceFrame(
+                "fleet", self.name, 0, lo // k, 2000 * lo, 0.0, version,
+                self.features[sl], self.pred[sl], self.conf[sl],
+            )  # fmt: skip
+
+    def label_batch(self, frame: DeviceFrame, rate: float = 0.1) -> DeviceLabels | None:
+        lo = frame.seq * K  # frames of K readings from reading 0 (the last may be shorter)
+        chosen = np.flatnonzero(self.label_rng.random(frame.k) < rate) + lo
+        if chosen.size == 0:
+            return None
+        return DeviceLabels(
+            "fleet", self.name, 0, frame.seq, frame.ts_ms, 0.0, frame.param_version,
+            self.features[chosen], self.pred[chosen], self.labels[chosen],
+        )  # fmt: skip
+
+
+def simulate(model: QuantizedLinear, seed: int, n: int, drift: DriftSpec | None = None) -> Device:
+    s = SensorSimulator(seed, drift=drift).sample(n, t=window_times(n))
+    scale = float(1 << FRAC_BITS)
+    held = np.clip(round_half_away(s.features * scale), -32768, 32767) / scale
+    logits = model.logits(held)
+    return Device(
+        name=f"dev{seed}",
+        features=held,
+        pred=model.decide(logits),
+        conf=model.confidence(logits).astype(np.float64) / 256.0,
+        labels=s.labels,
+        label_rng=np.random.default_rng(seed + 10_000),
+    )
+
+
+def run(dev: Device, mon: DeviceMonitor | None = None, labels: bool = True, **kw):
+    mon = mon or DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    out = []
+    for fr in dev.frames(**kw):
+        out += mon.update(fr)
+        if labels:
+            lb = dev.label_batch(fr)
+            if lb is not None:
+                out += mon.update_labels(lb)
+    return mon, out
+
+
+def drift_at(kind: str, **kw) -> DriftSpec:
+    return DriftSpec(kind, start_s=2.0 * CHANGE, **kw)  # readings are 2 s windows
+
+
+# ------------------------------------------------------------------------------------------------
+# stationary data
+# ------------------------------------------------------------------------------------------------
+
+
+def test_no_detections_on_stationary_device(model):
+    """50k readings (3125 frames, ~5k labels): the budget allows 0.005 false alarms here."""
+    dev = simulate(model, seed=101, n=50_000)
+    mon, dets = run(dev)
+    assert dets == []
+    assert mon.readings == 50_000
+    assert mon.drifting == ()
+    thr = mon.thresholds
+    assert thr is not None
+    assert thr.frame_readings == K
+    assert thr.n_detectors == 24
+    assert 0 < mon.memory_bytes() <= 40 * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# each drift kind
+# ------------------------------------------------------------------------------------------------
+
+
+def _post(dets):
+    after = [d for d in dets if d.readings > CHANGE]
+    assert after, "drift not detected"
+    assert [d for d in dets if d.readings <= CHANGE] == [], "false alarm before the change"
+    first = min(d.readings for d in after)
+    assert first - CHANGE <= HORIZON
+    return after, first
+
+
+@pytest.mark.parametrize("seed", [201, 202])
+def test_offset_on_one_axis_flags_its_features(model, seed):
+    dev = simulate(model, seed, CHANGE + HORIZON, drift_at("offset", axis=2))
+    mon, dets = run(dev)
+    after, first = _post(dets)
+    assert first - CHANGE <= 400
+    feats = {(d.signal, d.feature) for d in after if d.signal.startswith("feature")}
+    assert ("feature", "mean_z") in feats
+    assert {f for _, f in feats} <= {"mean_z", "mag_mean", "mag_zcr_hz"}  # what z's bias moves
+    assert Stream("feature", "mean_z") in mon.drifting
+    assert all(d.detector == "adwin" and d.score >= 1.0 for d in after if d.signal != "error")
+
+
+@pytest.mark.parametrize("seed", [211, 212])
+def test_gain_on_one_axis_flags_its_features(model, seed):
+    dev = simulate(model, seed, CHANGE + HORIZON, drift_at("gain", axis=0, magnitude=0.3))
+    _, dets = run(dev)
+    after, first = _post(dets)
+    assert first - CHANGE <= 1000
+    feats = {(d.signal, d.feature) for d in after if d.signal.startswith("feature")}
+    assert feats & {("feature", "mean_x"), ("feature_sq", "mean_x")}
+    assert {f for _, f in feats} <= {"mean_x", "std_x", "mag_mean", "mag_zcr_hz"}
+
+
+def test_gradual_gain_on_all_axes_is_caught_during_the_ramp(model):
+    ramp = 2000  # readings
+    dev = simulate(model, 221, CHANGE + HORIZON, drift_at("gain", ramp_s=2.0 * ramp))
+    _, dets = run(dev)
+    _, first = _post(dets)
+    assert first - CHANGE <= ramp  # before the gain reaches its full 30 %
+    sigs = {d.signal for d in dets}
+    assert sigs & {"feature", "feature_sq"}
+
+
+@pytest.mark.parametrize("seed", [231, 232])
+def test_sensor_noise_flags_the_std_features(model, seed):
+    """More white noise is a variance change of the raw signal: the std features move."""
+    dev = simulate(model, seed, CHANGE + HORIZON, drift_at("noise"))
+    mon, dets = run(dev)
+    after, first = _post(dets)
+    assert first - CHANGE <= 400
+    feats = {(d.signal, d.feature) for d in after if d.signal.startswith("feature")}
+    assert any(f in STD_FEATURES for _, f in feats)
+    drifting = set(mon.drifting)
+    assert any(Stream("feature_sq", f) in drifting for f in STD_FEATURES)
+    assert any(Stream("feature", f) in drifting for f in STD_FEATURES)
+
+
+def test_variance_only_change_is_caught_by_the_square_stream():
+    """A feature whose spread doubles with the same mean: only z² shifts (research §3.2)."""
+    rng = np.random.default_rng(7)
+    mon = DeviceMonitor("fleet", "v", ["a", "b"], ["n", "p"])
+    dets = []
+    for seq in range(400):
+        x = rng.standard_normal((K, 2))
+        if seq >= 200:
+            x[:, 1] *= 2.0
+        pred = (rng.random(K) < 0.3).astype(np.int64)
+        fr = DeviceFrame("fleet", "v", 0, seq, seq, 0.0, 1, x, pred, rng.uniform(0.5, 1, K))
+        dets += mon.update(fr)
+    assert dets
+    assert min(d.readings for d in dets) > 200 * K
+    first = min(d.readings for d in dets)
+    assert first - 200 * K <= 300
+    assert {(d.signal, d.feature) for d in dets if d.readings == first} == {("feature_sq", "b")}
+    assert Stream("feature_sq", "b") in mon.drifting
+    assert Stream("feature", "b") not in mon.drifting
+
+
+@pytest.mark.parametrize("seed", [241, 242])
+def test_class_prior_shift_flags_the_class_mix(model, seed):
+    dev = simulate(model, seed, CHANGE + HORIZON, drift_at("prior", target=2, magnitude=0.7))
+    mon, dets = run(dev)
+    after, first = _post(dets)
+    assert first - CHANGE <= 600
+    assert ("class_mix", "run") in {(d.signal, d.feature) for d in after}
+    assert Stream("class_mix", "run") in mon.drifting
+
+
+@pytest.mark.parametrize("seed", [251, 252])
+def test_concept_change_is_caught_by_labels_only(model, seed):
+    dev = simulate(model, seed, CHANGE + 2 * HORIZON, drift_at("concept"))
+    mon, dets = run(dev)
+    after, first = _post(dets)
+    assert first - CHANGE <= 2 * HORIZON
+    assert {d.signal for d in dets} == {"error"}  # the inputs are untouched
+    assert {d.detector for d in after} >= {"adwin"}
+    assert ERROR_STREAM in mon.drifting
+    # without labels the same device shows nothing
+    _, unlabelled = run(
+        simulate(model, seed, CHANGE + 2 * HORIZON, drift_at("concept")), None, False
+    )
+    assert unlabelled == []
+
+
+def test_hddm_a_warning_is_reported_once_per_entry(model):
+    dev = simulate(model, 254, CHANGE + 2 * HORIZON, drift_at("concept"))
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    dets, entries, in_zone = [], 0, False
+    for fr in dev.frames():
+        dets += mon.update(fr)
+        lb = dev.label_batch(fr)
+        if lb is None:
+            continue
+        for i in range(lb.k):  # one label at a time, to watch HDDM_A's zone
+            one = replace(lb, features=lb.features[i : i + 1], pred=lb.pred[i : i + 1],
+                          label=lb.label[i : i + 1])  # fmt: skip
+            got = mon.update_labels(one)
+            dets += got
+            hddm = mon._hddm
+            now = hddm is not None and hddm.warning_detected
+            entries += now and not in_zone and not any(d.detector == "hddm_a" for d in got)
+            in_zone = now
+    warnings = [d for d in dets if d.detector == "hddm_a_warning"]
+    assert len(warnings) == entries >= 1
+    first_drift = min(d.readings for d in dets if d.detector == "hddm_a")
+    assert min(d.readings for d in warnings) <= first_drift  # the warning comes first
+    assert all(d.score == 1.0 and d.signal == "error" for d in warnings)
+
+
+# ------------------------------------------------------------------------------------------------
+# lifecycle: versions, frames, labels
+# ------------------------------------------------------------------------------------------------
+
+
+def test_model_version_change_resets_the_reference(model):
+    dev = simulate(model, 301, 4000, drift_at("offset", magnitude=0.5))
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    frames = list(dev.frames())
+    for fr in frames[:100]:
+        assert mon.update(fr) == []
+    assert mon.reference_complete
+    assert mon.model_version == 1
+    assert mon.readings == 1600
+    ref_v1 = mon.reference
+    # an update: version 2 starts a new reference, detects nothing before it is complete
+    v2 = [replace_version(fr, 2) for fr in frames[100:]]
+    assert mon.update(v2[0]) == []
+    assert mon.model_version == 2
+    assert mon.readings == K
+    assert not mon.reference_complete
+    assert mon.thresholds is None
+    assert mon.drifting == ()
+    assert mon.reference is None
+    for fr in v2[1:32]:
+        assert mon.update(fr) == []
+    assert mon.reference_complete
+    assert mon.readings == 512
+    assert ref_v1 is not None
+    assert mon.reference is not None
+    assert not np.allclose(ref_v1[0], mon.reference[0])  # the drifted device's new normal
+    # labels of the old version are ignored
+    old = DeviceLabels("fleet", dev.name, 0, 0, 0, 0.0, 1, dev.features[:5], dev.pred[:5],
+                       dev.labels[:5])  # fmt: skip
+    assert mon.update_labels(old) == []
+    assert mon.labels_ignored == 5
+    # a revert to version 1 is a change too
+    mon.update(frames[0])
+    assert mon.model_version == 1
+    assert mon.readings == K
+
+
+def replace_version(fr: DeviceFrame, version: int) -> DeviceFrame:
+    return replace(fr, param_version=version)
+
+
+def test_readings_count_the_model_version_including_the_reference(model):
+    dev = simulate(model, 311, 6000, drift_at("offset", axis=2, magnitude=0.5))
+    _, dets = run(dev, labels=False)
+    assert dets
+    assert all(d.readings % K == 0 and CHANGE < d.readings <= 6000 for d in dets)
+    assert all(d.ts_ms == 2000 * (d.readings - K) for d in dets)  # the frame that triggered it
+
+
+def test_frame_sizes_from_1_to_4096_and_a_straddling_reference(model):
+    dev = simulate(model, 321, 9000)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    sizes = [1, 7, 300, 4096, 1, 4096, 499]  # the 4th frame completes the reference mid-frame
+    lo = 0
+    for seq, k in enumerate(sizes):
+        sl = slice(lo, lo + k)
+        fr = DeviceFrame("fleet", dev.name, 0, seq, seq, 0.0, 1, dev.features[sl], dev.pred[sl],
+                         dev.conf[sl])  # fmt: skip
+        assert mon.update(fr) == []
+        lo += k
+    assert mon.readings == sum(sizes)
+    assert mon.reference_complete
+    thr = mon.thresholds
+    assert thr is not None
+    assert thr.frame_readings == 153  # median of 1, 7, 300, 4096 (floored)
+
+
+def test_invalid_frames_are_refused(model):
+    dev = simulate(model, 331, 64)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    fr = next(dev.frames())
+    bad_f = DeviceFrame("fleet", dev.name, 0, 0, 0, 0.0, 1, fr.features[:, :7], fr.pred, fr.conf)
+    with pytest.raises(ValueError, match="8 features"):
+        mon.update(bad_f)
+    with pytest.raises(ValueError, match="readings"):
+        mon.update(DeviceFrame("fleet", dev.name, 0, 0, 0, 0.0, 1, np.zeros((0, 8)),
+                               np.zeros(0, np.int64), np.zeros(0)))  # fmt: skip
+    big = np.zeros((4097, 8))
+    with pytest.raises(ValueError, match="readings"):
+        mon.update(DeviceFrame("fleet", dev.name, 0, 0, 0, 0.0, 1, big,
+                               np.zeros(4097, np.int64), np.zeros(4097)))  # fmt: skip
+    with pytest.raises(ValueError, match="class"):
+        mon.update(DeviceFrame("fleet", dev.name, 0, 0, 0, 0.0, 1, fr.features, fr.pred + 4,
+                               fr.conf))  # fmt: skip
+    with pytest.raises(ValueError, match="monitor of"):
+        mon.update(DeviceFrame("fleet", "other", 0, 0, 0, 0.0, 1, fr.features, fr.pred, fr.conf))
+    assert mon.readings == 0  # nothing was taken in
+    assert mon.model_version is None
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [10, 200, 250])  # in the reference, before and after the change
+def test_state_round_trip_gives_the_same_detections(model, cut):
+    def fresh():
+        return simulate(model, 401, 5000, drift_at("offset", axis=1, magnitude=0.4))
+
+    _, expected = run(fresh())
+    assert expected
+    dev = fresh()
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    got = []
+    frames = list(dev.frames())
+    for i, fr in enumerate(frames):
+        if i == cut:
+            blob = mon.state_bytes()
+            assert blob[:4] == b"TDDM"
+            assert mon.memory_bytes() == len(blob)
+            mon = DeviceMonitor.from_state_bytes(blob)
+        got += mon.update(fr)
+        lb = dev.label_batch(fr)
+        if lb is not None:
+            got += mon.update_labels(lb)
+    assert got == expected
+    assert mon.drifting == DeviceMonitor.from_state_bytes(mon.state_bytes()).drifting
+
+
+def test_checkpoint_of_another_format_is_refused(model):
+    mon = DeviceMonitor("fleet", "d", FEATURES, CLASSES)
+    blob = mon.state_bytes()
+    assert struct.unpack(">H", blob[4:6]) == (STATE_FORMAT,)
+    other = blob[:4] + struct.pack(">H", STATE_FORMAT + 1) + blob[6:]
+    with pytest.raises(CheckpointFormatError, match="format version 2"):
+        DeviceMonitor.from_state_bytes(other)
+    with pytest.raises(CheckpointFormatError, match="magic"):
+        DeviceMonitor.from_state_bytes(b"XXXX" + blob[4:])
+    with pytest.raises(CheckpointFormatError, match="too short"):
+        DeviceMonitor.from_state_bytes(blob[:5])
+    with pytest.raises(CheckpointFormatError, match="corrupt"):
+        DeviceMonitor.from_state_bytes(blob[:6] + b"garbage")
+    with pytest.raises(CheckpointFormatError, match="corrupt"):
+        DeviceMonitor.from_state_bytes(blob[:6] + zlib.compress(pickle.dumps([1, 2])))
+    assert issubclass(CheckpointFormatError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------------
+# batches and signals
+# ------------------------------------------------------------------------------------------------
+
+
+def test_update_frames_equals_per_frame_updates(model):
+    devs = [
+        simulate(model, 501, 3000, DriftSpec("offset", start_s=2.0 * 1500, magnitude=0.5)),
+        simulate(model, 502, 3000),
+    ]
+    seq_mons = {("fleet", d.name): DeviceMonitor("fleet", d.name, FEATURES, CLASSES) for d in devs}
+    bat_mons = {("fleet", d.name): DeviceMonitor("fleet", d.name, FEATURES, CLASSES) for d in devs}
+    per_dev = [list(d.frames()) for d in devs]
+    # device 1 switches to version 2 in the middle
+    per_dev[1] = per_dev[1][:120] + [replace_version(f, 2) for f in per_dev[1][120:]]
+    interleaved = [f for pair in zip(*per_dev, strict=True) for f in pair]
+    expected = []
+    for fr in interleaved:
+        expected += seq_mons[fr.key].update(fr)
+    bad = DeviceFrame("fleet", devs[0].name, 0, 0, 0, 0.0, 1, np.zeros((4, 3)),
+                      np.zeros(4, np.int64), np.zeros(4))  # fmt: skip
+    stranger = replace(interleaved[0], device="nobody")
+    got = []
+    rejected = []
+    for lo in range(0, len(interleaved), 37):
+        batch = interleaved[lo : lo + 37]
+        if lo == 37 * 5:
+            batch = [*batch[:3], bad, *batch[3:]]
+        res = update_frames(bat_mons, batch)
+        got += res.detections
+        rejected += res.rejected
+    assert expected
+    assert got == expected
+    assert [r[0] for r in rejected] == [bad]
+    assert "features" in rejected[0][1]
+    res = update_frames({}, [stranger])
+    assert res.rejected == [(stranger, "no monitor")]
+
+
+def test_signal_layout_and_means():
+    lay = SignalLayout.create(FEATURES, CLASSES)
+    assert lay.n_streams == 22
+    assert lay.streams[:2] == (Stream("confidence", None), Stream("confidence_sq", None))
+    assert [s.feature for s in lay.streams[lay.class_slice]] == list(CLASSES)
+    assert {s.signal for s in lay.streams[lay.z_slice]} == {"feature"}
+    assert [s.feature for s in lay.streams[lay.z2_slice]] == list(FEATURES)
+    rng = np.random.default_rng(3)
+    frames, mus, sigmas = [], [], []
+    for d in range(3):
+        mu, sigma = rng.normal(size=8), rng.uniform(0.5, 2, 8)
+        for s in range(4):
+            k = int(rng.integers(1, 40))
+            frames.append(DeviceFrame("f", f"d{d}", 0, s, 0, 0.0, 1, rng.normal(size=(k, 8)) * 3,
+                                      rng.integers(0, 4, k), rng.random(k)))  # fmt: skip
+            mus.append(mu)
+            sigmas.append(sigma)
+    batch = batch_frame_means(frames, np.stack(mus), np.stack(sigmas), n_classes=4)
+    single = np.stack(
+        [frame_means(f, m, s, 4) for f, m, s in zip(frames, mus, sigmas, strict=True)]
+    )
+    np.testing.assert_allclose(batch, single, rtol=1e-12, atol=1e-12)
+    # direct definition, with the ±4 clip
+    fr, mu, sigma = frames[0], mus[0], sigmas[0]
+    z = np.clip((fr.features - mu) / sigma, -4, 4)
+    want = np.concatenate([[fr.conf.mean(), (fr.conf**2).mean()],
+                           np.bincount(fr.pred, minlength=4) / fr.k,
+                           z.mean(0), (z**2).mean(0)])  # fmt: skip
+    np.testing.assert_allclose(single[0], want, rtol=1e-12)
+    vals = reading_signals(fr.features, fr.pred, fr.conf, mu, sigma, 4)
+    assert vals.shape == (fr.k, 22)
+    assert vals[:, lay.z_slice].max() <= 4.0
+    with pytest.raises(ValueError, match="class"):
+        reading_signals(fr.features, fr.pred + 4, fr.conf, mu, sigma, 4)
