@@ -336,7 +336,7 @@ class Service:
         recs = []
         now = time.time()
         for info in self.directory.all():
-            state = ",".join(drifting.get(info.key, ())) or "ok"
+            state = (",".join(drifting.get(info.key, ())) or "ok")[:255]
             seen_since = info.last_seen > info.written
             stale = seen_since and now - info.written >= DEVICE_REFRESH_S
             if not (info.dirty or state != info.drift_state or stale):

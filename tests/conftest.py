@@ -164,3 +164,15 @@ def db_url(request: pytest.FixtureRequest) -> str:
     fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
     url: str = request.getfixturevalue(fixture)
     return url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """An empty registry database shared by one test module, on each backend in turn."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('module-db') / 'registry.db'}"
+        return
+    admin: str = request.getfixturevalue("postgres_admin_url")
+    yield from _postgres_database(admin, request.module.__name__.rsplit(".", 1)[-1])

@@ -123,7 +123,7 @@ class Device(Base):
     first_seen: Mapped[datetime]
     last_seen: Mapped[datetime]
     caps: Mapped[dict[str, Any] | None]
-    drift_state: Mapped[str] = mapped_column(String(16))
+    drift_state: Mapped[str] = mapped_column(String(255))
     n_features: Mapped[int | None] = mapped_column(Integer)
     n_classes: Mapped[int | None] = mapped_column(Integer)
 

@@ -64,16 +64,15 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def db_url(tmp_path_factory, bundle: Bundle) -> str:
-    path = tmp_path_factory.mktemp("serve") / "registry.db"
-    url = f"sqlite:///{path}"
-    reg = Registry(url)
+def db_url(module_db_url: str, bundle: Bundle) -> str:
+    """The module's registry (SQLite, then PostgreSQL) with the factory parameter set."""
+    reg = Registry(module_db_url)
     fw = bundle.firmware()
     reg.add_parameter_set(
         fw.schema.schema_id_hex, 1, 0, fw.factory_blob, source="factory", status="good"
     )
     reg.close()
-    return url
+    return module_db_url
 
 
 @pytest.fixture(scope="module")

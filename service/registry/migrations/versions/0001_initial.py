@@ -98,7 +98,7 @@ def upgrade() -> None:
         sa.Column("first_seen", _ts(), nullable=False),
         sa.Column("last_seen", _ts(), nullable=False),
         sa.Column("caps", _json(), nullable=True),
-        sa.Column("drift_state", sa.String(16), nullable=False),
+        sa.Column("drift_state", sa.String(255), nullable=False),
         sa.Column("n_features", sa.Integer(), nullable=True),
         sa.Column("n_classes", sa.Integer(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_devices"),
