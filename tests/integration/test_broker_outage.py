@@ -1,0 +1,74 @@
+"""The broker goes away mid-stream: the service counts it, keeps its detectors and resumes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from edge_agent.device.fleet import Fleet, FleetConfig
+from service.config import load_settings
+from service.embedded_broker import free_port, start_mosquitto
+from service.registry.store import Registry
+from service.serve import Service
+
+pytestmark = pytest.mark.integration
+
+
+def wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_service_survives_a_broker_restart(bundle, tmp_path):
+    port = free_port()
+    broker = start_mosquitto(port)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    fw = bundle.firmware()
+    reg = Registry(url)
+    reg.add_parameter_set(
+        fw.schema.schema_id_hex, 1, 0, fw.factory_blob, source="factory", status="good"
+    )
+    reg.close()
+    svc = Service(load_settings(broker=broker.url, db=url, metrics_port=0))
+    svc.start()
+    fleet = Fleet(
+        FleetConfig(
+            fleet="out", devices=4, host="127.0.0.1", port=port, seed=9, batch=16, period_s=0.05
+        ),
+        fw,
+        {},
+    )
+    fleet.start()
+    try:
+        wait(
+            lambda: (
+                len(svc.engine.monitors) == 4
+                and all(m.reference_complete for m in svc.engine.monitors.values())
+            ),
+            30,
+            "references",
+        )
+        monitors = dict(svc.engine.monitors)
+        broker.stop()
+        wait(lambda: not svc.consumer.connected.is_set(), 15, "the service to notice")
+        assert svc.consumer.last_error is not None
+        assert "reconnecting" in svc.consumer.last_error
+        time.sleep(2.0)  # the service keeps running while the broker is down
+        assert svc.batcher._thread.is_alive()
+        broker = start_mosquitto(port)
+        wait(lambda: svc.consumer.connected.is_set(), 40, "reconnection")
+        n = svc.status().readings
+        wait(lambda: svc.status().readings > n + 500, 40, "telemetry after the outage")
+        assert svc.metrics.mqtt_reconnects._value.get() >= 1
+        assert svc.metrics.mqtt_connected._value.get() == 1
+        # the very same detector objects carry on: nothing was relearned
+        assert all(svc.engine.monitors[k] is m for k, m in monitors.items())
+    finally:
+        fleet.stop()
+        svc.stop()
+        broker.stop()
