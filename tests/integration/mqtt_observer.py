@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -24,6 +22,7 @@ from edge_agent.wire.topics import Leaf, parse_topic, subscription, topic
 from service.rollout.blob_transfer import BlobTransferService
 from service.rollout.chunk_server import BlobCache
 from service.rollout.desired_state import DesiredStatePublisher
+from tests.integration.polling import wait
 
 
 class Observer:
@@ -89,15 +88,7 @@ class Observer:
         with self.lock:
             return [(a["deploy_seq"], a["state"], a["reason"]) for a in self.acks[device]]
 
-    @staticmethod
-    def wait(cond: Callable[[], Any], timeout: float, what: str) -> None:
-        """Poll ``cond`` until true; fail naming ``what``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    wait = staticmethod(wait)
 
     def close(self) -> None:
         """Disconnect and stop the blob worker."""

@@ -11,17 +11,9 @@ from service.config import load_settings
 from service.embedded_broker import free_port, start_mosquitto
 from service.registry.store import Registry
 from service.serve import Service
+from tests.integration.polling import wait
 
 pytestmark = pytest.mark.integration
-
-
-def wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_service_survives_a_broker_restart(bundle, tmp_path):

@@ -44,15 +44,31 @@ def running(mosquitto, bundle, tmp_path_factory) -> Iterator[tuple[Service, Prom
     url = f"sqlite:///{tmp_path_factory.mktemp('prom') / 'r.db'}"
     fw = bundle.firmware()
     reg = Registry(url)
-    reg.add_parameter_set(fw.schema.schema_id_hex, 1, 0, fw.factory_blob, source="factory",
-                          status="good")
+    reg.add_parameter_set(
+        fw.schema.schema_id_hex, 1, 0, fw.factory_blob, source="factory", status="good"
+    )
     reg.close()
-    svc = Service(load_settings(broker=mosquitto.url, db=url, metrics_port=0, window_s=1.0,
-                                checkpoint_interval_s=2.0))
+    svc = Service(
+        load_settings(
+            broker=mosquitto.url, db=url, metrics_port=0, window_s=1.0, checkpoint_interval_s=2.0
+        )
+    )
     svc.start()
     plan = plan_drift(10, "gain", 0.3, after_s=4.0, seed=2)
-    fleet = Fleet(FleetConfig(fleet="prom", devices=10, host=mosquitto.host, port=mosquitto.port,
-                              seed=2, batch=16, period_s=0.05, label_rate=0.1), fw, plan)
+    fleet = Fleet(
+        FleetConfig(
+            fleet="prom",
+            devices=10,
+            host=mosquitto.host,
+            port=mosquitto.port,
+            seed=2,
+            batch=16,
+            period_s=0.05,
+            label_rate=0.1,
+        ),
+        fw,
+        plan,
+    )
     fleet.start()
     prom = start_prometheus([f"127.0.0.1:{svc.metrics_port}"])
     yield svc, prom

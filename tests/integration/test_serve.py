@@ -25,19 +25,11 @@ from service.config import load_settings
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
 from service.serve import Service
+from tests.integration.polling import wait
 
 pytestmark = pytest.mark.integration
 FLEET = "plant"
 DEVICES = 12
-
-
-def wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def scrape(port: int) -> str:
