@@ -46,6 +46,9 @@ class ServiceSettings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535)
     """Port of ``/metrics`` (0: any free port)."""
     metrics_host: str = "127.0.0.1"
+    api_port: int = Field(8080, ge=0, le=65535)
+    """Port of the operator REST API (0: any free port); see ``service/api``."""
+    api_host: str = "127.0.0.1"
     fleets: list[str] = Field(default_factory=lambda: ["+"])
     """Fleets to subscribe to (``+``: all)."""
     unknown_devices: Literal["reject", "adopt"] = "reject"

@@ -22,6 +22,8 @@ from prometheus_client import start_http_server
 
 from edge_agent.blob import BlobRejectedError, verify_blob
 from edge_agent.wire.messages import UpdateAck
+from service.api import create_app
+from service.api.server import ApiServer
 from service.config import ServiceSettings
 from service.drift.cohort_monitor import CohortReport
 from service.drift.detection import Detection
@@ -125,6 +127,9 @@ class Service:
         self._timer = threading.Thread(target=self._timers, name="service-timers", daemon=True)
         self._http: WSGIServer | None = None
         self.metrics_port: int | None = None
+        self._api: ApiServer | None = None
+        self.api_port: int | None = None
+        """The operator API's bound port, once started."""
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -154,9 +159,20 @@ class Service:
             log.info("restored %d detector checkpoints", n)
 
     def start(self) -> None:
-        """Serve ``/metrics``, connect to the broker, start processing."""
+        """Serve the API and ``/metrics``, connect to the broker, start processing.
+
+        Raises :class:`~service.api.server.ApiServerError` when the API cannot be served and
+        ``OSError`` when ``/metrics`` cannot (the API is stopped again then).
+        """
         s = self.settings
-        server, _thread = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
+        self._start_api()
+        try:
+            server, _thread = start_http_server(
+                s.metrics_port, s.metrics_host, self.metrics.registry
+            )
+        except OSError:
+            self._stop_api()
+            raise
         self._http = server
         self.metrics_port = int(server.server_port)
         self.batcher.start()
@@ -164,8 +180,21 @@ class Service:
         self._timer.start()
         log.info("metrics on http://%s:%d/metrics", s.metrics_host, self.metrics_port)
 
+    def _start_api(self) -> None:
+        """Serve the operator API (``service/api``) over this service's registry."""
+        app = create_app(self.registry, self.status)
+        self._api = ApiServer(app, self.settings.api_host, self.settings.api_port)
+        self.api_port = self._api.start()
+        log.info("operator API on http://%s:%d/docs", self.settings.api_host, self.api_port)
+
+    def _stop_api(self) -> None:
+        if self._api is not None:
+            self._api.stop()
+            self._api = None
+
     def stop(self) -> None:
-        """Stop ingest, checkpoint every monitor, flush the registry."""
+        """Stop the API and ingest, checkpoint every monitor, flush the registry."""
+        self._stop_api()
         self._stop.set()
         self.consumer.stop()
         self.batcher.stop()

@@ -25,6 +25,10 @@ from sqlalchemy.engine import make_url
 from service.embedded_broker import EmbeddedBroker, start_mosquitto
 from service.firmware_bundle import Bundle, create_bundle
 
+# Every Service a test starts serves its operator API on a free port, not on the default 8080
+# (which may be taken, or shared by tests running side by side). A test may still set api_port.
+os.environ.setdefault("TINYDRIFT_API_PORT", "0")
+
 
 @pytest.fixture(scope="session")
 def mosquitto() -> Iterator[EmbeddedBroker]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from service.cli import blob, demo, device, keys, serve
+from service.cli import api_token, blob, demo, device, keys, serve
 
 app = typer.Typer(
     name="tinydrift",
@@ -20,6 +20,7 @@ app.command("demo")(demo.demo)
 app.command("serve")(serve.serve)
 app.add_typer(serve.registry_app, name="registry")
 app.add_typer(device.firmware_app, name="firmware")
+app.add_typer(api_token.app, name="api-token")
 
 
 def main() -> None:

@@ -34,6 +34,12 @@ def serve(
         str | None, typer.Option(help="Registry URL (sqlite:///… or postgresql+psycopg://…)")
     ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Port of /metrics (0: any).")] = None,
+    api_port: Annotated[
+        int | None, typer.Option(help="Port of the operator API (default 8080; 0: any).")
+    ] = None,
+    api_host: Annotated[
+        str | None, typer.Option(help="Address of the operator API (default 127.0.0.1).")
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="TOML file with any of these settings.")
     ] = None,
@@ -48,7 +54,7 @@ def serve(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
-    """Ingest telemetry, detect drift, keep the registry, serve /metrics."""
+    """Ingest telemetry, detect drift, keep the registry, serve /metrics and the operator API."""
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -59,12 +65,15 @@ def serve(
             broker=broker,
             db=db,
             metrics_port=metrics_port,
+            api_port=api_port,
+            api_host=api_host,
             fleets=fleet,
             unknown_devices=unknown_devices,
             window_s=window,
         )
     except SettingsError as exc:
         fail(str(exc))
+    from service.api.server import ApiServerError
     from service.drift.engine import CheckpointRefusedError
     from service.serve import Service
 
@@ -74,6 +83,8 @@ def serve(
         fail(str(exc))
     try:
         svc.start()
+    except ApiServerError as exc:
+        fail(str(exc))
     except OSError as exc:
         fail(
             f"cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port}: "
@@ -84,7 +95,8 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     console.print(
         f"tinydrift serve: broker {settings.broker}, registry {svc.registry.url}, "
-        f"metrics http://{settings.metrics_host}:{svc.metrics_port}/metrics"
+        f"metrics http://{settings.metrics_host}:{svc.metrics_port}/metrics, "
+        f"API http://{settings.api_host}:{svc.api_port}/docs"
     )
     t0 = time.monotonic()
     last = 0.0

@@ -45,6 +45,10 @@ class UnknownParameterSetError(RegistryError, LookupError):
     """No parameter set has the given ``(schema_id, version)``."""
 
 
+class UnknownTokenError(RegistryError, LookupError):
+    """No API token has the given name."""
+
+
 class WriterBackpressureError(RegistryError):
     """The writer's queue stayed full for the whole put timeout; the write was not queued."""
 

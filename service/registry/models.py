@@ -14,6 +14,8 @@ Design decisions:
 - JSON is ``JSONB`` on PostgreSQL, SQLite's JSON elsewhere.
 - ``audit_log`` is append-only: the store has no update or delete for it, and the migration
   installs triggers that refuse ``UPDATE`` and ``DELETE`` (and ``TRUNCATE`` on PostgreSQL).
+- ``api_tokens`` stores only the SHA-256 of each bearer token (see :class:`ApiToken`); a revoked
+  token keeps its row (and so its name) for the audit trail.
 """
 
 from __future__ import annotations
@@ -223,3 +225,28 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(256))
     details: Mapped[dict[str, Any] | None]
+
+
+class ApiToken(Base):
+    """A bearer token of the operator API: its name, role and the SHA-256 of its secret.
+
+    The secret is 32 random bytes (``secrets.token_urlsafe(32)``), so a fast unsalted hash is
+    the right choice: there is nothing to brute-force (a salted slow hash protects *low-entropy*
+    passwords) and verifying a request costs one SHA-256 plus an indexed lookup. The plaintext is
+    shown once at creation and never stored.
+    """
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        UniqueConstraint("token_hash"),
+        CheckConstraint("role IN ('viewer', 'operator', 'admin')", name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(_surrogate_id(), primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(ID_LEN))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created: Mapped[datetime]
+    last_used: Mapped[datetime | None]
+    revoked: Mapped[bool]

@@ -274,3 +274,60 @@ class AuditRecord:
     action: str
     target: str
     details: Mapping[str, Any] | None = None
+
+
+Role = Literal["viewer", "operator", "admin"]
+"""Operator API roles, each including the ones before it: viewer < operator < admin."""
+
+ROLES: Final[tuple[Role, ...]] = get_args(Role)
+"""The roles in increasing order of power."""
+
+
+def role_rank(role: str) -> int:
+    """A role's rank (viewer 0, operator 1, admin 2); ``ValueError`` for anything else.
+
+    >>> role_rank("operator") > role_rank("viewer")
+    True
+    """
+    try:
+        return ROLES.index(role)
+    except ValueError:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """An operator API bearer token, without its secret (only its SHA-256 is stored)."""
+
+    name: str
+    role: Role
+    created: datetime
+    last_used: datetime | None = None
+    revoked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterSetSummary:
+    """A parameter set's metadata without the blob (``size`` is the blob's length in bytes)."""
+
+    schema_id: str
+    version: int
+    security_epoch: int
+    sha256: str
+    size: int
+    created: datetime
+    source: str
+    status: ParameterStatus
+    metrics: Mapping[str, Any] | None = None
+    notes: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSummary:
+    """A fleet with its device counts (``drifting``: drift state neither ``ok`` nor ``unknown``)."""
+
+    name: str
+    created: datetime
+    devices: int
+    online: int
+    drifting: int

@@ -13,15 +13,16 @@ reads come oldest first, as arrays.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,6 +41,7 @@ from service.registry.errors import (
 )
 from service.registry.migrate import upgrade_engine
 from service.registry.models import (
+    ApiToken,
     AuditEntry,
     DetectorCheckpoint,
     Device,
@@ -55,10 +57,15 @@ from service.registry.records import (
     DetectionLike,
     DeviceRecord,
     DriftEventRecord,
+    FleetSummary,
     LabelArrays,
     LabelRecord,
     ParameterSetRecord,
+    ParameterSetSummary,
     ParameterStatus,
+    Role,
+    TokenRecord,
+    utc_now,
 )
 from service.registry.transaction import (
     DEFAULT_LABEL_CAP,
@@ -68,9 +75,16 @@ from service.registry.transaction import (
     device_record,
     drift_event_record,
     parameter_set_record,
+    token_hash,
+    token_record,
 )
 
 log = logging.getLogger(__name__)
+
+MAX_TOKEN_CHARS: Final = 256
+"""Longer bearer strings are refused without hashing (ours are 43 characters)."""
+
+_NOT_DRIFTING: Final = ("ok", "unknown")
 
 
 class Registry:
@@ -172,13 +186,56 @@ class Registry:
             ).first()
             return device_record(row) if row is not None else None
 
-    def list_devices(self, fleet: str | None = None) -> list[DeviceRecord]:
-        """Every device (of ``fleet``), ordered by fleet and device id."""
+    def list_devices(
+        self, fleet: str | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> list[DeviceRecord]:
+        """Every device (of ``fleet``), ordered by fleet and device id; a page with ``limit``."""
         query = select(Device).order_by(Device.fleet, Device.device_id)
         if fleet is not None:
             query = query.where(Device.fleet == fleet)
+        if limit is not None or offset:
+            query = query.limit(limit).offset(offset)
         with self._read() as s:
             return [device_record(row) for row in s.scalars(query)]
+
+    def count_devices(self, fleet: str | None = None) -> int:
+        """How many devices (of ``fleet``) are stored."""
+        query = select(func.count()).select_from(Device)
+        if fleet is not None:
+            query = query.where(Device.fleet == fleet)
+        with self._read() as s:
+            return int(s.execute(query).scalar_one())
+
+    def fleet_summaries(self) -> list[FleetSummary]:
+        """Every fleet with its device, online and drifting counts, sorted by name."""
+        drifting = case((Device.drift_state.not_in(_NOT_DRIFTING), 1), else_=0)
+        online = case((Device.online, 1), else_=0)
+        counts = (
+            select(
+                Device.fleet.label("fleet"),
+                func.count().label("devices"),
+                func.sum(online).label("online"),
+                func.sum(drifting).label("drifting"),
+            )
+            .group_by(Device.fleet)
+            .subquery()
+        )
+        query = (
+            select(Fleet.name, Fleet.created, counts.c.devices, counts.c.online, counts.c.drifting)
+            .outerjoin(counts, counts.c.fleet == Fleet.name)
+            .order_by(Fleet.name)
+        )
+        with self._read() as s:
+            return [
+                FleetSummary(
+                    name=r.name,
+                    created=r.created,
+                    devices=int(r.devices or 0),
+                    online=int(r.online or 0),
+                    drifting=int(r.drifting or 0),
+                )
+                for r in s.execute(query)
+            ]
 
     # ---------------------------------------------------------------------------------------
     # drift events
@@ -343,6 +400,49 @@ class Registry:
         with self._read() as s:
             return [parameter_set_record(row) for row in s.scalars(query)]
 
+    def list_parameter_set_summaries(
+        self,
+        schema_id: str | None = None,
+        status: ParameterStatus | None = None,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[ParameterSetSummary]:
+        """Parameter sets' metadata without their blobs, ordered by schema and version."""
+        query = self._summary_query().order_by(ParameterSet.schema_id, ParameterSet.version)
+        if schema_id is not None:
+            query = query.where(ParameterSet.schema_id == schema_id)
+        if status is not None:
+            query = query.where(ParameterSet.status == status)
+        if limit is not None or offset:
+            query = query.limit(limit).offset(offset)
+        with self._read() as s:
+            return [_summary(r) for r in s.execute(query)]
+
+    def get_parameter_set_summary(self, schema_id: str, version: int) -> ParameterSetSummary | None:
+        """The metadata (no blob) of parameter set ``(schema_id, version)``, or ``None``."""
+        query = self._summary_query().where(
+            ParameterSet.schema_id == schema_id, ParameterSet.version == version
+        )
+        with self._read() as s:
+            row = s.execute(query).first()
+            return _summary(row) if row is not None else None
+
+    @staticmethod
+    def _summary_query() -> Any:
+        return select(
+            ParameterSet.schema_id,
+            ParameterSet.version,
+            ParameterSet.security_epoch,
+            ParameterSet.sha256,
+            func.length(ParameterSet.blob).label("size"),
+            ParameterSet.created,
+            ParameterSet.source,
+            ParameterSet.status,
+            ParameterSet.metrics,
+            ParameterSet.notes,
+        )
+
     def set_parameter_status(
         self,
         schema_id: str,
@@ -392,3 +492,79 @@ class Registry:
             query = query.where(AuditEntry.ts >= since)
         with self._read() as s:
             return [audit_record(row) for row in s.scalars(query.limit(limit))]
+
+    # ---------------------------------------------------------------------------------------
+    # operator API tokens
+
+    def create_token(
+        self, name: str, role: Role, *, actor: str = "registry"
+    ) -> tuple[TokenRecord, str]:
+        """A new API token; returns its record and the plaintext, which is stored nowhere.
+
+        Only the token's SHA-256 is kept (see :class:`~service.registry.models.ApiToken`). The
+        creation is audited (``token.create`` by ``actor``) in the same transaction. A taken name
+        raises :class:`RegistryConflictError`; a bad name or role ``ValueError``.
+        """
+        with self.transaction() as tx:
+            return tx.create_token(name, role, actor)
+
+    def verify_token(self, plaintext: str) -> TokenRecord | None:
+        """The live (not revoked) token whose secret is ``plaintext``, or ``None``. Read-only.
+
+        The lookup is by the SHA-256 of the presented secret, and the stored hash is compared
+        with ``hmac.compare_digest``; timing can at most reveal something about a hash of a
+        256-bit random secret, which does not help to forge one.
+        """
+        if not plaintext or len(plaintext) > MAX_TOKEN_CHARS:
+            return None
+        digest = token_hash(plaintext)
+        with self._read() as s:
+            row = s.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first()
+            if row is None or not hmac.compare_digest(row.token_hash, digest) or row.revoked:
+                return None
+            return token_record(row)
+
+    def revoke_token(self, name: str, *, actor: str = "registry") -> TokenRecord:
+        """Revoke token ``name`` (audited as ``token.revoke`` by ``actor``, atomically).
+
+        Raises :class:`~service.registry.errors.UnknownTokenError` if there is none and
+        :class:`RegistryConflictError` if it is already revoked.
+        """
+        with self.transaction() as tx:
+            return tx.revoke_token(name, actor)
+
+    def get_token(self, name: str) -> TokenRecord | None:
+        """Token ``name`` (live or revoked), or ``None``."""
+        with self._read() as s:
+            row = s.scalars(select(ApiToken).where(ApiToken.name == name)).first()
+            return token_record(row) if row is not None else None
+
+    def list_tokens(self, *, include_revoked: bool = True) -> list[TokenRecord]:
+        """Every token (without secrets or hashes), by name."""
+        query = select(ApiToken).order_by(ApiToken.name)
+        if not include_revoked:
+            query = query.where(ApiToken.revoked.is_(False))
+        with self._read() as s:
+            return [token_record(row) for row in s.scalars(query)]
+
+    def touch_token(
+        self, name: str, now: datetime | None = None, min_interval_s: float = 60.0
+    ) -> bool:
+        """Record a use of token ``name`` (``last_used``), at most once per ``min_interval_s``."""
+        with self.transaction() as tx:
+            return tx.touch_token(name, now or utc_now(), min_interval_s)
+
+
+def _summary(row: Any) -> ParameterSetSummary:
+    return ParameterSetSummary(
+        schema_id=row.schema_id,
+        version=row.version,
+        security_epoch=row.security_epoch,
+        sha256=row.sha256,
+        size=int(row.size),
+        created=row.created,
+        source=row.source,
+        status=row.status,
+        metrics=row.metrics,
+        notes=row.notes,
+    )

@@ -11,19 +11,27 @@ write. Records with the same key in one call are merged first (the later one win
 from __future__ import annotations
 
 import hashlib
+import re
+import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields
-from datetime import datetime
-from typing import Any, cast
+from datetime import datetime, timedelta
+from typing import Any, Final, cast
 
-from sqlalchemy import Table, and_, delete, func, insert, or_, select
+from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.registry.errors import RegistryConflictError, RegistryError, UnknownParameterSetError
+from service.registry.errors import (
+    RegistryConflictError,
+    RegistryError,
+    UnknownParameterSetError,
+    UnknownTokenError,
+)
 from service.registry.models import (
+    ApiToken,
     AuditEntry,
     DetectorCheckpoint,
     Device,
@@ -34,6 +42,7 @@ from service.registry.models import (
 )
 from service.registry.records import (
     PARAMETER_STATUSES,
+    ROLES,
     AuditRecord,
     CheckpointRecord,
     DetectionLike,
@@ -42,6 +51,9 @@ from service.registry.records import (
     LabelRecord,
     ParameterSetRecord,
     ParameterStatus,
+    Role,
+    TokenRecord,
+    role_rank,
     utc_now,
 )
 
@@ -302,6 +314,70 @@ class RegistryTransaction:
         return parameter_set_record(row)
 
     # ---------------------------------------------------------------------------------------
+    # operator API tokens
+
+    def create_token(self, name: str, role: Role, actor: str) -> tuple[TokenRecord, str]:
+        """A new token ``name`` with ``role``; returns its record and its plaintext (shown once).
+
+        Audited as ``token.create`` by ``actor`` in this transaction. A name already used (by a
+        live or a revoked token) raises :class:`RegistryConflictError`.
+        """
+        check_token_name(name)
+        role_rank(role)
+        taken = self._session.scalars(select(ApiToken.id).where(ApiToken.name == name)).first()
+        if taken is not None:
+            raise RegistryConflictError(
+                f"token name {name!r} is taken (revoked tokens keep their name): choose another"
+            )
+        plaintext = secrets.token_urlsafe(TOKEN_BYTES)
+        row = ApiToken(
+            name=name,
+            role=role,
+            token_hash=token_hash(plaintext),
+            created=utc_now(),
+            last_used=None,
+            revoked=False,
+        )
+        self._session.add(row)
+        try:
+            self._session.flush()
+        except IntegrityError as exc:  # a concurrent create won the race
+            raise RegistryConflictError(f"token name {name!r} was created concurrently") from exc
+        self.append_audit(actor, "token.create", f"token:{name}", {"role": role})
+        return token_record(row), plaintext
+
+    def revoke_token(self, name: str, actor: str) -> TokenRecord:
+        """Revoke token ``name`` (audited as ``token.revoke`` by ``actor`` in this transaction).
+
+        Raises :class:`UnknownTokenError` if there is none, :class:`RegistryConflictError` if it
+        is revoked already.
+        """
+        row = self._session.scalars(
+            select(ApiToken).where(ApiToken.name == name).with_for_update()
+        ).first()
+        if row is None:
+            raise UnknownTokenError(f"no API token named {name!r}")
+        if row.revoked:
+            raise RegistryConflictError(f"API token {name!r} is already revoked")
+        row.revoked = True
+        self._session.flush()
+        self.append_audit(actor, "token.revoke", f"token:{name}", {"role": row.role})
+        return token_record(row)
+
+    def touch_token(self, name: str, now: datetime, min_interval_s: float) -> bool:
+        """Set ``last_used`` to ``now`` unless it was set less than ``min_interval_s`` before."""
+        before = now - timedelta(seconds=min_interval_s)
+        result = self._session.execute(
+            update(ApiToken)
+            .where(
+                ApiToken.name == name,
+                or_(ApiToken.last_used.is_(None), ApiToken.last_used < before),
+            )
+            .values(last_used=now)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    # ---------------------------------------------------------------------------------------
     # audit log
 
     def append_audit(
@@ -327,6 +403,34 @@ class RegistryTransaction:
 
 # -------------------------------------------------------------------------------------------
 # rows ↔ records
+
+
+TOKEN_BYTES: Final = 32
+"""Random bytes in an API token (urlsafe base64: 43 characters)."""
+
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+
+
+def check_token_name(name: str) -> None:
+    """Refuse a token name that is not 1–64 of ``A–Z a–z 0–9 . _ : @ -`` (first alphanumeric).
+
+    >>> check_token_name("ci-bot")
+    >>> check_token_name("no spaces")
+    Traceback (most recent call last):
+    ...
+    ValueError: token name must be 1-64 characters of A-Z a-z 0-9 . _ : @ - starting with a \
+letter or digit, got 'no spaces'
+    """
+    if not _TOKEN_NAME.fullmatch(name):
+        raise ValueError(
+            "token name must be 1-64 characters of A-Z a-z 0-9 . _ : @ - starting with a "
+            f"letter or digit, got {name!r}"
+        )
+
+
+def token_hash(plaintext: str) -> str:
+    """The stored form of a token: hex SHA-256 of its UTF-8 text (see ``models.ApiToken``)."""
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
 
 
 def _check_status(status: str) -> None:
@@ -443,6 +547,17 @@ def parameter_set_record(row: ParameterSet) -> ParameterSetRecord:
         status=_status(row.status),
         metrics=row.metrics,
         notes=row.notes,
+    )
+
+
+def token_record(row: ApiToken) -> TokenRecord:
+    """The record of a stored API token (without its hash)."""
+    return TokenRecord(
+        name=row.name,
+        role=ROLES[role_rank(row.role)],
+        created=row.created,
+        last_used=row.last_used,
+        revoked=row.revoked,
     )
 
 

@@ -35,6 +35,7 @@ TABLES = {
     "detector_checkpoints",
     "label_buffer",
     "audit_log",
+    "api_tokens",
 }
 
 
@@ -56,7 +57,7 @@ def schema_diff(engine: Engine, metadata: MetaData) -> list[object]:
 def test_head_schema_equals_the_models(db_url: str, engine: Engine):
     assert current_revision(engine) is None
     upgrade_to_head(db_url)
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     assert set(inspect(engine).get_table_names()) >= TABLES
     assert schema_diff(engine, Base.metadata) == []
 
@@ -90,8 +91,21 @@ def test_downgrade_to_base_and_up_again(db_url: str, engine: Engine):
     assert schema_diff(engine, Base.metadata) == []
 
 
+def test_a_0001_database_upgrades_to_api_tokens(db_url: str, engine: Engine):
+    with engine.connect() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+        conn.commit()
+    assert "api_tokens" not in inspect(engine).get_table_names()
+    with Registry(db_url) as reg:  # opening migrates 0001 → head
+        record, plaintext = reg.create_token("first-admin", "admin", actor="test")
+        assert reg.verify_token(plaintext) == record
+    assert current_revision(engine) == head_revision()
+    assert schema_diff(engine, Base.metadata) == []
+
+
 def test_migrations_ship_inside_the_package():
     assert (MIGRATIONS_DIR / "env.py").is_file()
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
     assert (MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
+    assert (MIGRATIONS_DIR / "versions" / "0002_api_tokens.py").is_file()
     assert MIGRATIONS_DIR.parent.name == "registry"
