@@ -5,23 +5,27 @@ Lifecycle per (device, model version)
 1. **Reference.** The first ``reference_readings`` readings (default 512) of a model version are
    buffered (float32 features, so ≤ 16 KiB for F = 8) and give the fixed reference: ``μ_ref``,
    ``σ_ref`` of the raw features, then, with the features standardised and clipped
-   (``z = clip((x − μ_ref)/σ_ref, ±4)``), the mean ``m_ref`` and per-reading standard deviation
-   ``s_ref`` of every signal (confidence, confidence², class indicators, ``z``, ``z²``;
-   :mod:`service.drift.signals`). The buffer is dropped once the reference is complete. A frame
-   that straddles the end of the reference is split: the rest of it is monitored. Nothing is
-   detected during the reference.
-2. **Monitoring.** Each frame of ``k`` readings gives one value per stream, the *standardised
-   frame mean* ``u = (m − m_ref) · √k / s_ref`` (≈ N(0, 1) under no drift, whatever the signal's
-   units), and one river ``ADWIN(delta=δ, clock=1)`` update per stream. δ comes from the
-   false-alarm budget for the device's nominal frame size (:mod:`service.drift.calibration`);
-   the nominal size is the median frame size during the reference unless
-   ``DeviceMonitorConfig.frame_readings`` fixes it.
+   (``z = clip((x − μ_ref)/σ_ref, ±4)``), the mean ``m_ref``, per-reading standard deviation
+   ``s_ref`` and skewness ``γ`` of every signal (confidence, confidence², class indicators,
+   ``z``, ``z²``; :mod:`service.drift.signals`). The buffer is dropped once the reference is
+   complete. A frame that straddles the end of the reference is split: the rest of it is
+   monitored. Nothing is detected during the reference.
+2. **Monitoring.** Each frame of ``k`` readings gives one value per stream: the standardised,
+   skew-corrected frame mean ``u = WH((m − m_ref) · √k / s_ref, γ/√k)`` (≈ N(0, 1) under no drift,
+   whatever the signal's units and shape; :func:`service.drift.signals.skew_normalise`), fed as
+   ``clip(u, ±6) · 4`` to one river ``ADWIN(delta=δ, clock=1, min_window_length=2)`` per stream
+   (:data:`service.drift.calibration.FRAME_ADWIN`). δ comes from the false-alarm budget for the
+   device's nominal frame size (:mod:`service.drift.calibration`). The nominal size is the median
+   frame size during the reference unless ``DeviceMonitorConfig.frame_readings`` fixes it. When
+   the reference completes, each ADWIN is primed with the reference frames (their detections
+   dropped), so its window starts with the reference period and a drift right after it has
+   something to be contrasted with.
 3. **Labels.** ``update_labels`` turns labelled readings into the 0/1 error stream
-   ``1[pred ≠ label]``. The first ``reference_labels`` labels of the model version give the
-   reference error rate; later ones feed ``ADWIN`` (δ calibrated on Bernoulli errors) and one-sided
+   ``1[pred ≠ label]``. The first ``reference_labels`` labels (default 100) of the model version
+   give the reference error rate. Nothing is detected on them, but they prime the detectors:
+   ``ADWIN`` (δ calibrated on Bernoulli errors, river's other defaults) and one-sided
    ``binary.HDDMA`` (its warning zone is reported once per entry as ``hddm_a_warning``). Labels
-   for another model version than the current one are ignored (counted in
-   ``labels_ignored``).
+   for another model version than the current one are ignored (counted in ``labels_ignored``).
 4. **Model-version change.** A frame with another ``param_version`` (an update, or a revert)
    drops every detector and starts a new reference; ``readings`` restarts at 0.
 
@@ -31,21 +35,23 @@ river's detectors reset themselves after an alarm; the fixed reference stays, an
 :attr:`DeviceMonitor.drifting` lists the streams whose current ADWIN window mean is still outside
 the calibrated band around the reference: "still drifted since the last update".
 
-``Detection.score`` for ADWIN is ``|mean(kept) − mean(dropped)| / ε_cut``, evaluated with
-river's cut formula at the split ADWIN ended with (dropped = the old part it discarded, kept = its
-window after the cut, variance = the whole pre-cut window's). ADWIN may cut more than once in one
-update, and that split is not the first one that crossed, so the ratio can fall slightly below
-1; it is floored at 1.0. For HDDM_A (drift and warning) the score is 1.0: river does not expose
-its statistic.
+``Detection.score`` for ADWIN is ADWIN's own statistic over its threshold,
+``max |mean(W1) − mean(W0)| / ε_cut`` with river's cut formula, recomputed when it fires over
+the splits whose recent part ``W1`` lies within the last 32 frames (a ring buffer per stream;
+256 labels for the error stream). That maximum is ≥ 1 whenever river's crossing split is among
+them, which is the case for abrupt changes; a slow drift can cross at a longer ``W1``, and then
+the score is floored at 1.0. For HDDM_A (drift and warning) the score is 1.0: river does not
+expose its statistic.
 
 ``Detection.readings`` counts the readings of the current model version including the reference
 (the frame that triggered the detection is counted).
 
 Checkpoints
 -----------
-:meth:`DeviceMonitor.state_bytes` is ``b"TDDM"``, a big-endian u16 format version and the
-zlib-compressed pickle of the monitor. :meth:`DeviceMonitor.from_state_bytes` refuses another
-magic or version with :class:`CheckpointFormatError`. Pickle executes code on load: restore only
+:meth:`DeviceMonitor.state_bytes` is ``b"TDDM"``, a big-endian u16 format version
+(:mod:`service.drift.checkpoint_format`) and the zlib-compressed pickle of the monitor.
+:meth:`DeviceMonitor.from_state_bytes` refuses another magic or version, or a corrupt body, with
+:class:`CheckpointFormatError` (a ``ValueError``). Pickle executes code on load: restore only
 checkpoints the service wrote itself (the registry's ``detector_checkpoints``).
 
 >>> import numpy as np
@@ -97,6 +103,7 @@ from service.drift.signals import (
     batch_frame_means_arrays,
     frame_means_arrays,
     reading_signals,
+    skew_normalise,
 )
 from service.ingest.frames import DeviceFrame, DeviceLabels
 
@@ -161,25 +168,42 @@ class DeviceMonitorConfig:
             raise ValueError("z_clip must be positive")
 
 
-def _adwin_score(
-    det: Any, width: float, total: float, total_sq: float, delta: float, min_window: int
-) -> float:
-    """``|mean(kept) − mean(dropped)| / ε_cut`` after ADWIN cut its pre-update window.
+SCORE_SPLITS: Final = 32
+"""Most recent values kept per stream to recompute ADWIN's statistic when it fires."""
+ERROR_SCORE_SPLITS: Final = 256
+"""The same for the error stream (one value per label)."""
 
-    ``width``, ``total``, ``total_sq``: count, sum and sum of squares of the values ADWIN held
-    before the cut (including the value that triggered it).
+
+def _adwin_score(
+    recent: FloatArray,
+    width: float,
+    total: float,
+    total_sq: float,
+    delta: float,
+    min_window: int,
+) -> float:
+    """ADWIN's ``max |mean(W1) − mean(W0)| / ε_cut`` over splits with ``W1`` the latest values.
+
+    ``recent`` holds the latest values, newest first; ``width``, ``total``, ``total_sq`` are the
+    count, sum and sum of squares of the whole window before the cut (the value that triggered
+    it included). ``ε_cut`` is river's: ``√(2 m σ²_W δ') + ⅔ δ' m`` with
+    ``m = 1/(n0 − mw + 1) + 1/(n1 − mw + 1)`` and ``δ' = ln(2 ln W / δ)``. river only tries
+    bucket boundaries, so the maximum over every split is at least its crossing ratio (≥ 1) when
+    the crossing split lies within ``recent``; else (a slow drift) it can fall below 1, and the
+    score is floored at 1.0.
     """
-    kept_n = float(det.width)
-    kept_total = float(det.total)
-    dropped_n = width - kept_n
-    if dropped_n < 1.0 or kept_n < 1.0 or width < 2.0:
+    n_max = min(recent.shape[0], int(width) - min_window)
+    if n_max < min_window or width < 2.0:
         return 1.0
-    shift = kept_total / kept_n - (total - kept_total) / dropped_n
+    n1 = np.arange(min_window, n_max + 1, dtype=np.float64)
+    s1 = np.cumsum(recent[:n_max], dtype=np.float64)[min_window - 1 :]
+    n0 = width - n1
+    shift = np.abs(s1 / n1 - (total - s1) / n0)
     var = max(total_sq / width - (total / width) ** 2, 0.0)
     d_prime = math.log(2.0 * math.log(width) / delta)
-    m = 1.0 / max(dropped_n - min_window + 1.0, 1.0) + 1.0 / max(kept_n - min_window + 1.0, 1.0)
-    eps = math.sqrt(2.0 * m * var * d_prime) + 2.0 / 3.0 * d_prime * m
-    return max(1.0, abs(shift) / eps) if eps > 0.0 else 1.0
+    m = 1.0 / (n0 - min_window + 1.0) + 1.0 / (n1 - min_window + 1.0)
+    eps = np.sqrt(2.0 * m * var * d_prime) + 2.0 / 3.0 * d_prime * m
+    return max(1.0, float(np.max(shift / eps)))
 
 
 class DeviceMonitor:
@@ -235,17 +259,22 @@ class DeviceMonitor:
         self._sigma: FloatArray | None = None
         self._ref_mean: FloatArray | None = None
         self._inv_sd: FloatArray | None = None
+        self._skew: FloatArray | None = None  # per-reading skewness of each stream
         self._settings = AdwinSettings()
         self._thr: Thresholds | None = None
         self._adwins: list[Any] = []
         s = lay.n_streams
         self._win = np.zeros((3, s), dtype=np.float64)  # count, sum, sum of squares since reset
+        self._recent = np.zeros((SCORE_SPLITS, s), dtype=np.float32)  # ring of the latest values
+        self._recent_pos = 0
         # labels
         self._lbl_ref_n = 0
         self._lbl_ref_err = 0
         self._lbl_ref_bits: list[int] = []
         self._err_adwin: Any = None
         self._err_win = [0.0, 0.0, 0.0]
+        self._err_recent = np.zeros(ERROR_SCORE_SPLITS, dtype=np.int8)
+        self._err_recent_pos = 0
         self._hddm: Any = None
         self._warning = False
         self._label_thr: Thresholds | None = None
@@ -384,6 +413,8 @@ class DeviceMonitor:
         # finite scale, from the Laplace-smoothed rate
         p = (values[:, lay.class_slice].sum(axis=0) + 0.5) / (n + 1.0)
         sd[lay.class_slice] = np.maximum(sd[lay.class_slice], np.sqrt(p * (1.0 - p)))
+        skew = (((values - ref_mean) / sd) ** 3).mean(axis=0)
+        skew[lay.class_slice] = (1.0 - 2.0 * p) / np.sqrt(p * (1.0 - p))
         k_nom = cfg.frame_readings or max(1, int(np.median(self._ref_ks)))
         table = cfg.calibration_table or calibration.load_table()
         self._settings = table.frame_settings
@@ -398,6 +429,7 @@ class DeviceMonitor:
         self._mu, self._sigma = mu, sigma
         self._ref_mean = ref_mean
         self._inv_sd = 1.0 / sd
+        self._skew = skew
         self._adwins = [
             make_adwin(self._thr.frame_delta, self._settings) for _ in range(lay.n_streams)
         ]
@@ -416,8 +448,9 @@ class DeviceMonitor:
             lay.n_classes,
             cfg.z_clip,
         )
-        u = (ref_means - ref_mean) * (np.sqrt(takes)[:, None] * self._inv_sd[None, :])
-        for row in u:
+        root_k = np.sqrt(takes)[:, None]
+        x_std = (ref_means - ref_mean) * (root_k * self._inv_sd[None, :])
+        for row in skew_normalise(x_std, skew[None, :] / root_k):
             self._feed(row)
         self._buf_x = self._buf_pred = self._buf_conf = None
         self._ref_ks = self._ref_takes = None
@@ -430,6 +463,8 @@ class DeviceMonitor:
         win[0] += 1.0
         win[1] += u
         win[2] += u * u
+        self._recent[self._recent_pos] = u
+        self._recent_pos = (self._recent_pos + 1) % SCORE_SPLITS
         hits: list[int] | None = None
         for i, (det, v) in enumerate(zip(self._adwins, u.tolist(), strict=True)):
             det.update(v)
@@ -442,8 +477,10 @@ class DeviceMonitor:
         out = []
         delta = self._thr.frame_delta
         mw = self._settings.min_window_length
+        newest_first = (self._recent_pos - 1 - np.arange(SCORE_SPLITS)) % SCORE_SPLITS
         for i in hits:
-            score = _adwin_score(self._adwins[i], win[0, i], win[1, i], win[2, i], delta, mw)
+            recent = self._recent[newest_first, i].astype(np.float64)
+            score = _adwin_score(recent, win[0, i], win[1, i], win[2, i], delta, mw)
             out.append((i, score))
             win[:, i] = 0.0  # river's ADWIN starts afresh on its next update
         return out
@@ -451,7 +488,10 @@ class DeviceMonitor:
     def _monitor_means(self, means: FloatArray, k: int, frame: DeviceFrame) -> list[Detection]:
         assert self._ref_mean is not None
         assert self._inv_sd is not None
-        hits = self._feed((means - self._ref_mean) * (math.sqrt(k) * self._inv_sd))
+        assert self._skew is not None
+        root_k = math.sqrt(k)
+        x_std = (means - self._ref_mean) * (root_k * self._inv_sd)
+        hits = self._feed(skew_normalise(x_std, self._skew / root_k))
         if hits is None:
             return []
         streams = self.layout.streams
@@ -543,14 +583,25 @@ class DeviceMonitor:
         assert thr is not None
         out: list[Detection] = []
         win = self._err_win
+        ring = self._err_recent
         for e in errors:
             win[0] += 1.0
             win[1] += e
             win[2] += e
+            ring[self._err_recent_pos] = e
+            self._err_recent_pos = (self._err_recent_pos + 1) % ERROR_SCORE_SPLITS
             adw.update(e)
             if adw.drift_detected:
+                newest_first = (
+                    self._err_recent_pos - 1 - np.arange(ERROR_SCORE_SPLITS)
+                ) % ERROR_SCORE_SPLITS
                 score = _adwin_score(
-                    adw, win[0], win[1], win[2], thr.error_delta, ERROR_ADWIN.min_window_length
+                    ring[newest_first].astype(np.float64),
+                    win[0],
+                    win[1],
+                    win[2],
+                    thr.error_delta,
+                    ERROR_ADWIN.min_window_length,
                 )
                 win[0] = win[1] = win[2] = 0.0
                 out.append(self._detection("error", None, "adwin", score, ts_ms))

@@ -86,14 +86,28 @@ def run_one(devices: int, rate: float, k: int, seconds: float, tmp: Path) -> dic
     fw = Firmware.load(bundle_dir / "firmware")
     db = f"sqlite:///{tmp / f'registry-{devices}.db'}"
     reg = Registry(db)
-    reg.add_parameter_set(fw.schema.schema_id_hex, 1, 0, fw.factory_blob, source="factory",
-                          status="good")
+    reg.add_parameter_set(
+        fw.schema.schema_id_hex, 1, 0, fw.factory_blob, source="factory", status="good"
+    )
     reg.close()
     port = free_port()
     svc = subprocess.Popen(
-        ["tinydrift", "serve", "--broker", broker.url, "--db", db, "--metrics-port", str(port),
-         "--log-level", "warning", "--window", "30"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / f"serve-{devices}.log", "wb"),  # noqa: SIM115
+        [
+            "tinydrift",
+            "serve",
+            "--broker",
+            broker.url,
+            "--db",
+            db,
+            "--metrics-port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--window",
+            "30",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / f"serve-{devices}.log", "wb"),  # noqa: SIM115
     )
     try:
         for _ in range(100):
@@ -166,10 +180,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64, help="readings per frame")
     ap.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, {platform.system()} {platform.release()}")
-    print(f"offered {args.rate:,.0f} readings/s in frames of {args.k}, {args.seconds:.0f}s "
-          "measured after every reference is complete")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+    print(
+        f"offered {args.rate:,.0f} readings/s in frames of {args.k}, {args.seconds:.0f}s "
+        "measured after every reference is complete"
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as d:
         for n in args.devices:
