@@ -421,7 +421,10 @@ def test_service_serves_the_api_over_http(mosquitto, sqlite_url: str):
     from service.config import load_settings
     from service.serve import Service
 
-    settings = load_settings(broker=mosquitto.url, db=sqlite_url, metrics_port=0, api_port=0)
+    # its own fleet: the session broker holds other tests' retained births
+    settings = load_settings(
+        broker=mosquitto.url, db=sqlite_url, metrics_port=0, api_port=0, fleets=["api-only"]
+    )
     svc = Service(settings)
     svc.start()
     try:
