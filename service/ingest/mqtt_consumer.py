@@ -60,6 +60,7 @@ class MqttConsumer:
     ) -> None:
         self.host, self.port = host, port
         self.fleets = fleets
+        self._fleet_set = None if "+" in fleets else frozenset(fleets)
         self.out = out
         self.on_drop = on_drop
         self.on_connection_change = on_connection_change
@@ -118,6 +119,10 @@ class MqttConsumer:
         reconnect = self.connects > 0
         self.connects += 1
         self.last_error = None
+        if "+" not in self.fleets:
+            # a persistent session keeps the filters of an earlier run (e.g. all fleets): drop
+            # the all-fleet ones, so a narrowed --fleet really narrows what arrives
+            client.unsubscribe([subscription(leaf) for leaf in SUBSCRIBED_LEAVES])
         client.subscribe(self.subscriptions())
         self.connected.set()
         session = getattr(flags, "session_present", False)
@@ -135,6 +140,10 @@ class MqttConsumer:
             self.on_connection_change(False, False)
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._fleet_set is not None:
+            parts = msg.topic.split("/", 3)
+            if len(parts) < 3 or parts[2] not in self._fleet_set:
+                return  # queued for an earlier subscription of this persistent session
         try:
             self.out.put_nowait(Incoming(msg.topic, bytes(msg.payload), time.time()))
         except queue.Full:

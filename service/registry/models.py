@@ -250,3 +250,45 @@ class ApiToken(Base):
     created: Mapped[datetime]
     last_used: Mapped[datetime | None]
     revoked: Mapped[bool]
+
+
+class Rollout(Base):
+    """A rollout of a parameter set to a fleet; ``state_json`` is the controller's whole state.
+
+    The other columns duplicate what the API lists and filters on (fleet, versions, state).
+    """
+
+    __tablename__ = "rollouts"
+    __table_args__ = (Index("ix_rollouts_fleet_state", "fleet", "state"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(ID_LEN), ForeignKey("fleets.name"))
+    schema_id: Mapped[str] = mapped_column(String(64))
+    from_version: Mapped[int] = mapped_column(BigInteger)
+    to_version: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(32))
+    created: Mapped[datetime]
+    updated: Mapped[datetime]
+    state_json: Mapped[str] = mapped_column(Text)
+
+
+class RolloutEventRow(Base):
+    """An append-only rollout or group transition with the gate figures it was decided on."""
+
+    __tablename__ = "rollout_events"
+    __table_args__ = (
+        CheckConstraint("scope IN ('rollout', 'group')", name="scope"),
+        Index("ix_rollout_events_rollout_id_id", "rollout_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(_surrogate_id(), primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(String(ID_LEN), ForeignKey("rollouts.id"))
+    ts: Mapped[datetime]
+    scope: Mapped[str] = mapped_column(String(8))
+    name: Mapped[str] = mapped_column(String(64))
+    from_state: Mapped[str] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    figures: Mapped[dict[str, Any] | None]

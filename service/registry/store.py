@@ -26,6 +26,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from service.registry import rollout_store
 from service.registry.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
     WRITE_OPTION,
@@ -67,6 +68,7 @@ from service.registry.records import (
     TokenRecord,
     utc_now,
 )
+from service.registry.rollout_store import RolloutEventRecord, RolloutRecord
 from service.registry.transaction import (
     DEFAULT_LABEL_CAP,
     RegistryTransaction,
@@ -492,6 +494,41 @@ class Registry:
             query = query.where(AuditEntry.ts >= since)
         with self._read() as s:
             return [audit_record(row) for row in s.scalars(query.limit(limit))]
+
+    # ---------------------------------------------------------------------------------------
+    # rollouts
+
+    def save_rollout(
+        self, record: RolloutRecord, events: Iterable[RolloutEventRecord] = ()
+    ) -> list[RolloutEventRecord]:
+        """Insert or update a rollout (state, ``state_json``) and append its transitions atomically.
+
+        Returns the stored events (with their ids). The fleet row is created on first use.
+        """
+        with (
+            self._translated("write"),
+            Session(self._write_engine) as session,
+            session.begin(),
+        ):
+            RegistryTransaction(session).ensure_fleets([record.fleet])
+            return rollout_store.save_rollout(session, record, events)
+
+    def get_rollout(self, rollout_id: str) -> RolloutRecord | None:
+        """One rollout, or ``None``."""
+        with self._read() as s:
+            return rollout_store.get_rollout(s, rollout_id)
+
+    def list_rollouts(
+        self, fleet: str | None = None, state: str | None = None
+    ) -> list[RolloutRecord]:
+        """Rollouts, newest first, filtered by fleet and state."""
+        with self._read() as s:
+            return rollout_store.list_rollouts(s, fleet, state)
+
+    def list_rollout_events(self, rollout_id: str) -> list[RolloutEventRecord]:
+        """A rollout's transitions with their gate figures, oldest first."""
+        with self._read() as s:
+            return rollout_store.list_rollout_events(s, rollout_id)
 
     # ---------------------------------------------------------------------------------------
     # operator API tokens

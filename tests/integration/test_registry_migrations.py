@@ -36,6 +36,8 @@ TABLES = {
     "label_buffer",
     "audit_log",
     "api_tokens",
+    "rollouts",
+    "rollout_events",
 }
 
 
@@ -57,7 +59,7 @@ def schema_diff(engine: Engine, metadata: MetaData) -> list[object]:
 def test_head_schema_equals_the_models(db_url: str, engine: Engine):
     assert current_revision(engine) is None
     upgrade_to_head(db_url)
-    assert current_revision(engine) == head_revision() == "0002"
+    assert current_revision(engine) == head_revision() == "0003"
     assert set(inspect(engine).get_table_names()) >= TABLES
     assert schema_diff(engine, Base.metadata) == []
 
@@ -108,4 +110,5 @@ def test_migrations_ship_inside_the_package():
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
     assert (MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
     assert (MIGRATIONS_DIR / "versions" / "0002_api_tokens.py").is_file()
+    assert (MIGRATIONS_DIR / "versions" / "0003_rollouts.py").is_file()
     assert MIGRATIONS_DIR.parent.name == "registry"

@@ -423,7 +423,12 @@ def test_service_serves_the_api_over_http(mosquitto, sqlite_url: str):
 
     # its own fleet: the session broker holds other tests' retained births
     settings = load_settings(
-        broker=mosquitto.url, db=sqlite_url, metrics_port=0, api_port=0, fleets=["api-only"]
+        broker=mosquitto.url,
+        db=sqlite_url,
+        metrics_port=0,
+        api_port=0,
+        fleets=["api-only"],
+        mqtt_client_id="api-test-service",
     )
     svc = Service(settings)
     svc.start()
