@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -242,9 +243,10 @@ class Service:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _submit(self, write: object) -> None:
+    def _submit(self, write: Callable[[], object]) -> None:
+        """Queue a registry write; if the writer is saturated, count and log instead of blocking."""
         try:
-            write()  # type: ignore[operator]
+            write()
         except WriterBackpressureError as exc:
             self.registry_dropped += 1
             if self.registry_dropped == 1 or self.registry_dropped % 1000 == 0:
