@@ -51,7 +51,7 @@ def head_revision() -> str:
     """The newest revision shipped with this package.
 
     >>> head_revision()
-    '0002'
+    '0003'
     """
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if head is None:
