@@ -125,6 +125,7 @@ class Service:
         self._last_window_detections: set[tuple[object, ...]] = set()
         self._window_detections: set[tuple[object, ...]] = set()
         self._stop = threading.Event()
+        self._stopped = False
         self._timer = threading.Thread(target=self._timers, name="service-timers", daemon=True)
         self._http: WSGIServer | None = None
         self.metrics_port: int | None = None
@@ -194,7 +195,10 @@ class Service:
             self._api = None
 
     def stop(self) -> None:
-        """Stop the API and ingest, checkpoint every monitor, flush the registry."""
+        """Stop the API and ingest, checkpoint every monitor, flush the registry (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop_api()
         self._stop.set()
         self.consumer.stop()
