@@ -290,12 +290,15 @@ class Service:
                 if now >= next_window:
                     next_window = now + self.settings.window_s
                     self.evaluate()
-                if now >= next_gauges:
+                gauges_due, devices_due = now >= next_gauges, now >= next_devices
+                # one pass over the monitors (under the engine lock) serves both tasks
+                drifting = self.engine.drifting() if gauges_due or devices_due else {}
+                if gauges_due:
                     next_gauges = now + GAUGE_INTERVAL_S
-                    self._refresh_gauges()
-                if now >= next_devices:
+                    self._refresh_gauges(drifting)
+                if devices_due:
                     next_devices = now + DEVICE_FLUSH_INTERVAL_S
-                    self._flush_devices()
+                    self._flush_devices(drifting)
                 if now >= next_ckpt:
                     next_ckpt = now + self.settings.checkpoint_interval_s
                     self.checkpoint()
@@ -335,7 +338,7 @@ class Service:
         self._last_window_detections, self._window_detections = self._window_detections, set()
         return reports
 
-    def _refresh_gauges(self) -> None:
+    def _refresh_gauges(self, drifting: dict[tuple[str, str], tuple[str, ...]]) -> None:
         m = self.metrics
         m.queue_depth.set(self.queue.qsize())
         m.registry_queue.set(self.writer.queue_depth)
@@ -343,7 +346,6 @@ class Service:
         states: Counter[tuple[str, str]] = Counter()
         models: Counter[tuple[str, str]] = Counter()
         now = time.time()
-        drifting = self.engine.drifting()
         per_signal: Counter[tuple[str, str]] = Counter()
         for (fleet, _dev), signals in drifting.items():
             for sig in signals:
@@ -366,8 +368,11 @@ class Service:
         for (fleet, sig), n in per_signal.items():
             m.drifting_devices.labels(fleet=fleet, signal=sig).set(n)
 
-    def _flush_devices(self) -> None:
-        drifting = self.engine.drifting()
+    def _flush_devices(
+        self, drifting: dict[tuple[str, str], tuple[str, ...]] | None = None
+    ) -> None:
+        if drifting is None:
+            drifting = self.engine.drifting()
         recs = []
         now = time.time()
         for info in self.directory.all():

@@ -9,16 +9,16 @@ one vectorised call; cohorts accumulate exact histograms and are evaluated on a 
 The engine is called from the batcher thread and from the service's timers; one lock serialises
 them (monitors are not thread-safe).
 
-Checkpoints: every monitor's state, zlib-compressed, with its format version and the last
-processed ``(boot, seq)`` of the device, so a restart resumes instead of relearning and a replayed
-frame is recognised. A checkpoint of another format is refused with a message that names the fix.
+Checkpoints: every monitor's state (each layer compresses its own), with its format version
+and the last processed ``(boot, seq)`` of the device, so a restart resumes instead of
+relearning and a replayed frame is recognised. A checkpoint of another format is refused with
+a message that names the fix.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -195,7 +195,7 @@ class DriftEngine:
                         device=device,
                         kind=KIND_DEVICE,
                         format_version=DEVICE_STATE_FORMAT,
-                        state=zlib.compress(mon.state_bytes(), 3),
+                        state=mon.state_bytes(),
                         last_boot=boot,
                         last_seq=seq,
                     )
@@ -207,7 +207,7 @@ class DriftEngine:
                         device=None,
                         kind=f"{KIND_COHORT}:{schema_id}:{version}",
                         format_version=COHORT_STATE_FORMAT,
-                        state=zlib.compress(cohort.state_bytes(), 3),
+                        state=cohort.state_bytes(),
                     )
                 )
             return records
@@ -219,7 +219,7 @@ class DriftEngine:
         with self.lock:
             for rec in records:
                 try:
-                    state = zlib.decompress(rec.state)
+                    state = rec.state
                     if rec.kind == KIND_DEVICE and rec.device is not None:
                         self.monitors[(rec.fleet, rec.device)] = DeviceMonitor.from_state_bytes(
                             state
@@ -234,7 +234,7 @@ class DriftEngine:
                         )
                     else:
                         continue
-                except (CheckpointFormatError, zlib.error, ValueError) as exc:
+                except (CheckpointFormatError, ValueError) as exc:
                     raise CheckpointRefusedError(
                         f"detector checkpoint {rec.fleet}/{rec.device or '-'} ({rec.kind}, format "
                         f"{rec.format_version}) cannot be read: {exc}. Start with "
