@@ -225,6 +225,90 @@ class ServiceMetrics:
         self.checkpoints = Counter(
             "tinydrift_checkpoints", "Detector checkpoints written.", ["outcome"], registry=r
         )
+        # candidates (service/learn)
+        self.candidate_runs = Counter(
+            "tinydrift_candidate_runs",
+            "Candidate builds (recalibration or retrain), by outcome (built or refused).",
+            ["fleet", "kind", "outcome"],
+            registry=r,
+        )
+        self.candidate_seconds = Histogram(
+            "tinydrift_candidate_build_seconds",
+            "Time from request to signed blob (or refusal).",
+            ["kind"],
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.candidate_score = Gauge(
+            "tinydrift_candidate_score",
+            "Prequential accuracy of the last candidate and of the deployed model, same window.",
+            ["fleet", "kind", "model"],
+            registry=r,
+        )
+        self.quantization_error = Gauge(
+            "tinydrift_candidate_quantization_loss",
+            "Float minus fixed-point accuracy of the last candidate (held-out data).",
+            ["fleet", "kind"],
+            registry=r,
+        )
+        self.quantization_agreement = Gauge(
+            "tinydrift_candidate_quantization_agreement_ratio",
+            "Share of held-out readings where the fixed-point candidate agrees with its float.",
+            ["fleet", "kind"],
+            registry=r,
+        )
+        # rollouts (service/rollout)
+        self.update_results = Counter(
+            "tinydrift_update_results",
+            "Device update results at their end (code 200 confirmed, else the error), by reason.",
+            ["fleet", "code", "reason", "phase"],
+            registry=r,
+        )
+        self.devices_by_update_state = Gauge(
+            "tinydrift_devices_by_update_state",
+            "Devices in active rollouts by update state (PENDING, TRIAL, CONFIRMED, ...).",
+            ["fleet", "state"],
+            registry=r,
+        )
+        self.rollouts = Gauge(
+            "tinydrift_rollouts", "Rollouts by state.", ["fleet", "state"], registry=r
+        )
+        self.rollout_transitions = Counter(
+            "tinydrift_rollout_transitions",
+            "Rollout state transitions, by the state entered.",
+            ["fleet", "to_state"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "tinydrift_rollbacks",
+            "Rollouts rolled back, by cause (gate or operator).",
+            ["fleet", "cause"],
+            registry=r,
+        )
+        self.gate_delta = Gauge(
+            "tinydrift_canary_gate_delta",
+            "Canary minus control figure of the current group (worse direction positive).",
+            ["fleet", "metric"],
+            registry=r,
+        )
+        self.gate_margin = Gauge(
+            "tinydrift_canary_gate_margin",
+            "Non-inferiority margin the canary delta is held to.",
+            ["fleet", "metric"],
+            registry=r,
+        )
+        self.manifests_published = Counter(
+            "tinydrift_manifests_published",
+            "Signed desired-state manifests published, by action.",
+            ["fleet", "action"],
+            registry=r,
+        )
+        self.blob_bytes = Counter(
+            "tinydrift_blob_bytes_served",
+            "Parameter blob bytes served to devices in chunks.",
+            ["fleet"],
+            registry=r,
+        )
 
     def init_reasons(self, reasons: Sequence[str]) -> None:
         """Create every rejection series at 0, so rates and alerts see them before any occurs."""
