@@ -66,6 +66,30 @@ class ServiceSettings(BaseSettings):
     false_alarm_budget: float = Field(1e-7, gt=0, lt=1)
     """Fleet-level false drift alarms per device-reading on stationary data."""
     label_cap_per_device: int = Field(2_000, ge=0)
+    # updates (service/rollout); without both keys the service only monitors
+    release_key: Path | None = None
+    """Private release key (``tinydrift keys generate``): signs candidate parameter blobs."""
+    deploy_key: Path | None = None
+    """Private deploy key: signs the desired-state manifests."""
+    update_policy: Literal["off", "propose", "auto"] = "propose"
+    """On drift: ``off`` (operator only), ``propose`` (build candidates, wait for approval) or
+    ``auto`` (build and start the rollout)."""
+    policy_interval_s: float = Field(30.0, gt=0)
+    """How often the policy looks for drifting devices to recalibrate."""
+    rollout_tick_s: float = Field(1.0, gt=0, le=60)
+    """How often rollout timers and gates are evaluated."""
+    canary_size: int = Field(5, ge=1)
+    control_size: int = Field(5, ge=0)
+    waves_pct: list[float] = Field(default_factory=lambda: [5.0, 25.0, 100.0])
+    min_soak_s: float = Field(1800.0, ge=0)
+    """The canary gate is not decided before the canary has soaked this long."""
+    max_soak_s: float = Field(4 * 3600.0, gt=0)
+    """Still inconclusive after this long: the rollout pauses for the operator."""
+    gate_min_readings: int = Field(500, ge=1)
+    gate_min_devices: int = Field(3, ge=1)
+    ack_timeout_s: float = Field(900.0, gt=0)
+    min_recent_readings: int = Field(128, ge=64)
+    """Readings buffered after a drift alarm before the device is recalibrated."""
 
     @field_validator("broker")
     @classmethod

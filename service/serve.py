@@ -16,12 +16,20 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 from prometheus_client import start_http_server
 
-from edge_agent.blob import BlobRejectedError, verify_blob
+from edge_agent.blob import (
+    BlobRejectedError,
+    KeyFileError,
+    SigningKey,
+    load_signing_key,
+    verify_blob,
+)
 from edge_agent.wire.messages import UpdateAck
 from service.api import create_app
 from service.api.server import ApiServer
@@ -35,11 +43,21 @@ from service.ingest.device_directory import DeviceDirectory, DeviceInfo
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.ingest.mqtt_consumer import Incoming, MqttConsumer
 from service.ingest.schema_catalog import SchemaCatalog
+from service.learn.recent_readings import RecentReadings
 from service.metrics import ServiceMetrics
 from service.registry.errors import RegistryError, WriterBackpressureError
 from service.registry.records import DeviceRecord, label_records, utc_from_unix
 from service.registry.store import Registry
 from service.registry.writer import RegistryWriter
+from service.rollout.operations import UpdateOperations
+from service.rollout.plan import DeliveryPolicy, GatePolicy, QualityPolicy
+from service.rollout.proposals import (
+    CandidateProposer,
+    FleetDevice,
+    ProposalError,
+    ProposalSettings,
+)
+from service.rollout.reconciler import RolloutReconciler
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +77,38 @@ class ServiceStatus:
     rejections: dict[str, int]
     detections: int
     queue_depth: int
+
+
+class ServiceKeyError(RuntimeError):
+    """A configured signing key cannot be loaded (one-line message naming the file)."""
+
+
+def _load_key(path: Path, what: str) -> SigningKey:
+    try:
+        return load_signing_key(path)
+    except (OSError, KeyFileError) as exc:
+        raise ServiceKeyError(
+            f"cannot load the {what} key {path}: {exc} (create one with `tinydrift keys generate`)"
+        ) from None
+
+
+def proposal_settings(s: ServiceSettings) -> ProposalSettings:
+    """The rollout policy the settings describe."""
+    return ProposalSettings(
+        canary_size=s.canary_size,
+        control_size=s.control_size,
+        waves_pct=tuple(s.waves_pct),
+        gates=GatePolicy(
+            delivery=DeliveryPolicy(ack_timeout_ms=int(s.ack_timeout_s * 1000)),
+            quality=QualityPolicy(
+                min_soak_ms=int(s.min_soak_s * 1000),
+                max_soak_ms=int(s.max_soak_s * 1000),
+                min_readings=s.gate_min_readings,
+                min_devices=s.gate_min_devices,
+            ),
+        ),
+        min_recent_readings=s.min_recent_readings,
+    )
 
 
 class Service:
@@ -109,6 +159,32 @@ class Service:
             on_drop=self._on_queue_full,
             on_connection_change=self._on_connection_change,
         )
+        self.recent = RecentReadings()
+        self.reconciler: RolloutReconciler | None = None
+        self.proposer: CandidateProposer | None = None
+        self.operations: UpdateOperations | None = None
+        if settings.release_key is not None and settings.deploy_key is not None:
+            release = _load_key(settings.release_key, "release")
+            deploy = _load_key(settings.deploy_key, "deploy")
+            self.reconciler = RolloutReconciler(
+                self.registry, self.consumer.client, deploy, self.metrics
+            )
+            self.consumer.extra_subscriptions = self.reconciler.subscriptions
+            self.proposer = CandidateProposer(
+                self.registry,
+                self.reconciler,
+                release,
+                self.metrics,
+                self.fleet_devices,
+                self._reference_of,
+                self.recent,
+                proposal_settings(settings),
+            )
+            self.operations = UpdateOperations(self.proposer, self.reconciler)
+        elif settings.release_key is not None or settings.deploy_key is not None:
+            raise ServiceKeyError(
+                "updates need both --release-key and --deploy-key (or neither: monitor only)"
+            )
         self.batcher = Batcher(
             self.queue,
             self.directory,
@@ -167,6 +243,8 @@ class Service:
         ``OSError`` when ``/metrics`` cannot (the API is stopped again then).
         """
         s = self.settings
+        if self.reconciler is not None:
+            self.reconciler.start()
         self._start_api()
         try:
             server, _thread = start_http_server(
@@ -184,7 +262,7 @@ class Service:
 
     def _start_api(self) -> None:
         """Serve the operator API (``service/api``) over this service's registry."""
-        app = create_app(self.registry, self.status)
+        app = create_app(self.registry, self.status, operations=self.operations)
         self._api = ApiServer(app, self.settings.api_host, self.settings.api_port)
         self.api_port = self._api.start()
         log.info("operator API on http://%s:%d/docs", self.settings.api_host, self.api_port)
@@ -204,6 +282,8 @@ class Service:
         self.consumer.stop()
         self.batcher.stop()
         self._timer.join(timeout=10)
+        if self.reconciler is not None:
+            self.reconciler.stop()
         self._flush_devices()
         self.checkpoint()
         self.writer.close()
@@ -224,26 +304,37 @@ class Service:
         dets = self.engine.on_frames(frames)
         if dets:
             self._record(dets)
+        if self.reconciler is not None:
+            self.recent.add(frames)
+            self.reconciler.on_frames(frames)
 
     def on_labels(self, labels: list[DeviceLabels]) -> None:
         """Error-stream detectors, label buffer."""
         dets = self.engine.on_labels(labels)
         if dets:
             self._record(dets)
+        if self.reconciler is not None:
+            self.reconciler.on_labels(labels)
         if self.settings.label_cap_per_device > 0:
             recs = [r for lb in labels for r in label_records(lb)]
             self._submit(lambda: self.writer.add_labels(recs, self.settings.label_cap_per_device))
 
     def on_status(self, info: DeviceInfo) -> None:
-        """Births and Wills are written with the next device flush."""
+        """Births and Wills are written with the next device flush; births go to rollouts."""
         info.dirty = True
+        if self.reconciler is not None and info.online:
+            self.reconciler.on_birth(
+                info.fleet, info.device, info.last_deploy_seq or 0, info.active_version
+            )
 
     def on_ack(self, fleet: str, device: str, ack: UpdateAck, recv_ts: float) -> None:
-        """Update acks: the device's update state (the rollout controller listens here later)."""
+        """Update acks: the device's update state, and the rollout that issued the update."""
         info = self.directory.get(fleet, device)
         if info is not None:
             info.update_state = ack.state
             info.dirty = True
+        if self.reconciler is not None:
+            self.reconciler.on_ack(fleet, device, ack)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -265,6 +356,13 @@ class Service:
             )
             exemplar = {"device_id": d.device[:100]} if d.device else None
             counter.inc(1, exemplar=exemplar)
+            if (
+                self.reconciler is not None
+                and d.scope == "device"
+                and d.device
+                and d.signal in ("feature", "feature_sq")
+            ):
+                self.recent.track((d.fleet, d.device))  # a recalibration will need its readings
         self._submit(lambda: self.writer.record_drift_events(dets))
 
     def _on_queue_full(self) -> None:
@@ -284,9 +382,17 @@ class Service:
         next_ckpt = now + self.settings.checkpoint_interval_s
         next_gauges = now + 1.0
         next_devices = now + DEVICE_FLUSH_INTERVAL_S
+        next_rollout = now + self.settings.rollout_tick_s
+        next_policy = now + self.settings.policy_interval_s
         while not self._stop.wait(0.2):
             now = time.monotonic()
             try:
+                if self.reconciler is not None and now >= next_rollout:
+                    next_rollout = now + self.settings.rollout_tick_s
+                    self.reconciler.tick()
+                if now >= next_policy:
+                    next_policy = now + self.settings.policy_interval_s
+                    self.apply_policy()
                 if now >= next_window:
                     next_window = now + self.settings.window_s
                     self.evaluate()
@@ -304,6 +410,65 @@ class Service:
                     self.checkpoint()
             except Exception:  # a timer must not die
                 log.exception("service timer task failed")
+
+    # -- updates ---------------------------------------------------------------------------
+
+    def fleet_devices(self, fleet: str) -> list[FleetDevice]:
+        """The devices of ``fleet`` as the candidate proposer sees them."""
+        drifting = self.engine.drifting()
+        return [
+            FleetDevice(
+                device=i.device,
+                active_version=i.active_version,
+                schema_id=i.schema_id,
+                last_deploy_seq=i.last_deploy_seq or 0,
+                last_seen=i.last_seen,
+                online=i.online,
+                drifting=drifting.get(i.key, ()),
+            )
+            for i in self.directory.all()
+            if i.fleet == fleet
+        ]
+
+    def _reference_of(self, fleet: str, device: str) -> tuple[Any, Any, int | None] | None:
+        with self.engine.lock:
+            mon = self.engine.monitors.get((fleet, device))
+            if mon is None or mon.reference is None:
+                return None
+            mu, sigma = mon.reference
+            return mu, sigma, mon.model_version
+
+    def apply_policy(self) -> list[str]:
+        """``update_policy``: propose (or start) a recalibration for fleets with drifting devices.
+
+        Returns the rollouts proposed. A fleet with an active rollout is left alone.
+        """
+        if self.proposer is None or self.reconciler is None:
+            return []
+        if self.settings.update_policy == "off":
+            return []
+        busy = self.reconciler.active_fleets()
+        proposed = []
+        for fleet in sorted({i.fleet for i in self.directory.all()} - busy):
+            if not self.proposer.drifting_devices(fleet):
+                continue
+            try:
+                p = self.proposer.propose_recalibration(
+                    fleet, "policy", auto_approve=self.settings.update_policy == "auto"
+                )
+            except (ProposalError, RegistryError) as exc:
+                log.warning("update policy: no recalibration for %s: %s", fleet, exc)
+                continue
+            if p.rollout is not None:
+                proposed.append(p.rollout.rollout_id)
+                log.info(
+                    "update policy: proposed %s for %d drifting devices of %s (%s)",
+                    p.rollout.rollout_id,
+                    len(p.accepted),
+                    fleet,
+                    p.rollout.status,
+                )
+        return proposed
 
     def evaluate(self) -> list[CohortReport]:
         """Close every cohort window now; export the reports as metrics and events."""

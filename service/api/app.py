@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import ApiContext
 from service.api.routes import ROUTERS
-from service.api.state import ServiceStateProvider
+from service.api.state import RolloutOperations, ServiceStateProvider
 from service.registry.errors import (
     RegistryConflictError,
     RegistryError,
@@ -43,9 +43,15 @@ def _package_version() -> str:
 
 
 def create_app(
-    registry: Registry, service_state_provider: ServiceStateProvider | None = None
+    registry: Registry,
+    service_state_provider: ServiceStateProvider | None = None,
+    *,
+    operations: RolloutOperations | None = None,
 ) -> FastAPI:
     """The operator API over ``registry``; ``service_state_provider`` gives live service figures.
+
+    ``operations`` (the service's proposer and reconciler) enables the update actions; without
+    it (no signing keys configured, or a read-only deployment) they answer 503.
 
     The caller owns ``registry`` (the app never closes it). Docs at ``/docs``, the OpenAPI
     document at ``/openapi.json``.
@@ -58,7 +64,9 @@ def create_app(
         openapi_url="/openapi.json",
         redoc_url=None,
     )
-    app.state.ctx = ApiContext(registry=registry, state_provider=service_state_provider)
+    app.state.ctx = ApiContext(
+        registry=registry, state_provider=service_state_provider, operations=operations
+    )
     for router in ROUTERS:
         app.include_router(router, prefix=API_PREFIX)
     _add_error_handlers(app)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.api.state import ServiceStateProvider
+from service.api.state import RolloutOperations, ServiceStateProvider
 from service.registry.store import Registry
 
 TOUCH_INTERVAL_S = 60.0
@@ -22,6 +22,8 @@ class ApiContext:
 
     registry: Registry
     state_provider: ServiceStateProvider | None = None
+    operations: RolloutOperations | None = None
+    """The update actions (``None``: the service has no signing keys; actions answer 503)."""
     _touched: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -8,7 +8,7 @@ The API does not import :mod:`service.serve` (which hosts it); the service hands
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ServiceStateLike(Protocol):
@@ -41,3 +41,38 @@ class ServiceStateLike(Protocol):
 
 ServiceStateProvider = Callable[[], ServiceStateLike | None]
 """Returns the service's live state, or ``None`` when there is no service in this process."""
+
+
+class RolloutOperations(Protocol):
+    """The update actions the API triggers (the service's proposer and reconciler).
+
+    Errors: ``KeyError`` (unknown rollout: 404), ``ValueError`` (not allowed now, nothing to
+    propose, conflict: 409), ``TimeoutError`` (the worker is busy: 503).
+    """
+
+    def propose(
+        self,
+        fleet: str,
+        kind: str,
+        actor: str,
+        *,
+        devices: list[str] | None = None,
+        version: int | None = None,
+        auto_approve: bool = False,
+    ) -> Any:
+        """Build candidate(s) and propose a rollout; returns a ``Proposal``."""
+
+    def approve(self, rollout_id: str, actor: str) -> Any:
+        """Approve a rollout awaiting approval; returns a ``RolloutView``."""
+
+    def pause(self, rollout_id: str, actor: str, reason: str) -> Any:
+        """Pause a running rollout."""
+
+    def resume(self, rollout_id: str, actor: str) -> Any:
+        """Resume a paused rollout."""
+
+    def rollback(self, rollout_id: str, actor: str, reason: str) -> Any:
+        """Roll a rollout back."""
+
+    def view(self, rollout_id: str) -> Any:
+        """The live view of a rollout."""

@@ -505,13 +505,8 @@ class Registry:
 
         Returns the stored events (with their ids). The fleet row is created on first use.
         """
-        with (
-            self._translated("write"),
-            Session(self._write_engine) as session,
-            session.begin(),
-        ):
-            RegistryTransaction(session).ensure_fleets([record.fleet])
-            return rollout_store.save_rollout(session, record, events)
+        with self.transaction() as tx:
+            return tx.save_rollout(record, events)
 
     def get_rollout(self, rollout_id: str) -> RolloutRecord | None:
         """One rollout, or ``None``."""

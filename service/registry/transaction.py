@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.registry import rollout_store
 from service.registry.errors import (
     RegistryConflictError,
     RegistryError,
@@ -56,6 +57,7 @@ from service.registry.records import (
     role_rank,
     utc_now,
 )
+from service.registry.rollout_store import RolloutEventRecord, RolloutRecord
 
 DEFAULT_LABEL_CAP = 2000
 """Labelled readings kept per device in the label buffer."""
@@ -379,6 +381,13 @@ class RegistryTransaction:
 
     # ---------------------------------------------------------------------------------------
     # audit log
+
+    def save_rollout(
+        self, record: RolloutRecord, events: Iterable[RolloutEventRecord] = ()
+    ) -> list[RolloutEventRecord]:
+        """Insert or update a rollout and append its transitions, in this transaction."""
+        self.ensure_fleets([record.fleet])
+        return rollout_store.save_rollout(self._session, record, events)
 
     def append_audit(
         self,

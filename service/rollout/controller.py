@@ -453,9 +453,10 @@ class RolloutController:
         """
         dev = info.device_id
         self.state.known_seq[dev] = max(self.state.known_seq.get(dev, 0), info.last_deploy_seq)
-        if not self._member(dev) and self.state.status in (
-            RolloutStatus.RUNNING,
-            RolloutStatus.PAUSED,
+        if (
+            not self._member(dev)
+            and not self.plan.members_only
+            and self.state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED)
         ):
             index = wave_for_new_device(self.plan, dev)
             self.state.groups[index + 1].devices.append(dev)
@@ -726,7 +727,7 @@ class RolloutController:
         return [self._publish(p)]
 
     def _publish(self, p: DeviceProgress) -> PublishManifest:
-        ref = self.plan.target if p.param == "target" else self.plan.previous
+        ref = self.plan.target_for(p.device) if p.param == "target" else self.plan.previous
         return PublishManifest(
             device=p.device,
             deploy_seq=p.deploy_seq,
@@ -906,9 +907,8 @@ class RolloutController:
                 )
         if mark_bad and not self.state.marked_bad:
             self.state.marked_bad = True
-            actions.append(
-                MarkParameterSetBad(self.plan.target.schema_id, self.plan.target.version, reason)
-            )
+            for ref in self.plan.targets():
+                actions.append(MarkParameterSetBad(ref.schema_id, ref.version, reason))
         actions.append(
             MetricEvent(
                 "rollout_rollbacks",

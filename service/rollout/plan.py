@@ -8,6 +8,7 @@ plain data, serialisable to JSON, and stored inside
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -127,23 +128,55 @@ class RolloutPlan:
     """Device-side trial timeout written into install manifests."""
     min_inferences: int = 200
     gates: GatePolicy = field(default_factory=GatePolicy)
+    device_targets: tuple[tuple[str, ParamRef], ...] = ()
+    """Per-device targets (a recalibration gives each drifting device its own parameter set).
+
+    When set, only these devices (and the control) take part: a device that joins the fleet
+    mid-rollout is not routed into a wave, and ``target`` is the first of them."""
 
     def __post_init__(self) -> None:
         """Refuse inconsistent plans with a clear message."""
-        if self.target.schema_id != self.previous.schema_id:
-            raise ValueError("target and previous parameter sets have different schema_id")
-        if self.target.blob_sha256 == self.previous.blob_sha256:
-            raise ValueError("target and previous are the same parameter set")
-        if self.target.security_epoch != self.previous.security_epoch:
-            raise ValueError(
-                "the rollback target must share the target's security_epoch "
-                "(a device's epoch floor would refuse it)"
-            )
+        for ref in (self.target, *(t for _, t in self.device_targets)):
+            if ref.schema_id != self.previous.schema_id:
+                raise ValueError("target and previous parameter sets have different schema_id")
+            if ref.blob_sha256 == self.previous.blob_sha256:
+                raise ValueError("target and previous are the same parameter set")
+            if ref.security_epoch != self.previous.security_epoch:
+                raise ValueError(
+                    "the rollback target must share the target's security_epoch "
+                    "(a device's epoch floor would refuse it)"
+                )
+        devices = [d for d, _ in self.device_targets]
+        if len(set(devices)) != len(devices):
+            raise ValueError("a device has two per-device targets")
+        if set(devices) & set(self.control_devices):
+            raise ValueError("a device with its own target cannot be in the control group")
         pcts = list(self.waves_pct)
         if not pcts or pcts != sorted(pcts) or pcts[-1] != 100.0 or pcts[0] <= 0:
             raise ValueError("waves_pct must increase and end at 100")
         if set(self.canary_devices) & set(self.control_devices):
             raise ValueError("a device cannot be both canary and control")
+
+    @property
+    def members_only(self) -> bool:
+        """Whether only the listed devices take part (per-device targets)."""
+        return bool(self.device_targets)
+
+    @functools.cached_property
+    def _target_map(self) -> dict[str, ParamRef]:
+        return dict(self.device_targets)
+
+    def target_for(self, device: str) -> ParamRef:
+        """The parameter set ``device`` is moved to (its own, or the shared ``target``)."""
+        return self._target_map.get(device, self.target)
+
+    def targets(self) -> list[ParamRef]:
+        """Every distinct target parameter set of the rollout."""
+        out = [self.target]
+        for _, ref in self.device_targets:
+            if ref not in out:
+                out.append(ref)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -167,4 +200,7 @@ class RolloutPlan:
             trial_timeout_s=data["trial_timeout_s"],
             min_inferences=data["min_inferences"],
             gates=GatePolicy.from_dict(data["gates"]),
+            device_targets=tuple(
+                (str(dev), ParamRef.from_dict(ref)) for dev, ref in data.get("device_targets", ())
+            ),
         )

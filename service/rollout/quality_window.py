@@ -1,0 +1,172 @@
+"""Canary-vs-control figures from live telemetry: :class:`QualityWindow`.
+
+The quality gate (:mod:`service.rollout.gates`) decides on :class:`QualityFigures` that the
+caller measures. This module measures them: for every device it watches it accumulates, per
+model version, the readings, the sum of reported confidences, the predicted-class counts and,
+from labels, the labelled readings and errors, since the window was last reset for that device.
+
+Arms are formed when the gate asks: the *canary* arm is the group's devices counted on their new
+(target) version, the *control* arm the control devices counted on the previous version, both
+over the same window (the group's soak). Devices are the unit of the confidence spread
+(``confidence_sd`` of per-device means), because readings within one device are correlated.
+
+Thread use: ``add_frames`` / ``add_labels`` run on the ingest thread, ``figures`` and ``reset``
+on the rollout worker; one lock guards the accumulators (a few dict lookups per frame).
+
+>>> import numpy as np
+>>> w = QualityWindow()
+>>> w.watch(["c1", "k1"], now_ms=0)
+>>> w.add("c1", 2, np.array([0, 1, 1]), np.array([0.9, 0.8, 0.7]))
+>>> w.add("k1", 1, np.array([0, 0]), np.array([0.6, 0.6]))
+>>> q = w.figures({"c1": 2}, {"k1": 1}, now_ms=1000)
+>>> q.canary.readings, round(q.canary.mean_confidence, 2), q.control.readings
+(3, 0.8, 2)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from service.rollout.gates import ArmFigures, QualityFigures
+
+__all__ = ["QualityWindow", "js_divergence"]
+
+
+@dataclass
+class _Acc:
+    readings: int = 0
+    conf_sum: float = 0.0
+    classes: dict[int, int] = field(default_factory=dict)
+    labelled: int = 0
+    errors: int = 0
+
+
+def js_divergence(p: npt.ArrayLike, q: npt.ArrayLike) -> float:
+    """Jensen–Shannon divergence in bits (0 … 1) of two count or probability vectors.
+
+    >>> js_divergence([1, 0], [0, 1]), js_divergence([2, 2], [5, 5])
+    (1.0, 0.0)
+    """
+    a = np.asarray(p, dtype=np.float64)
+    b = np.asarray(q, dtype=np.float64)
+    if a.sum() <= 0 or b.sum() <= 0:
+        return 0.0
+    a, b = a / a.sum(), b / b.sum()
+    m = 0.5 * (a + b)
+
+    def kl(x: npt.NDArray[np.float64]) -> float:
+        nz = x > 0
+        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
+
+    return max(0.0, 0.5 * kl(a) + 0.5 * kl(b))
+
+
+class QualityWindow:
+    """Per-device, per-version accumulators of the devices in active rollouts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._acc: dict[str, dict[int, _Acc]] = {}
+        self._since: dict[str, int] = {}
+
+    @property
+    def watched(self) -> frozenset[str]:
+        """Devices currently accumulated."""
+        with self._lock:
+            return frozenset(self._acc)
+
+    def watch(self, devices: Iterable[str], now_ms: int) -> None:
+        """Start (or restart) the window of ``devices`` at ``now_ms``."""
+        with self._lock:
+            for dev in devices:
+                self._acc[dev] = {}
+                self._since[dev] = now_ms
+
+    def unwatch(self, devices: Iterable[str]) -> None:
+        """Stop accumulating ``devices``."""
+        with self._lock:
+            for dev in devices:
+                self._acc.pop(dev, None)
+                self._since.pop(dev, None)
+
+    def add(
+        self,
+        device: str,
+        version: int,
+        pred: npt.NDArray[np.int64],
+        conf: npt.NDArray[np.float64],
+    ) -> None:
+        """Count one telemetry frame of ``device`` on model ``version`` (ignored if unwatched)."""
+        with self._lock:
+            per = self._acc.get(device)
+            if per is None:
+                return
+            acc = per.setdefault(version, _Acc())
+            acc.readings += int(pred.shape[0])
+            acc.conf_sum += float(conf.sum())
+            counts = np.bincount(pred)
+            for cls in np.flatnonzero(counts).tolist():
+                acc.classes[cls] = acc.classes.get(cls, 0) + int(counts[cls])
+
+    def add_labels(
+        self, device: str, version: int, pred: npt.NDArray[np.int64], label: npt.NDArray[np.int64]
+    ) -> None:
+        """Count labelled readings of ``device`` on ``version`` (ignored if unwatched)."""
+        with self._lock:
+            per = self._acc.get(device)
+            if per is None:
+                return
+            acc = per.setdefault(version, _Acc())
+            acc.labelled += int(label.shape[0])
+            acc.errors += int(np.count_nonzero(pred != label))
+
+    def _arm(self, members: Mapping[str, int]) -> tuple[ArmFigures, dict[int, int], int]:
+        means: list[float] = []
+        readings = labelled = errors = 0
+        conf_sum = 0.0
+        classes: dict[int, int] = {}
+        start = 0
+        for dev, version in members.items():
+            acc = self._acc.get(dev, {}).get(version)
+            start = max(start, self._since.get(dev, 0))
+            if acc is None or acc.readings == 0:
+                continue
+            means.append(acc.conf_sum / acc.readings)
+            readings += acc.readings
+            conf_sum += acc.conf_sum
+            labelled += acc.labelled
+            errors += acc.errors
+            for cls, n in acc.classes.items():
+                classes[cls] = classes.get(cls, 0) + n
+        sd = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
+        arm = ArmFigures(
+            devices=len(means),
+            readings=readings,
+            mean_confidence=conf_sum / readings if readings else 0.0,
+            confidence_sd=sd,
+            labelled=labelled,
+            errors=errors,
+        )
+        return arm, classes, start
+
+    def figures(
+        self, canary: Mapping[str, int], control: Mapping[str, int], now_ms: int
+    ) -> QualityFigures:
+        """Figures of ``canary`` (device → new version) vs ``control`` (device → old version)."""
+        with self._lock:
+            can, can_cls, s1 = self._arm(canary)
+            ctl, ctl_cls, s2 = self._arm(control)
+        keys = sorted(set(can_cls) | set(ctl_cls))
+        js = js_divergence([can_cls.get(k, 0) for k in keys], [ctl_cls.get(k, 0) for k in keys])
+        return QualityFigures(
+            canary=can,
+            control=ctl,
+            class_js=js,
+            window_start_ms=max(s1, s2),
+            window_end_ms=now_ms,
+        )

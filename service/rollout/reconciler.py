@@ -1,0 +1,626 @@
+"""The rollout reconciler: runs every :class:`RolloutController` inside the service.
+
+The controllers are pure; this class feeds them and carries out what they return:
+
+- **events in**: births and update acks (from the ingest batcher), a timer tick (gates,
+  timeouts; with the canary-vs-control figures measured by :class:`QualityWindow` from live
+  telemetry and labels), operator actions (from the API, blocking until done);
+- **actions out**: the rollout state, its transitions with their gate figures, audit entries and
+  "mark bad" are written in **one registry transaction**; then manifests are signed with the
+  deploy key and published retained on each device's ``desired`` topic; metrics are updated.
+  Blobs are served to devices in chunks from a :class:`BlobCache` filled from the registry.
+
+Everything runs on one worker thread (``rollout-worker``), in arrival order, so the controllers
+need no locks and the MQTT network thread and the ingest thread never wait on the database.
+Persisting before publishing means a crash can lose at most publications, never decisions: on
+start-up every non-terminal rollout is restored from the registry (devices in TRIAL past their
+deadline are reverted) and every device's current manifest is published again (same
+``deploy_seq``: harmless for a device that already has it). A device that was offline simply finds
+its retained manifest when it reconnects and converges in one step; its birth also re-publishes
+it, or re-issues under a newer ``deploy_seq`` if the device saw a newer one.
+
+A registry write that fails (database locked or gone) is retried on the next event or tick: the
+state row is the controller's whole state, and transitions and audit entries are kept until
+written. Manifests are only published once the decision that produced them is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import paho.mqtt.client as mqtt
+
+from edge_agent.blob import SigningKey
+from edge_agent.wire.messages import Manifest, UpdateAck
+from service.ingest.frames import DeviceFrame, DeviceLabels
+from service.metrics import ServiceMetrics
+from service.registry.errors import RegistryError
+from service.registry.records import utc_from_unix
+from service.registry.rollout_store import RolloutEventRecord, RolloutRecord
+from service.registry.store import Registry
+from service.rollout.blob_transfer import BlobTransferService
+from service.rollout.chunk_server import BlobCache
+from service.rollout.controller import (
+    IN_PROGRESS,
+    Action,
+    AuditAction,
+    DeviceStatus,
+    GroupStatus,
+    IllegalTransitionError,
+    MarkParameterSetBad,
+    MetricEvent,
+    PublishManifest,
+    RecordTransition,
+    RolloutController,
+    RolloutStatus,
+    RolloutSummary,
+)
+from service.rollout.desired_state import DesiredStatePublisher
+from service.rollout.gates import QualityFigures
+from service.rollout.groups import DeviceInfo
+from service.rollout.plan import ParamRef, RolloutPlan
+from service.rollout.quality_window import QualityWindow
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ACTIVE_STATES", "RolloutReconciler", "RolloutView", "UnknownRolloutError"]
+
+ACTIVE_STATES: Final = frozenset(
+    {
+        RolloutStatus.READY,
+        RolloutStatus.AWAITING_APPROVAL,
+        RolloutStatus.RUNNING,
+        RolloutStatus.PAUSED,
+    }
+)
+"""States in which a rollout still owns its fleet (one active rollout per fleet)."""
+
+OPERATION_TIMEOUT_S: Final = 30.0
+"""How long an operator action waits for the worker before it reports a timeout."""
+
+T = TypeVar("T")
+
+
+class UnknownRolloutError(KeyError):
+    """No rollout with this id (API: 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown rollout"
+
+
+class RolloutConflictError(ValueError):
+    """The fleet already has an active rollout, or a device belongs to one (API: 409)."""
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """What the API shows of a rollout: its summary and current group figures."""
+
+    rollout_id: str
+    fleet: str
+    kind: str
+    status: str
+    reason: str
+    summary: RolloutSummary
+    groups: list[dict[str, Any]]
+
+
+def _settled(ctl: RolloutController) -> bool:
+    """No device of the rollout is still moving (downloading, verifying or in trial)."""
+    return all(
+        p.status not in IN_PROGRESS and p.status is not DeviceStatus.TRIAL
+        for p in ctl.state.devices.values()
+    )
+
+
+class RolloutReconciler:
+    """Hosts the rollouts of one service; see the module docstring."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        client: mqtt.Client,
+        deploy_key: SigningKey,
+        metrics: ServiceMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+        self.quality = QualityWindow()
+        self.cache = BlobCache()
+        self.publisher = DesiredStatePublisher(client, deploy_key)
+        self.transfer = BlobTransferService(client, self.cache)
+        self.controllers: dict[str, RolloutController] = {}
+        self._by_device: dict[tuple[str, str], set[str]] = {}
+        self._pending_events: dict[str, list[RolloutEventRecord]] = {}
+        self._pending_audit: list[AuditAction] = []
+        self._pending_bad: list[MarkParameterSetBad] = []
+        self._dirty: set[str] = set()
+        self._unpublished: dict[str, list[PublishManifest]] = {}
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="rollout-worker")
+        self._started = False
+        self._stopped = False
+        self.counters: Counter[str] = Counter()
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """Topic filters the service's MQTT client must subscribe to (chunk requests)."""
+        return self.transfer.subscriptions()
+
+    def start(self) -> None:
+        """Start chunk serving and restore the stored rollouts (on the worker)."""
+        if self._started:
+            return
+        self._started = True
+        self.transfer.start()
+        self._submit(self._restore).result(timeout=OPERATION_TIMEOUT_S * 4)
+
+    def stop(self) -> None:
+        """Persist what is pending and stop the worker and chunk serving (idempotent)."""
+        if self._stopped or not self._started:
+            self._stopped = True
+            return
+        self._stopped = True
+        try:
+            self._exec.submit(self._persist).result(timeout=OPERATION_TIMEOUT_S)
+        except Exception:
+            log.exception("rollout state not persisted at shutdown")
+        self._exec.shutdown(wait=True)
+        self.transfer.stop()
+
+    def _submit(self, fn: Callable[[], T]) -> Future[T]:
+        return self._exec.submit(self._guard(fn))
+
+    def _guard(self, fn: Callable[[], T]) -> Callable[[], T]:
+        def run() -> T:
+            try:
+                return fn()
+            except (IllegalTransitionError, UnknownRolloutError, RolloutConflictError, ValueError):
+                raise
+            except Exception:
+                log.exception("rollout worker task failed")
+                raise
+
+        return run
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker and wait for it (operator actions)."""
+        if self._stopped:
+            raise RuntimeError("the service is stopping")
+        return self._submit(fn).result(timeout=OPERATION_TIMEOUT_S)
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        now = self._now_ms()
+        for rec in self.registry.list_rollouts():
+            status = RolloutStatus(rec.state)
+            try:
+                ctl, actions = RolloutController.restore(rec.state_json, now)
+            except (ValueError, KeyError) as exc:
+                log.error("rollout %s cannot be restored: %s", rec.id, exc)
+                continue
+            if status not in ACTIVE_STATES and _settled(ctl):
+                continue
+            self._adopt(ctl)
+            self._load_blobs(ctl.plan)
+            self.counters["restored"] += 1
+            log.info("rollout %s restored in state %s", rec.id, status)
+            self._run(ctl, actions)
+            # re-publish every current intent (a crash may have lost publications)
+            for dev in list(ctl.state.devices):
+                p = ctl.state.devices[dev]
+                if p.status in IN_PROGRESS or p.status is DeviceStatus.TRIAL:
+                    self._publish(ctl, ctl._publish(p))
+        self._refresh_gauges()
+
+    def _adopt(self, ctl: RolloutController) -> None:
+        rid = ctl.plan.rollout_id
+        self.controllers[rid] = ctl
+        fleet = ctl.plan.fleet
+        members = set(ctl.state.control)
+        for g in ctl.state.groups:
+            members.update(g.devices)
+        for dev in members:
+            self._by_device.setdefault((fleet, dev), set()).add(rid)
+        if ctl.state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED):
+            group = ctl._group()
+            if group is not None and group.status is GroupStatus.SOAKING:
+                since = group.soak_started_ms or self._now_ms()
+                self.quality.watch([*group.devices, *ctl.state.control], since)
+
+    def _load_blobs(self, plan: RolloutPlan) -> None:
+        for ref in [*plan.targets(), plan.previous]:
+            self._cache_blob(ref)
+
+    def _cache_blob(self, ref: ParamRef) -> None:
+        if ref.blob_sha256 in self.cache:
+            return
+        rec = self.registry.get_parameter_set(ref.schema_id, ref.version)
+        if rec is None or rec.sha256 != ref.blob_sha256:
+            log.error(
+                "parameter set %s v%d (sha %s…) is not in the registry: devices cannot fetch it",
+                ref.schema_id,
+                ref.version,
+                ref.blob_sha256[:12],
+            )
+            return
+        self.cache.add(rec.blob)
+
+    # -- events from ingest (never block) ------------------------------------------------------
+
+    def on_ack(self, fleet: str, device: str, ack: UpdateAck) -> None:
+        """An update ack (ingest thread): handed to the worker."""
+        if self._stopped or (fleet, device) not in self._by_device:
+            return
+        self._submit(lambda: self._ack(fleet, device, ack))
+
+    def on_birth(
+        self, fleet: str, device: str, last_deploy_seq: int, active_version: int | None
+    ) -> None:
+        """A device birth (ingest thread)."""
+        if self._stopped or (fleet, device) not in self._by_device:
+            return
+        info = DeviceInfo(device, last_deploy_seq, int(self.clock() * 1000), active_version)
+        self._submit(lambda: self._birth(fleet, info))
+
+    def on_frames(self, frames: Sequence[DeviceFrame]) -> None:
+        """Telemetry (ingest thread): counted for the canary-vs-control figures."""
+        watched = self.quality.watched
+        if not watched:
+            return
+        for fr in frames:
+            if fr.device in watched:
+                self.quality.add(fr.device, fr.param_version, fr.pred, fr.conf)
+
+    def on_labels(self, labels: Sequence[DeviceLabels]) -> None:
+        """Labelled readings (ingest thread): counted for the labelled-error figures."""
+        watched = self.quality.watched
+        if not watched:
+            return
+        for lb in labels:
+            if lb.device in watched:
+                self.quality.add_labels(lb.device, lb.param_version, lb.pred, lb.label)
+
+    def tick(self) -> None:
+        """Timers and gates (service timer thread): handed to the worker."""
+        if not self._stopped and self._started:
+            self._submit(self._tick)
+
+    # -- worker --------------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _ack(self, fleet: str, device: str, ack: UpdateAck) -> None:
+        now = self._now_ms()
+        for rid in sorted(self._by_device.get((fleet, device), ())):
+            ctl = self.controllers[rid]
+            try:
+                actions = ctl.on_ack(device, ack.deploy_seq, ack.state, ack.reason, now)
+            except ValueError as exc:
+                self.counters["ack_refused"] += 1
+                log.warning("ack of %s/%s refused: %s", fleet, device, exc)
+                continue
+            if actions:
+                self._run(ctl, actions)
+
+    def _birth(self, fleet: str, info: DeviceInfo) -> None:
+        now = self._now_ms()
+        for rid in sorted(self._by_device.get((fleet, info.device_id), ())):
+            ctl = self.controllers[rid]
+            actions = ctl.on_birth(info, now)
+            if actions:
+                self._run(ctl, actions)
+
+    def _tick(self) -> None:
+        now = self._now_ms()
+        for rid, ctl in list(self.controllers.items()):
+            quality = self._quality_for(ctl, now)
+            actions = ctl.tick(now, quality)
+            if actions:
+                self._run(ctl, actions)
+            elif rid in self._dirty:
+                self._persist()
+        self._persist()
+        self._refresh_gauges()
+
+    def _quality_for(self, ctl: RolloutController, now: int) -> dict[str, QualityFigures]:
+        group = ctl._group()
+        if group is None or group.status is not GroupStatus.SOAKING:
+            return {}
+        plan = ctl.plan
+        canary = {d: plan.target_for(d).version for d in group.devices}
+        control = {d: plan.previous.version for d in ctl.state.control}
+        return {group.name: self.quality.figures(canary, control, now)}
+
+    def _run(self, ctl: RolloutController, actions: Iterable[Action]) -> None:
+        """Carry out ``actions`` of ``ctl``: persist first, then publish, then metrics."""
+        rid = ctl.plan.rollout_id
+        publish: list[PublishManifest] = []
+        metric_events: list[MetricEvent] = []
+        for a in actions:
+            if isinstance(a, PublishManifest):
+                publish.append(a)
+            elif isinstance(a, AuditAction):
+                self._pending_audit.append(a)
+            elif isinstance(a, RecordTransition):
+                self._pending_events.setdefault(rid, []).append(
+                    RolloutEventRecord(
+                        rollout_id=a.rollout_id,
+                        ts=utc_from_unix(a.at_ms / 1000),
+                        scope=a.scope,
+                        name=a.name,
+                        from_state=str(a.from_state),
+                        to_state=str(a.to_state),
+                        actor=a.actor,
+                        reason=a.reason,
+                        figures=a.figures,
+                    )
+                )
+                self._on_transition(ctl, a)
+            elif isinstance(a, MarkParameterSetBad):
+                self._pending_bad.append(a)
+            else:
+                metric_events.append(a)
+        self._dirty.add(rid)
+        stored = self._persist()
+        if stored:
+            for m in publish:
+                self._publish(ctl, m)
+        else:
+            # not stored: publish nothing now; the intents stay in the state and are published
+            # again by the next successful persist (the state row is re-written whole)
+            self._unpublished.setdefault(rid, []).extend(publish)
+        for ev in metric_events:
+            self._metric(ctl, ev)
+
+    def _on_transition(self, ctl: RolloutController, a: RecordTransition) -> None:
+        fleet = ctl.plan.fleet
+        if a.scope == "rollout":
+            self.metrics.rollout_transitions.labels(fleet=fleet, to_state=str(a.to_state)).inc()
+            log.info("rollout %s: %s → %s (%s)", a.rollout_id, a.from_state, a.to_state, a.reason)
+            if a.to_state not in ACTIVE_STATES:
+                self.quality.unwatch(
+                    [*ctl.state.control, *(d for g in ctl.state.groups for d in g.devices)]
+                )
+            return
+        log.info("rollout %s group %s: %s → %s", a.rollout_id, a.name, a.from_state, a.to_state)
+        if a.to_state == GroupStatus.SOAKING:
+            group = next(g for g in ctl.state.groups if g.name == a.name)
+            self.quality.watch([*group.devices, *ctl.state.control], a.at_ms)
+        elif a.to_state in (GroupStatus.PASSED, GroupStatus.FAILED):
+            group = next(g for g in ctl.state.groups if g.name == a.name)
+            self.quality.unwatch(group.devices)
+
+    def _persist(self) -> bool:
+        """Write dirty rollouts, pending transitions, audit entries, bad marks: one transaction."""
+        if not (self._dirty or self._pending_audit or self._pending_bad):
+            return True
+        try:
+            with self.registry.transaction() as tx:
+                for rid in sorted(self._dirty):
+                    ctl = self.controllers[rid]
+                    tx.save_rollout(self._record(ctl), self._pending_events.get(rid, ()))
+                for a in self._pending_audit:
+                    tx.append_audit(a.actor, a.action, a.target, a.details)
+                for b in self._pending_bad:
+                    tx.set_parameter_status(
+                        b.schema_id, b.version, "bad", "rollout-controller", b.reason
+                    )
+        except RegistryError as exc:
+            self.counters["persist_failed"] += 1
+            log.error("rollout state not stored yet (will retry): %s", exc)
+            return False
+        self._dirty.clear()
+        self._pending_events.clear()
+        self._pending_audit.clear()
+        self._pending_bad.clear()
+        if self._unpublished:
+            held, self._unpublished = self._unpublished, {}
+            for rid, items in held.items():
+                for m in items:
+                    self._publish(self.controllers[rid], m)
+        return True
+
+    def _record(self, ctl: RolloutController) -> RolloutRecord:
+        st = ctl.state
+        plan = ctl.plan
+        return RolloutRecord(
+            id=plan.rollout_id,
+            fleet=plan.fleet,
+            schema_id=plan.target.schema_id,
+            from_version=plan.previous.version,
+            to_version=plan.target.version,
+            kind=plan.kind,
+            state=st.status.value,
+            created=utc_from_unix(st.created_ms / 1000),
+            updated=utc_from_unix(st.updated_ms / 1000),
+            state_json=ctl.to_json(),
+        )
+
+    def _publish(self, ctl: RolloutController, m: PublishManifest) -> None:
+        ref = m.param
+        manifest = Manifest.create(
+            deploy_seq=m.deploy_seq,
+            action=m.action,
+            rollback=m.rollback,
+            param={
+                "version": ref.version,
+                "schema_id": ref.schema_id,
+                "security_epoch": ref.security_epoch,
+                "blob_len": ref.blob_len,
+                "blob_sha256": ref.blob_sha256,
+                "key_id": ref.key_id,
+            },
+            trial={
+                "confirm": m.trial_confirm,
+                "timeout_s": m.trial_timeout_s,
+                "min_inferences": m.min_inferences,
+            },
+            issued_ms=self._now_ms(),
+        )
+        self._cache_blob(ref)
+        self.publisher.publish(ctl.plan.fleet, m.device, manifest)
+        self.metrics.manifests_published.labels(fleet=ctl.plan.fleet, action=m.action).inc()
+
+    def _metric(self, ctl: RolloutController, ev: MetricEvent) -> None:
+        fleet = ctl.plan.fleet
+        m = self.metrics
+        if ev.name == "update_results":
+            m.update_results.labels(
+                fleet=fleet,
+                code=ev.labels.get("code", ""),
+                reason=ev.labels.get("reason", ""),
+                phase=ev.labels.get("phase", ""),
+            ).inc(ev.value)
+        elif ev.name == "rollout_rollbacks":
+            cause = "gate" if ctl.state.reason.startswith("gate failed") else "operator"
+            m.rollbacks.labels(fleet=fleet, cause=cause).inc(ev.value)
+        elif ev.name == "canary_gate_delta":
+            m.gate_delta.labels(fleet=fleet, metric=ev.labels.get("metric", "")).set(ev.value)
+        # "rollout_state" (per rollout id) is summarised by _refresh_gauges instead
+
+    def _refresh_gauges(self) -> None:
+        m = self.metrics
+        states: Counter[tuple[str, str]] = Counter()
+        devices: Counter[tuple[str, str]] = Counter()
+        for ctl in self.controllers.values():
+            fleet = ctl.plan.fleet
+            states[(fleet, ctl.state.status.value)] += 1
+            for p in ctl.state.devices.values():
+                devices[(fleet, p.status.value)] += 1
+            group = ctl._group()
+            figures = group.figures if group is not None else None
+            for check in (figures or {}).get("checks", ()):
+                m.gate_delta.labels(fleet=fleet, metric=check["metric"]).set(check["delta"])
+                m.gate_margin.labels(fleet=fleet, metric=check["metric"]).set(check["margin"])
+        m.rollouts.clear()
+        for (fleet, state), n in states.items():
+            m.rollouts.labels(fleet=fleet, state=state).set(n)
+        m.devices_by_update_state.clear()
+        for (fleet, state), n in devices.items():
+            m.devices_by_update_state.labels(fleet=fleet, state=state).set(n)
+
+    # -- operator operations (API thread; block until the worker is done) ----------------------
+
+    def create(
+        self, plan: RolloutPlan, devices: list[DeviceInfo], actor: str, *, start: bool = True
+    ) -> RolloutView:
+        """Create a rollout (READY) and submit it: AWAITING_APPROVAL, or RUNNING if auto."""
+
+        def run() -> RolloutView:
+            for other in self.controllers.values():
+                if other.plan.fleet == plan.fleet and other.state.status in ACTIVE_STATES:
+                    raise RolloutConflictError(
+                        f"fleet {plan.fleet} already has rollout {other.plan.rollout_id} in "
+                        f"state {other.state.status}; finish, roll back or stop it first"
+                    )
+            if plan.rollout_id in self.controllers or self.registry.get_rollout(plan.rollout_id):
+                raise RolloutConflictError(f"rollout {plan.rollout_id} exists already")
+            now = self._now_ms()
+            ctl, actions = RolloutController.create(plan, devices, now, actor)
+            self._adopt(ctl)
+            self._load_blobs(plan)
+            if start:
+                actions += ctl.start(now, actor)
+            self._run(ctl, actions)
+            self._refresh_gauges()
+            return self._view(ctl)
+
+        return self._call(run)
+
+    def _get(self, rollout_id: str) -> RolloutController:
+        ctl = self.controllers.get(rollout_id)
+        if ctl is not None:
+            return ctl
+        rec = self.registry.get_rollout(rollout_id)
+        if rec is None:
+            raise UnknownRolloutError(f"no rollout {rollout_id!r}")
+        ctl, actions = RolloutController.restore(rec.state_json, self._now_ms())
+        self._adopt(ctl)
+        self._load_blobs(ctl.plan)
+        if actions:
+            self._run(ctl, actions)
+        return ctl
+
+    def _operate(
+        self, rollout_id: str, op: Callable[[RolloutController, int], list[Action]]
+    ) -> RolloutView:
+        def run() -> RolloutView:
+            ctl = self._get(rollout_id)
+            actions = op(ctl, self._now_ms())
+            self._run(ctl, actions)
+            self._refresh_gauges()
+            return self._view(ctl)
+
+        return self._call(run)
+
+    def approve(self, rollout_id: str, actor: str) -> RolloutView:
+        """AWAITING_APPROVAL → RUNNING."""
+        return self._operate(rollout_id, lambda c, now: c.approve(actor, now))
+
+    def pause(self, rollout_id: str, actor: str, reason: str = "operator") -> RolloutView:
+        """RUNNING → PAUSED."""
+        return self._operate(rollout_id, lambda c, now: c.pause(actor, now, reason))
+
+    def resume(self, rollout_id: str, actor: str) -> RolloutView:
+        """PAUSED → RUNNING."""
+        return self._operate(rollout_id, lambda c, now: c.resume(actor, now))
+
+    def rollback(self, rollout_id: str, actor: str, reason: str = "operator") -> RolloutView:
+        """Roll back (RUNNING, PAUSED or FINISHED): previous parameters everywhere, set bad."""
+        return self._operate(rollout_id, lambda c, now: c.rollback(actor, now, reason))
+
+    def view(self, rollout_id: str) -> RolloutView:
+        """The live view of one rollout."""
+        return self._call(lambda: self._view(self._get(rollout_id)))
+
+    def views(self) -> list[RolloutView]:
+        """Live views of the rollouts the worker holds."""
+        return self._call(lambda: [self._view(c) for c in self.controllers.values()])
+
+    def active_fleets(self) -> set[str]:
+        """Fleets with an active rollout (worker state; for the candidate policy)."""
+        return self._call(
+            lambda: {
+                c.plan.fleet for c in self.controllers.values() if c.state.status in ACTIVE_STATES
+            }
+        )
+
+    def _view(self, ctl: RolloutController) -> RolloutView:
+        st = ctl.state
+        groups = [
+            {
+                "name": g.name,
+                "status": g.status.value,
+                "devices": len(g.devices),
+                "figures": g.figures,
+            }
+            for g in st.groups
+        ]
+        groups.append(
+            {"name": "control", "status": "held", "devices": len(st.control), "figures": None}
+        )
+        return RolloutView(
+            rollout_id=ctl.plan.rollout_id,
+            fleet=ctl.plan.fleet,
+            kind=ctl.plan.kind,
+            status=st.status.value,
+            reason=st.reason,
+            summary=ctl.summary(),
+            groups=groups,
+        )
+
+    def flush(self) -> None:
+        """Wait until every event submitted so far is processed (tests, shutdown)."""
+        self._call(lambda: None)
