@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -17,9 +17,19 @@ from service.registry.records import (
     ParameterStatus,
     Role,
     TokenRecord,
+    utc_from_unix,
+)
+from service.registry.rollout_store import RolloutEventRecord, RolloutRecord
+from service.rollout.controller import (
+    GroupProgress,
+    RolloutController,
+    RolloutState,
+    RolloutSummary,
 )
 
 TOKEN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
+CONTROL_GROUP = "control"
+"""The name under which a rollout view lists its control group (never a real group's name)."""
 
 
 def _plain(mapping: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -318,3 +328,276 @@ class StatusOut(BaseModel):
     api_version: str
     registry: str
     service: ServiceStateOut | None
+
+
+# -------------------------------------------------------------------------------------------
+# rollouts and candidates
+
+
+def _utc_ms(ms: int | None) -> datetime | None:
+    return utc_from_unix(ms / 1000) if ms is not None else None
+
+
+class RolloutSummaryOut(BaseModel):
+    """Device counts of a rollout (forward devices, except ``rolled_back``)."""
+
+    confirmed: int = Field(description="Devices that acked CONFIRMED: the only ones updated.")
+    in_trial: int
+    failed: int = Field(description="Rejected, reverted, failed or timed out.")
+    pending: int = Field(description="Manifest issued, downloading or verifying.")
+    rolled_back: int = Field(description="Devices sent back to the previous parameters.")
+    untouched_control: int = Field(description="Control devices the rollout never touched.")
+
+    @classmethod
+    def of(cls, summary: RolloutSummary) -> RolloutSummaryOut:
+        """From the controller's summary."""
+        return cls(
+            confirmed=summary.confirmed,
+            in_trial=summary.in_trial,
+            failed=summary.failed,
+            pending=summary.pending,
+            rolled_back=summary.rolled_back,
+            untouched_control=summary.untouched_control,
+        )
+
+
+class RolloutGroupOut(BaseModel):
+    """One group of a rollout (canary or wave) with its last gate figures."""
+
+    name: str
+    status: str = Field(description="SCHEDULED, RUNNING, SOAKING, PASSED or FAILED.")
+    devices: int = Field(description="Devices in the group.")
+    started: datetime | None = None
+    soak_started: datetime | None = None
+    deadline: datetime | None = Field(
+        None, description="Soak deadline: still inconclusive then, the rollout pauses."
+    )
+    figures: dict[str, Any] | None = Field(
+        None,
+        description="The last gate evaluation: delivery, health and quality figures, each "
+        "gate's verdict, the overall verdict and its reason.",
+    )
+
+    @classmethod
+    def of(cls, group: GroupProgress) -> RolloutGroupOut:
+        """From the stored controller state."""
+        return cls(
+            name=group.name,
+            status=group.status.value,
+            devices=len(group.devices),
+            started=_utc_ms(group.started_ms),
+            soak_started=_utc_ms(group.soak_started_ms),
+            deadline=_utc_ms(group.deadline_ms),
+            figures=_plain(group.figures),
+        )
+
+
+class RolloutOut(BaseModel):
+    """A rollout as the registry stores it, with its device counts."""
+
+    id: str
+    fleet: str
+    kind: str = Field(description="recalibration, retrain, parameter_set, ...")
+    state: str = Field(
+        description="READY, AWAITING_APPROVAL, RUNNING, PAUSED, FINISHED, STOPPED or ROLLED_BACK."
+    )
+    schema_id: str
+    from_version: int = Field(description="The parameter version devices ran (rollback target).")
+    to_version: int = Field(description="The parameter version rolled out.")
+    created: datetime
+    updated: datetime
+    summary: RolloutSummaryOut | None = Field(
+        description="Device counts (null if the stored state is unreadable)."
+    )
+
+    @classmethod
+    def fields_of(cls, rec: RolloutRecord, summary: RolloutSummary | None) -> dict[str, Any]:
+        """The record's fields, with the summary of its parsed state."""
+        return {
+            "id": rec.id,
+            "fleet": rec.fleet,
+            "kind": rec.kind,
+            "state": rec.state,
+            "schema_id": rec.schema_id,
+            "from_version": rec.from_version,
+            "to_version": rec.to_version,
+            "created": rec.created,
+            "updated": rec.updated,
+            "summary": RolloutSummaryOut.of(summary) if summary is not None else None,
+        }
+
+    @classmethod
+    def of(cls, rec: RolloutRecord, summary: RolloutSummary | None) -> RolloutOut:
+        """From a rollout record and its summary."""
+        return cls(**cls.fields_of(rec, summary))
+
+
+class RolloutList(BaseModel):
+    """Rollouts, newest first."""
+
+    items: list[RolloutOut]
+
+
+class RolloutEventOut(BaseModel):
+    """One stored transition of a rollout or of one of its groups, with its gate figures."""
+
+    id: int
+    ts: datetime
+    scope: str = Field(description="rollout or group.")
+    name: str = Field(description="rollout, or the group's name.")
+    from_state: str
+    to_state: str
+    actor: str
+    reason: str
+    figures: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, rec: RolloutEventRecord) -> RolloutEventOut:
+        """From a rollout-event record."""
+        return cls(
+            id=rec.id,
+            ts=rec.ts,
+            scope=rec.scope,
+            name=rec.name,
+            from_state=rec.from_state,
+            to_state=rec.to_state,
+            actor=rec.actor,
+            reason=rec.reason,
+            figures=_plain(rec.figures),
+        )
+
+
+class RolloutDetail(RolloutOut):
+    """A rollout with its groups, control group and transitions."""
+
+    reason: str = Field(description="Why it is paused, stopped or rolled back.")
+    require_approval: bool | None
+    current_group: str | None = Field(description="The group in progress (null when done).")
+    groups: list[RolloutGroupOut]
+    control: int | None = Field(description="Devices held back on the old parameters.")
+    transitions: list[RolloutEventOut] = Field(description="Oldest first.")
+
+    @classmethod
+    def detail(
+        cls, rec: RolloutRecord, state: RolloutState | None, events: list[RolloutEventRecord]
+    ) -> RolloutDetail:
+        """From the record, its parsed state (``None``: unreadable) and its transitions."""
+        summary = RolloutController(state).summary() if state is not None else None
+        current = None
+        if state is not None and state.current < len(state.groups):
+            current = state.groups[state.current].name
+        return cls(
+            **RolloutOut.fields_of(rec, summary),
+            reason=state.reason if state is not None else "",
+            require_approval=state.plan.require_approval if state is not None else None,
+            current_group=current,
+            groups=[RolloutGroupOut.of(g) for g in state.groups] if state is not None else [],
+            control=len(state.control) if state is not None else None,
+            transitions=[RolloutEventOut.of(e) for e in events],
+        )
+
+
+class RolloutViewOut(BaseModel):
+    """A rollout's live state after an action (from the service's reconciler)."""
+
+    id: str
+    fleet: str
+    kind: str
+    state: str
+    reason: str
+    summary: RolloutSummaryOut
+    groups: list[RolloutGroupOut]
+    control: int = Field(description="Devices held back on the old parameters.")
+
+    @classmethod
+    def of(cls, view: Any) -> RolloutViewOut:
+        """From a :class:`~service.rollout.reconciler.RolloutView` (its groups are dicts; the
+        control group is listed among them as ``control``)."""
+        groups = []
+        control = 0
+        for g in view.groups:
+            if g["name"] == CONTROL_GROUP:
+                control = int(g["devices"])
+                continue
+            groups.append(
+                RolloutGroupOut(
+                    name=g["name"],
+                    status=g["status"],
+                    devices=int(g["devices"]),
+                    figures=_plain(g.get("figures")),
+                )
+            )
+        return cls(
+            id=view.rollout_id,
+            fleet=view.fleet,
+            kind=view.kind,
+            state=str(view.status),
+            reason=view.reason,
+            summary=RolloutSummaryOut.of(view.summary),
+            groups=groups,
+            control=control,
+        )
+
+
+class RolloutActionReason(BaseModel):
+    """Why an operator pauses or rolls back (recorded with the transition and in the audit)."""
+
+    model_config = {"extra": "forbid"}
+
+    reason: str | None = Field(None, min_length=1, max_length=500)
+
+
+ProposalKindIn = Literal["recalibration", "retrain", "parameter_set"]
+DeviceId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class CandidateProposal(BaseModel):
+    """What to propose for a fleet.
+
+    ``recalibration``: a parameter set per drifting device (all of them, or ``devices``);
+    ``retrain``: one shared set learned on the fleet's labels; ``parameter_set``: roll out the
+    registered ``version``.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    fleet: str = Field(min_length=1, max_length=64)
+    kind: ProposalKindIn
+    devices: list[DeviceId] | None = Field(
+        None,
+        min_length=1,
+        max_length=10_000,
+        description="recalibration only: these devices instead of every drifting one.",
+    )
+    version: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="parameter_set only (required): the version."
+    )
+    auto_approve: bool = Field(
+        False, description="Start the rollout at once instead of waiting for approval."
+    )
+
+
+class ProposalOut(BaseModel):
+    """What a proposal produced: the rollout (null if no candidate was accepted) and each
+    candidate's decision."""
+
+    kind: str
+    fleet: str
+    rollout: RolloutViewOut | None
+    accepted: dict[str, int] = Field(
+        description="Device (or * for a shared set) → parameter version accepted."
+    )
+    refused: dict[str, str] = Field(description="Device (or *) → why no candidate was accepted.")
+    seconds: float
+
+    @classmethod
+    def of(cls, proposal: Any) -> ProposalOut:
+        """From a :class:`~service.rollout.proposals.Proposal`."""
+        return cls(
+            kind=proposal.kind,
+            fleet=proposal.fleet,
+            rollout=RolloutViewOut.of(proposal.rollout) if proposal.rollout is not None else None,
+            accepted=dict(proposal.accepted),
+            refused=dict(proposal.refused),
+            seconds=float(proposal.seconds),
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from service.cli import api_token, blob, demo, device, keys, serve
+from service.cli import api_token, blob, candidate, credentials, demo, device, keys, rollout, serve
 
 app = typer.Typer(
     name="tinydrift",
@@ -21,6 +21,9 @@ app.command("serve")(serve.serve)
 app.add_typer(serve.registry_app, name="registry")
 app.add_typer(device.firmware_app, name="firmware")
 app.add_typer(api_token.app, name="api-token")
+app.add_typer(rollout.app, name="rollout")
+app.add_typer(candidate.app, name="candidate")
+app.add_typer(credentials.app, name="credentials")
 
 
 def main() -> None:

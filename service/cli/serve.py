@@ -34,6 +34,17 @@ def serve(
         str | None, typer.Option(help="Registry URL (sqlite:///… or postgresql+psycopg://…)")
     ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Port of /metrics (0: any).")] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Address of /metrics (default 127.0.0.1).")
+    ] = None,
+    mqtt_username: Annotated[
+        str | None,
+        typer.Option(help="Broker username of the service."),
+    ] = None,
+    mqtt_password: Annotated[
+        str | None,
+        typer.Option(help="Broker password (prefer env TINYDRIFT_MQTT_PASSWORD: not in ps)."),
+    ] = None,
     api_port: Annotated[
         int | None, typer.Option(help="Port of the operator API (default 8080; 0: any).")
     ] = None,
@@ -51,6 +62,41 @@ def serve(
     discard_checkpoints: Annotated[
         bool, typer.Option(help="Ignore stored detector state and relearn references.")
     ] = False,
+    release_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Private release key: signs candidate parameter sets (with --deploy-key: "
+            "updates on; without both: monitor only)."
+        ),
+    ] = None,
+    deploy_key: Annotated[
+        Path | None, typer.Option(help="Private deploy key: signs the desired-state manifests.")
+    ] = None,
+    update_policy: Annotated[
+        str | None,
+        typer.Option(
+            help="On drift: off (operator only), propose (wait for approval; default) or auto."
+        ),
+    ] = None,
+    canary_size: Annotated[
+        int | None, typer.Option(help="Devices in a rollout's canary (default 5).")
+    ] = None,
+    control_size: Annotated[
+        int | None, typer.Option(help="Devices held back as control (default 5).")
+    ] = None,
+    min_soak_s: Annotated[
+        float | None, typer.Option(help="Canary soak before its gate is decided (default 1800).")
+    ] = None,
+    max_soak_s: Annotated[
+        float | None,
+        typer.Option(help="Soak after which an inconclusive canary pauses (default 14400)."),
+    ] = None,
+    rollout_tick_s: Annotated[
+        float | None, typer.Option(help="How often rollout gates and timers run (default 1).")
+    ] = None,
+    policy_interval_s: Annotated[
+        float | None, typer.Option(help="How often the update policy looks (default 30).")
+    ] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
@@ -65,21 +111,33 @@ def serve(
             broker=broker,
             db=db,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            mqtt_username=mqtt_username,
+            mqtt_password=mqtt_password,
             api_port=api_port,
             api_host=api_host,
             fleets=fleet,
             unknown_devices=unknown_devices,
             window_s=window,
+            release_key=release_key,
+            deploy_key=deploy_key,
+            update_policy=update_policy,
+            canary_size=canary_size,
+            control_size=control_size,
+            min_soak_s=min_soak_s,
+            max_soak_s=max_soak_s,
+            rollout_tick_s=rollout_tick_s,
+            policy_interval_s=policy_interval_s,
         )
     except SettingsError as exc:
         fail(str(exc))
     from service.api.server import ApiServerError
     from service.drift.engine import CheckpointRefusedError
-    from service.serve import Service
+    from service.serve import Service, ServiceKeyError
 
     try:
         svc = Service(settings, discard_checkpoints=discard_checkpoints)
-    except (RegistryError, CheckpointRefusedError) as exc:
+    except (RegistryError, CheckpointRefusedError, ServiceKeyError) as exc:
         fail(str(exc))
     try:
         svc.start()
@@ -96,7 +154,12 @@ def serve(
     console.print(
         f"tinydrift serve: broker {settings.broker}, registry {svc.registry.url}, "
         f"metrics http://{settings.metrics_host}:{svc.metrics_port}/metrics, "
-        f"API http://{settings.api_host}:{svc.api_port}/docs"
+        f"API http://{settings.api_host}:{svc.api_port}/docs, "
+        + (
+            f"updates on (policy {settings.update_policy})"
+            if svc.operations is not None
+            else "updates off (no --release-key/--deploy-key)"
+        )
     )
     t0 = time.monotonic()
     last = 0.0

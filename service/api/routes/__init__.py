@@ -1,23 +1,35 @@
 """The API's routers, one module per resource, all mounted under ``/api/v1``.
 
 Read routers: ``fleets`` (fleets, devices), ``drift``, ``parameter_sets``, ``status``; admin:
-``audit``, ``tokens``. The rollout controller's actions (candidates: propose; rollouts: approve,
-pause, resume, rollback) go in ``candidates.py`` and ``rollouts.py`` beside these, taking an
-:data:`~service.api.auth.Operator` principal and writing their audit entry in the same registry
-transaction as the change, and are added to :data:`ROUTERS`.
+``audit``, ``tokens``. The rollout controller's: ``rollouts`` (list and detail with gate figures
+for viewers; approve, pause, resume, rollback) and ``candidates`` (candidate sets; propose). Their
+actions take an :data:`~service.api.auth.Operator` principal and call the service's
+:class:`~service.api.state.RolloutOperations`, which writes the change and its audit entry in one
+registry transaction.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import audit, drift, fleets, parameter_sets, status, tokens
+from service.api.routes import (
+    audit,
+    candidates,
+    drift,
+    fleets,
+    parameter_sets,
+    rollouts,
+    status,
+    tokens,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     status.router,
     fleets.router,
     drift.router,
     parameter_sets.router,
+    candidates.router,
+    rollouts.router,
     audit.router,
     tokens.router,
 )
