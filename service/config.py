@@ -76,6 +76,9 @@ class ServiceSettings(BaseSettings):
     ``auto`` (build and start the rollout)."""
     policy_interval_s: float = Field(30.0, gt=0)
     """How often the policy looks for drifting devices to recalibrate."""
+    policy_settle_s: float = Field(120.0, ge=0)
+    """The set of drifting devices must stay the same this long before the policy proposes
+    (devices' alarms come seconds to minutes apart: one rollout for all of them)."""
     rollout_tick_s: float = Field(1.0, gt=0, le=60)
     """How often rollout timers and gates are evaluated."""
     canary_size: int = Field(5, ge=1)
@@ -85,6 +88,12 @@ class ServiceSettings(BaseSettings):
     """The canary gate is not decided before the canary has soaked this long."""
     max_soak_s: float = Field(4 * 3600.0, gt=0)
     """Still inconclusive after this long: the rollout pauses for the operator."""
+    gate_confidence_margin: float = Field(0.05, ge=0, le=1)
+    """Largest tolerated drop of the canary's mean confidence vs the control (absolute)."""
+    gate_error_margin: float = Field(0.05, ge=0, le=1)
+    """Largest tolerated rise of the canary's labelled error rate vs the control (absolute)."""
+    gate_max_class_js: float = Field(0.1, ge=0, le=1)
+    """Largest tolerated Jensen-Shannon divergence of the canary's class mix vs the control."""
     gate_min_readings: int = Field(500, ge=1)
     gate_min_devices: int = Field(3, ge=1)
     ack_timeout_s: float = Field(900.0, gt=0)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -87,6 +87,8 @@ class ServiceMetrics:
         r = self.registry = registry or CollectorRegistry()
         self._fleets: set[str] = set()
         self.build = Info("tinydrift_build", "tinydrift build information.", registry=r)
+        # the service's own CPU, memory and open files (process_* series, Linux /proc)
+        ProcessCollector(registry=r)
         self.build.info({"version": service.__version__})
         self.model_info = Gauge(
             "tinydrift_model_info",
@@ -165,6 +167,12 @@ class ServiceMetrics:
             "tinydrift_drift_detections",
             "Drift detections (device id as exemplar).",
             ["fleet", "scope", "signal", "detector"],
+            registry=r,
+        )
+        self.suspicions = Counter(
+            "tinydrift_drift_suspicions",
+            "Layer-A sensitive-tier suspicions (not alarms: the cohort rule alarms on them).",
+            ["fleet", "signal"],
             registry=r,
         )
         self.drifting_devices = Gauge(
@@ -258,6 +266,12 @@ class ServiceMetrics:
             registry=r,
         )
         # rollouts (service/rollout)
+        self.update_acks = Counter(
+            "tinydrift_update_acks",
+            "Update acks received from devices, by state and reason (any rollout or none).",
+            ["fleet", "state", "reason"],
+            registry=r,
+        )
         self.update_results = Counter(
             "tinydrift_update_results",
             "Device update results at their end (code 200 confirmed, else the error), by reason.",
@@ -323,6 +337,11 @@ class ServiceMetrics:
         self.readings.labels(fleet=fleet)
         self.sequence_gaps.labels(fleet=fleet)
         self.labels.labels(fleet=fleet)
+        # update counters exist at 0, so increase() and alerts see the first rollback or push
+        for cause in ("gate", "operator"):
+            self.rollbacks.labels(fleet=fleet, cause=cause)
+        for action in ("install", "confirm", "revert"):
+            self.manifests_published.labels(fleet=fleet, action=action)
 
     def exposition(self) -> bytes:
         """The text exposition (what ``/metrics`` serves)."""

@@ -54,10 +54,10 @@ from service.rollout.plan import DeliveryPolicy, GatePolicy, QualityPolicy
 from service.rollout.proposals import (
     CandidateProposer,
     FleetDevice,
-    ProposalError,
     ProposalSettings,
 )
 from service.rollout.reconciler import RolloutReconciler
+from service.rollout.update_policy import UpdatePolicy
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ def proposal_settings(s: ServiceSettings) -> ProposalSettings:
                 max_soak_ms=int(s.max_soak_s * 1000),
                 min_readings=s.gate_min_readings,
                 min_devices=s.gate_min_devices,
+                confidence_margin=s.gate_confidence_margin,
+                error_margin=s.gate_error_margin,
+                max_class_js=s.gate_max_class_js,
             ),
         ),
         min_recent_readings=s.min_recent_readings,
@@ -122,6 +125,16 @@ class Service:
         device_config: DeviceMonitorConfig | None = None,
     ) -> None:
         self.settings = settings
+        keys = None  # loaded first: a bad key file must not leave a registry behind
+        if settings.release_key is not None and settings.deploy_key is not None:
+            keys = (
+                _load_key(settings.release_key, "release"),
+                _load_key(settings.deploy_key, "deploy"),
+            )
+        elif settings.release_key is not None or settings.deploy_key is not None:
+            raise ServiceKeyError(
+                "updates need both --release-key and --deploy-key (or neither: monitor only)"
+            )
         self.metrics = ServiceMetrics()
         self.registry = Registry(settings.db)
         self.writer = RegistryWriter(self.registry, max_queue=100_000, put_timeout_s=0.05)
@@ -163,9 +176,9 @@ class Service:
         self.reconciler: RolloutReconciler | None = None
         self.proposer: CandidateProposer | None = None
         self.operations: UpdateOperations | None = None
-        if settings.release_key is not None and settings.deploy_key is not None:
-            release = _load_key(settings.release_key, "release")
-            deploy = _load_key(settings.deploy_key, "deploy")
+        self.policy: UpdatePolicy | None = None
+        if keys is not None:
+            release, deploy = keys
             self.reconciler = RolloutReconciler(
                 self.registry, self.consumer.client, deploy, self.metrics
             )
@@ -179,11 +192,15 @@ class Service:
                 self._reference_of,
                 self.recent,
                 proposal_settings(settings),
+                on_registered=self._add_parameter_set,
             )
             self.operations = UpdateOperations(self.proposer, self.reconciler)
-        elif settings.release_key is not None or settings.deploy_key is not None:
-            raise ServiceKeyError(
-                "updates need both --release-key and --deploy-key (or neither: monitor only)"
+            self.policy = UpdatePolicy(
+                settings.update_policy,
+                self.proposer,
+                self.reconciler,
+                lambda: {i.fleet for i in self.directory.all()},
+                settle_s=settings.policy_settle_s,
             )
         self.batcher = Batcher(
             self.queue,
@@ -332,7 +349,9 @@ class Service:
         info = self.directory.get(fleet, device)
         if info is not None:
             info.update_state = ack.state
+            info.last_deploy_seq = max(info.last_deploy_seq or 0, ack.deploy_seq)
             info.dirty = True
+        self.metrics.update_acks.labels(fleet=fleet, state=ack.state, reason=ack.reason).inc()
         if self.reconciler is not None:
             self.reconciler.on_ack(fleet, device, ack)
 
@@ -364,6 +383,11 @@ class Service:
             ):
                 self.recent.track((d.fleet, d.device))  # a recalibration will need its readings
         self._submit(lambda: self.writer.record_drift_events(dets))
+
+    def _count_suspicions(self, dets: list[Detection]) -> None:
+        """Layer A's sensitive tier: counted, never stored one by one (the cohort rule alarms)."""
+        for d in dets:
+            self.metrics.suspicions.labels(fleet=d.fleet, signal=d.signal).inc()
 
     def _on_queue_full(self) -> None:
         self.metrics.rejected.labels(reason="queue_full").inc()
@@ -430,6 +454,10 @@ class Service:
             if i.fleet == fleet
         ]
 
+    def _add_parameter_set(self, blob: bytes) -> None:
+        """A parameter set registered while running (a candidate): cohorts can bin its model."""
+        self.catalog.add_blob(verify_blob(blob, trusted=None, schema_id=None))
+
     def _reference_of(self, fleet: str, device: str) -> tuple[Any, Any, int | None] | None:
         with self.engine.lock:
             mon = self.engine.monitors.get((fleet, device))
@@ -439,36 +467,8 @@ class Service:
             return mu, sigma, mon.model_version
 
     def apply_policy(self) -> list[str]:
-        """``update_policy``: propose (or start) a recalibration for fleets with drifting devices.
-
-        Returns the rollouts proposed. A fleet with an active rollout is left alone.
-        """
-        if self.proposer is None or self.reconciler is None:
-            return []
-        if self.settings.update_policy == "off":
-            return []
-        busy = self.reconciler.active_fleets()
-        proposed = []
-        for fleet in sorted({i.fleet for i in self.directory.all()} - busy):
-            if not self.proposer.drifting_devices(fleet):
-                continue
-            try:
-                p = self.proposer.propose_recalibration(
-                    fleet, "policy", auto_approve=self.settings.update_policy == "auto"
-                )
-            except (ProposalError, RegistryError) as exc:
-                log.warning("update policy: no recalibration for %s: %s", fleet, exc)
-                continue
-            if p.rollout is not None:
-                proposed.append(p.rollout.rollout_id)
-                log.info(
-                    "update policy: proposed %s for %d drifting devices of %s (%s)",
-                    p.rollout.rollout_id,
-                    len(p.accepted),
-                    fleet,
-                    p.rollout.status,
-                )
-        return proposed
+        """One pass of the update policy (:mod:`service.rollout.update_policy`)."""
+        return [] if self.policy is None else self.policy.apply()
 
     def evaluate(self) -> list[CohortReport]:
         """Close every cohort window now; export the reports as metrics and events."""

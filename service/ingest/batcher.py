@@ -227,6 +227,13 @@ class Batcher:
             if info.lost_frames > lost_before:
                 fm.gaps.inc(info.lost_frames - lost_before)
             info.readings += batch.k
+            if batch.param_version != info.active_version:
+                # an update (or a revert) shows in the telemetry before the next birth
+                info.previous_version, info.active_version = (
+                    info.active_version,
+                    batch.param_version,
+                )
+                info.dirty = True
             fm.readings.inc(batch.k)
             fm.lag.observe(max(msg.recv_ts - batch.ts_ms / 1000.0, 0.0))
             frames.append(

@@ -44,6 +44,8 @@ STATE_FORMAT: Final = 1
 """Version of :meth:`RolloutState.to_json`'s layout."""
 
 SYSTEM_ACTOR: Final = "rollout-controller"
+CONTROL_GROUP: Final = "control"
+"""Name of the group the control becomes when it is released (``plan.release_control``)."""
 
 KAT_REASONS: Final = frozenset({"kat_mismatch", "self_test"})
 FAULT_REASONS: Final = frozenset({"fault_reset"})
@@ -252,6 +254,8 @@ class RolloutState:
     """Why the rollout is paused, stopped or rolled back."""
     paused_for_inconclusive: bool = False
     marked_bad: bool = False
+    control_released: bool = False
+    """The control group was appended as the last group (``plan.release_control``)."""
 
     def to_json(self) -> str:
         """Serialise (canonical: sorted keys)."""
@@ -269,6 +273,7 @@ class RolloutState:
             "reason": self.reason,
             "paused_for_inconclusive": self.paused_for_inconclusive,
             "marked_bad": self.marked_bad,
+            "control_released": self.control_released,
         }
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
@@ -301,6 +306,7 @@ class RolloutState:
             reason=data["reason"],
             paused_for_inconclusive=data["paused_for_inconclusive"],
             marked_bad=data["marked_bad"],
+            control_released=bool(data.get("control_released", False)),
         )
 
 
@@ -373,6 +379,22 @@ class RolloutController:
         """Resume a rollout after a restart: devices in TRIAL past their deadline are reverted."""
         ctl = cls(RolloutState.from_json(state_json))
         return ctl, ctl._expire_trials(now_ms)
+
+    def resync(self, now_ms: int) -> list[Action]:
+        """After a restart: re-issue every unsettled device's intent under a newer ``deploy_seq``.
+
+        Acks received after the last stored state are lost with the old process, and a device
+        ignores a manifest whose ``deploy_seq`` it has acted on; under a new one it re-acks where
+        it really is (README §7.1: an install of the parameters in trial re-acks ``TRIAL``, of
+        the active ones ``CONFIRMED``).
+        """
+        actions: list[Action] = []
+        for p in list(self.state.devices.values()):
+            if p.status in IN_PROGRESS or p.status is DeviceStatus.TRIAL:
+                actions += self._issue(
+                    p.device, p.group, p.intent, p.param, p.rollback, now_ms, phase=p.phase
+                )
+        return actions
 
     def to_json(self) -> str:
         """The state, for the registry's ``rollouts.state_json``."""
@@ -680,6 +702,12 @@ class RolloutController:
         while (group := self._group()) is not None and not group.devices:
             actions += self._group_transition(group, GroupStatus.PASSED, now_ms, None)
             self.state.current += 1
+        if group is None and self.plan.release_control and not self.state.control_released:
+            # every group passed against the held-back control: now the control gets it too
+            self.state.control_released = True
+            if self.state.control:
+                group = GroupProgress(CONTROL_GROUP, list(self.state.control))
+                self.state.groups.append(group)
         if group is None:
             return actions + self._transition(
                 RolloutStatus.FINISHED, now_ms, SYSTEM_ACTOR, "all groups passed"
@@ -828,7 +856,9 @@ class RolloutController:
         soaked = now_ms - group.soak_started_ms if soaking and group.soak_started_ms else 0
         applicable = group.name in gates.quality.groups
         if soaking:
-            q_verdict, checks, q_reason = quality_gate(quality, gates.quality, soaked, applicable)
+            q_verdict, checks, q_reason = quality_gate(
+                quality, gates.quality, soaked, applicable, len(group.devices)
+            )
             if q_verdict is Verdict.NOT_APPLICABLE and soaked < gates.quality.min_soak_ms:
                 q_verdict, q_reason = Verdict.WAIT, "minimum soak time not reached"
         else:

@@ -67,6 +67,10 @@ class ArmFigures:
     confidence_sd: float = 0.0
     labelled: int = 0
     errors: int = 0
+    error_sd: float = 0.0
+    """Standard deviation of the per-device error rates (devices with labels)."""
+    labelled_devices: int = 0
+    """Devices with labels in the window."""
 
     @property
     def error_rate(self) -> float | None:
@@ -175,17 +179,32 @@ def quality_checks(q: QualityFigures, policy: QualityPolicy) -> tuple[MetricChec
     """The per-metric non-inferiority checks (confidence, class mix, labelled error)."""
     c, k = q.canary, q.control
     checks: list[MetricCheck] = []
-    se_conf = math.sqrt(
-        c.confidence_sd**2 / max(c.devices, 1) + k.confidence_sd**2 / max(k.devices, 1)
-    )
-    loss = k.mean_confidence - c.mean_confidence
-    bound, verdict = _non_inferior(loss, se_conf, policy.confidence_margin, policy.z)
-    checks.append(MetricCheck("confidence", -loss, -bound, policy.confidence_margin, verdict))
-    js_verdict = Verdict.PASS if q.class_js <= policy.max_class_js else Verdict.FAIL
-    checks.append(MetricCheck("class_js", q.class_js, q.class_js, policy.max_class_js, js_verdict))
+    if "confidence" in policy.metrics:
+        se_conf = math.sqrt(
+            c.confidence_sd**2 / max(c.devices, 1) + k.confidence_sd**2 / max(k.devices, 1)
+        )
+        loss = k.mean_confidence - c.mean_confidence
+        bound, verdict = _non_inferior(loss, se_conf, policy.confidence_margin, policy.z)
+        checks.append(MetricCheck("confidence", -loss, -bound, policy.confidence_margin, verdict))
+    if "class_js" in policy.metrics:
+        js_verdict = Verdict.PASS if q.class_js <= policy.max_class_js else Verdict.FAIL
+        checks.append(
+            MetricCheck("class_js", q.class_js, q.class_js, policy.max_class_js, js_verdict)
+        )
     pc, pk = c.error_rate, k.error_rate
-    if pc is not None and pk is not None and min(c.labelled, k.labelled) >= policy.min_labels:
-        se_err = math.sqrt(pc * (1 - pc) / c.labelled + pk * (1 - pk) / k.labelled)
+    if (
+        "error_rate" in policy.metrics
+        and pc is not None
+        and pk is not None
+        and min(c.labelled, k.labelled) >= policy.min_labels
+    ):
+        # readings within a device are correlated and devices differ: the larger of the
+        # binomial and the between-device standard error
+        se_bin = math.sqrt(pc * (1 - pc) / c.labelled + pk * (1 - pk) / k.labelled)
+        se_dev = math.sqrt(
+            c.error_sd**2 / max(c.labelled_devices, 1) + k.error_sd**2 / max(k.labelled_devices, 1)
+        )
+        se_err = max(se_bin, se_dev)
         bound, verdict = _non_inferior(pc - pk, se_err, policy.error_margin, policy.z)
         checks.append(MetricCheck("error_rate", pc - pk, bound, policy.error_margin, verdict))
     return tuple(checks)
@@ -196,9 +215,12 @@ def quality_gate(
     policy: QualityPolicy,
     soaked_ms: int,
     applicable: bool,
+    group_size: int | None = None,
 ) -> tuple[Verdict, tuple[MetricCheck, ...], str]:
     """Quality: every metric non-inferior, with minimum devices, readings and soak time.
 
+    ``group_size``: devices in the group being judged; a group smaller than ``min_devices``
+    needs every one of its devices reporting (instead of waiting for devices it does not have).
     Returns WAIT before the minimum soak or while evidence is short; the caller turns WAIT at the
     soak deadline into INCONCLUSIVE. A metric that *fails* fails the gate at once (after the
     minimum soak), even if others are inconclusive.
@@ -209,11 +231,23 @@ def quality_gate(
         return Verdict.WAIT, (), "minimum soak time not reached"
     if q is None:
         return Verdict.WAIT, (), "no quality figures yet"
+    # a group smaller than min_devices (a rollout to few devices) needs all of its devices
+    need = {
+        "canary": min(policy.min_devices, group_size or policy.min_devices),
+        "control": policy.min_devices,
+    }
     short = [
         f"{name}: {arm.devices} devices / {arm.readings} readings"
         for name, arm in (("canary", q.canary), ("control", q.control))
-        if arm.devices < policy.min_devices or arm.readings < policy.min_readings
+        if arm.devices < need[name] or arm.readings < policy.min_readings
     ]
+    if "error_rate" in policy.metrics and (q.canary.labelled or q.control.labelled):
+        # labels are arriving: wait for enough of them (a label-free fleet skips the check)
+        short += [
+            f"{name}: {arm.labelled} labels"
+            for name, arm in (("canary", q.canary), ("control", q.control))
+            if arm.labelled < policy.min_labels
+        ]
     if short:
         return Verdict.WAIT, (), "not enough evidence (" + "; ".join(short) + ")"
     checks = quality_checks(q, policy)

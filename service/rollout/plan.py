@@ -81,6 +81,9 @@ class QualityPolicy:
     max_soak_ms: int = 4 * 3600_000
     """Still inconclusive at this point: pause for the operator (never promote)."""
     z: float = 1.645
+    metrics: tuple[str, ...] = ("confidence", "class_js", "error_rate")
+    """Which checks apply. A recalibration judged against drifting devices held back uses only
+    ``error_rate``: it is *meant* to change the confidence and the class mix of a drifted device."""
     groups: tuple[str, ...] = ("canary",)
     """Groups the quality gate applies to (the others pass it as not applicable)."""
 
@@ -98,6 +101,8 @@ class GatePolicy:
         """Build from :func:`dataclasses.asdict` output."""
         q = dict(data["quality"])
         q["groups"] = tuple(q["groups"])
+        if "metrics" in q:
+            q["metrics"] = tuple(q["metrics"])
         return cls(
             delivery=DeliveryPolicy(**data["delivery"]),
             health=HealthPolicy(**data["health"]),
@@ -128,6 +133,13 @@ class RolloutPlan:
     """Device-side trial timeout written into install manifests."""
     min_inferences: int = 200
     gates: GatePolicy = field(default_factory=GatePolicy)
+    release_control: bool = False
+    """After the last wave passes, update the control group too (its devices were held back
+    from the same eligible population, e.g. drifting devices awaiting their recalibration)."""
+    self_control: bool = False
+    """No separate control group: each group is compared with its own devices *before* their
+    update (their readings and labels on the previous version since the rollout was created).
+    For a recalibration of too few drifting devices to hold some back."""
     device_targets: tuple[tuple[str, ParamRef], ...] = ()
     """Per-device targets (a recalibration gives each drifting device its own parameter set).
 
@@ -149,8 +161,8 @@ class RolloutPlan:
         devices = [d for d, _ in self.device_targets]
         if len(set(devices)) != len(devices):
             raise ValueError("a device has two per-device targets")
-        if set(devices) & set(self.control_devices):
-            raise ValueError("a device with its own target cannot be in the control group")
+        if set(self.control_devices) - set(devices) and devices and self.release_control:
+            raise ValueError("a released control needs its own per-device targets")
         pcts = list(self.waves_pct)
         if not pcts or pcts != sorted(pcts) or pcts[-1] != 100.0 or pcts[0] <= 0:
             raise ValueError("waves_pct must increase and end at 100")
@@ -200,6 +212,8 @@ class RolloutPlan:
             trial_timeout_s=data["trial_timeout_s"],
             min_inferences=data["min_inferences"],
             gates=GatePolicy.from_dict(data["gates"]),
+            release_control=bool(data.get("release_control", False)),
+            self_control=bool(data.get("self_control", False)),
             device_targets=tuple(
                 (str(dev), ParamRef.from_dict(ref)) for dev, ref in data.get("device_targets", ())
             ),

@@ -8,8 +8,14 @@ Three kinds of proposal, for one fleet at a time (one active rollout per fleet):
   the fleet's shared weights (:func:`service.learn.recalibration.recalibrate`). Each candidate is
   judged and signed by :func:`service.learn.candidate.register_candidate`; the refused ones are
   reported with their reason and left out. The rollout's members are the accepted devices
-  (canary first, then waves); its control is a sample of *healthy* devices on the same model,
-  so the canary is held to "as good as an undrifted device".
+  (canary first, then waves). Its control is a few of those same drifting devices *held back*
+  on the old parameters (same drift, so the canary must do at least as well as leaving the drift
+  alone) and released as the last group once every wave passed. With too few drifting devices
+  for that, each device is compared with itself before its update (``self_control``: its
+  labelled error on the old parameters since the proposal vs on the new ones). Either way only
+  the labelled error decides: a recalibration is *meant* to change a drifted device's confidence
+  and class mix; without labels delivery and health decide (the candidate's own split-half check
+  is then its quality check).
 - **retrain** (labels): river continues learning the deployed model on the fleet's buffered
   labels (:func:`service.learn.retrain.retrain`); one shared candidate for every device on the
   deployed version; control sampled among them.
@@ -27,7 +33,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -109,8 +115,17 @@ class Proposal:
 
 
 def param_ref(rec: ParameterSetRecord) -> ParamRef:
-    """The manifest's view of a stored parameter set (key id from the blob header)."""
-    header = verify_blob(rec.blob, trusted=None, schema_id=None).header
+    """The manifest's view of a stored parameter set (key id from the blob header).
+
+    Raises :class:`ProposalError` for a blob that does not parse or whose payload does not match
+    its header (corrupt or tampered in the registry). The signature is the devices' to check.
+    """
+    try:
+        header = verify_blob(rec.blob, trusted=None, schema_id=None).header
+    except BlobRejectedError as exc:
+        raise ProposalError(
+            f"parameter set {rec.schema_id} v{rec.version} is corrupt or tampered: {exc}"
+        ) from exc
     return ParamRef(
         version=rec.version,
         schema_id=rec.schema_id,
@@ -139,6 +154,7 @@ class CandidateProposer:
         reference_of: Callable[[str, str], tuple[Any, Any, int | None] | None],
         recent: RecentReadings,
         settings: ProposalSettings | None = None,
+        on_registered: Callable[[bytes], None] | None = None,
     ) -> None:
         self.registry = registry
         self.reconciler = reconciler
@@ -149,6 +165,8 @@ class CandidateProposer:
         """``(fleet, device) → (μ_ref, σ_ref, model version)`` of layer A, or ``None``."""
         self.recent = recent
         self.settings = settings or ProposalSettings()
+        self.on_registered = on_registered
+        """Called with each accepted candidate's blob (the service adds it to its catalog)."""
 
     # -- shared ------------------------------------------------------------------------------
 
@@ -193,16 +211,36 @@ class CandidateProposer:
                 r.candidate_fixed_accuracy
             )
 
+    def _registered(self, record: ParameterSetRecord) -> None:
+        if self.on_registered is not None:
+            try:
+                self.on_registered(record.blob)
+            except Exception:  # the catalog is a convenience; the rollout does not depend on it
+                log.exception("candidate v%d not added to the catalog", record.version)
+
+    def _held_back(self, members: list[str], rollout_id: str) -> tuple[str, ...]:
+        """A control from the devices that get a recalibration, held back until the canary
+        passed (then released): the fair comparison, same drift, old parameters. Empty when
+        there are too few of them for the canary, the gate's minimum control and a wave."""
+        s = self.settings
+        need = s.gates.quality.min_devices
+        size = min(s.control_size, len(members) - s.canary_size)
+        if size < need:
+            return ()
+        ordered = sorted(members, key=lambda dev: (bucket(dev, rollout_id), dev))
+        return tuple(ordered[:size])
+
     def _control(
         self, devices: Sequence[FleetDevice], version: int, exclude: set[str], rollout_id: str
     ) -> tuple[str, ...]:
         healthy = [
-            d.device
+            d
             for d in devices
             if d.active_version == version and d.device not in exclude and not d.drifting
         ]
-        healthy.sort(key=lambda dev: (bucket(dev, rollout_id), dev))
-        return tuple(healthy[: self.settings.control_size])
+        # online devices first: an offline control reports nothing to compare with
+        healthy.sort(key=lambda d: (not d.online, bucket(d.device, rollout_id), d.device))
+        return tuple(d.device for d in healthy[: self.settings.control_size])
 
     def _plan(
         self,
@@ -215,8 +253,13 @@ class CandidateProposer:
         auto_approve: bool,
         control: tuple[str, ...] = (),
         device_targets: tuple[tuple[str, ParamRef], ...] = (),
+        release_control: bool = False,
+        self_control: bool = False,
     ) -> RolloutPlan:
         s = self.settings
+        gates = s.gates
+        if release_control or self_control:  # vs the drifted state: labelled error only
+            gates = replace(gates, quality=replace(gates.quality, metrics=("error_rate",)))
         return RolloutPlan(
             rollout_id=rollout_id,
             fleet=fleet,
@@ -225,13 +268,15 @@ class CandidateProposer:
             kind=kind,
             canary_size=s.canary_size,
             control_devices=control,
-            control_size=s.control_size,
             waves_pct=s.waves_pct,
             require_approval=not auto_approve,
             trial_timeout_s=s.trial_timeout_s,
             min_inferences=s.min_inferences,
-            gates=s.gates,
+            gates=gates,
             device_targets=device_targets,
+            release_control=release_control,
+            self_control=self_control,
+            control_size=0 if self_control else s.control_size,
         )
 
     @staticmethod
@@ -332,12 +377,13 @@ class CandidateProposer:
                 refused[dev] = result.report.reason
                 continue
             accepted[dev] = record.version
+            self._registered(record)
             targets.append((dev, param_ref(record)))
         rollout = None
         if targets:
             rid = _rollout_id(fleet, "recal")
             members = {d for d, _ in targets}
-            control = self._control(fleet_devices, version, members, rid)
+            held_back = self._held_back(sorted(members), rid)
             plan = self._plan(
                 fleet,
                 "recalibration",
@@ -345,12 +391,12 @@ class CandidateProposer:
                 targets[0][1],
                 previous,
                 auto_approve=auto_approve,
-                control=control,
+                control=held_back,
                 device_targets=tuple(targets),
+                release_control=bool(held_back),
+                self_control=not held_back,
             )
-            rollout = self.reconciler.create(
-                plan, self._infos(fleet_devices, members | set(control)), actor
-            )
+            rollout = self.reconciler.create(plan, self._infos(fleet_devices, members), actor)
         if rollout is not None:  # their readings served; a new alarm starts a new buffer
             self.recent.untrack((fleet, dev) for dev in accepted)
         proposal = Proposal(
@@ -384,6 +430,7 @@ class CandidateProposer:
             refused["*"] = result.report.reason
         else:
             accepted["*"] = record.version
+            self._registered(record)
             rollout = self._propose_shared(
                 fleet, "retrain", fleet_devices, version, previous, record, actor, auto_approve
             )

@@ -34,7 +34,10 @@ import numpy.typing as npt
 
 from service.rollout.gates import ArmFigures, QualityFigures
 
-__all__ = ["QualityWindow", "js_divergence"]
+__all__ = ["MIN_DEVICE_LABELS", "QualityWindow", "js_divergence"]
+
+MIN_DEVICE_LABELS = 20
+"""Labels a device needs in the window for its error rate to count in the between-device spread."""
 
 
 @dataclass
@@ -127,6 +130,7 @@ class QualityWindow:
 
     def _arm(self, members: Mapping[str, int]) -> tuple[ArmFigures, dict[int, int], int]:
         means: list[float] = []
+        err_rates: list[float] = []
         readings = labelled = errors = 0
         conf_sum = 0.0
         classes: dict[int, int] = {}
@@ -136,6 +140,8 @@ class QualityWindow:
             start = max(start, self._since.get(dev, 0))
             if acc is None or acc.readings == 0:
                 continue
+            if acc.labelled >= MIN_DEVICE_LABELS:
+                err_rates.append(acc.errors / acc.labelled)
             means.append(acc.conf_sum / acc.readings)
             readings += acc.readings
             conf_sum += acc.conf_sum
@@ -151,6 +157,8 @@ class QualityWindow:
             confidence_sd=sd,
             labelled=labelled,
             errors=errors,
+            error_sd=float(np.std(err_rates, ddof=1)) if len(err_rates) > 1 else 0.0,
+            labelled_devices=len(err_rates),
         )
         return arm, classes, start
 

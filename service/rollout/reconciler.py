@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -94,6 +94,10 @@ class UnknownRolloutError(KeyError):
         return str(self.args[0]) if self.args else "unknown rollout"
 
 
+class ServiceStoppingError(RuntimeError):
+    """The service is shutting down: no operator action now (API: 503)."""
+
+
 class RolloutConflictError(ValueError):
     """The fleet already has an active rollout, or a device belongs to one (API: 409)."""
 
@@ -140,6 +144,8 @@ class RolloutReconciler:
         self.transfer = BlobTransferService(client, self.cache)
         self.controllers: dict[str, RolloutController] = {}
         self._by_device: dict[tuple[str, str], set[str]] = {}
+        self._known_seq: dict[tuple[str, str], int] = {}
+        """Highest ``deploy_seq`` issued to or acked by each device, over every rollout."""
         self._pending_events: dict[str, list[RolloutEventRecord]] = {}
         self._pending_audit: list[AuditAction] = []
         self._pending_bad: list[MarkParameterSetBad] = []
@@ -195,7 +201,7 @@ class RolloutReconciler:
     def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the worker and wait for it (operator actions)."""
         if self._stopped:
-            raise RuntimeError("the service is stopping")
+            raise ServiceStoppingError("the service is stopping; retry when it is back")
         return self._submit(fn).result(timeout=OPERATION_TIMEOUT_S)
 
     # -- restore -------------------------------------------------------------------------------
@@ -209,18 +215,17 @@ class RolloutReconciler:
             except (ValueError, KeyError) as exc:
                 log.error("rollout %s cannot be restored: %s", rec.id, exc)
                 continue
+            for dev, seq in ctl.state.known_seq.items():
+                self._note_seq(ctl.plan.fleet, dev, seq)
             if status not in ACTIVE_STATES and _settled(ctl):
                 continue
             self._adopt(ctl)
             self._load_blobs(ctl.plan)
             self.counters["restored"] += 1
             log.info("rollout %s restored in state %s", rec.id, status)
-            self._run(ctl, actions)
-            # re-publish every current intent (a crash may have lost publications)
-            for dev in list(ctl.state.devices):
-                p = ctl.state.devices[dev]
-                if p.status in IN_PROGRESS or p.status is DeviceStatus.TRIAL:
-                    self._publish(ctl, ctl._publish(p))
+            # acks and publications after the last stored state are lost: every unsettled device
+            # gets its intent again under a newer deploy_seq and re-acks where it really is
+            self._run(ctl, actions + ctl.resync(now))
         self._refresh_gauges()
 
     def _adopt(self, ctl: RolloutController) -> None:
@@ -232,7 +237,11 @@ class RolloutReconciler:
             members.update(g.devices)
         for dev in members:
             self._by_device.setdefault((fleet, dev), set()).add(rid)
-        if ctl.state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED):
+        if ctl.plan.self_control and ctl.state.status in ACTIVE_STATES:
+            # before/after: the members' readings on the old version count from now on
+            unwatched = set(members) - self.quality.watched
+            self.quality.watch(sorted(unwatched), self._now_ms())
+        elif ctl.state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED):
             group = ctl._group()
             if group is not None and group.status is GroupStatus.SOAKING:
                 since = group.soak_started_ms or self._now_ms()
@@ -301,8 +310,14 @@ class RolloutReconciler:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def _note_seq(self, fleet: str, device: str, seq: int) -> None:
+        key = (fleet, device)
+        if seq > self._known_seq.get(key, 0):
+            self._known_seq[key] = seq
+
     def _ack(self, fleet: str, device: str, ack: UpdateAck) -> None:
         now = self._now_ms()
+        self._note_seq(fleet, device, ack.deploy_seq)
         for rid in sorted(self._by_device.get((fleet, device), ())):
             ctl = self.controllers[rid]
             try:
@@ -313,14 +328,19 @@ class RolloutReconciler:
                 continue
             if actions:
                 self._run(ctl, actions)
+            else:
+                self._dirty.add(rid)  # progress changed: stored with the next tick
 
     def _birth(self, fleet: str, info: DeviceInfo) -> None:
         now = self._now_ms()
+        self._note_seq(fleet, info.device_id, info.last_deploy_seq)
         for rid in sorted(self._by_device.get((fleet, info.device_id), ())):
             ctl = self.controllers[rid]
             actions = ctl.on_birth(info, now)
             if actions:
                 self._run(ctl, actions)
+            else:
+                self._dirty.add(rid)
 
     def _tick(self) -> None:
         now = self._now_ms()
@@ -340,7 +360,10 @@ class RolloutReconciler:
             return {}
         plan = ctl.plan
         canary = {d: plan.target_for(d).version for d in group.devices}
-        control = {d: plan.previous.version for d in ctl.state.control}
+        if plan.self_control:  # the same devices before their update
+            control = {d: plan.previous.version for d in group.devices}
+        else:
+            control = {d: plan.previous.version for d in ctl.state.control}
         return {group.name: self.quality.figures(canary, control, now)}
 
     def _run(self, ctl: RolloutController, actions: Iterable[Action]) -> None:
@@ -395,7 +418,7 @@ class RolloutReconciler:
                 )
             return
         log.info("rollout %s group %s: %s → %s", a.rollout_id, a.name, a.from_state, a.to_state)
-        if a.to_state == GroupStatus.SOAKING:
+        if a.to_state == GroupStatus.SOAKING and not ctl.plan.self_control:
             group = next(g for g in ctl.state.groups if g.name == a.name)
             self.quality.watch([*group.devices, *ctl.state.control], a.at_ms)
         elif a.to_state in (GroupStatus.PASSED, GroupStatus.FAILED):
@@ -470,6 +493,7 @@ class RolloutReconciler:
             issued_ms=self._now_ms(),
         )
         self._cache_blob(ref)
+        self._note_seq(ctl.plan.fleet, m.device, m.deploy_seq)
         self.publisher.publish(ctl.plan.fleet, m.device, manifest)
         self.metrics.manifests_published.labels(fleet=ctl.plan.fleet, action=m.action).inc()
 
@@ -528,7 +552,17 @@ class RolloutReconciler:
             if plan.rollout_id in self.controllers or self.registry.get_rollout(plan.rollout_id):
                 raise RolloutConflictError(f"rollout {plan.rollout_id} exists already")
             now = self._now_ms()
-            ctl, actions = RolloutController.create(plan, devices, now, actor)
+            # a device has seen the manifests of earlier rollouts: continue above them
+            devices_ = [
+                replace(
+                    d,
+                    last_deploy_seq=max(
+                        d.last_deploy_seq, self._known_seq.get((plan.fleet, d.device_id), 0)
+                    ),
+                )
+                for d in devices
+            ]
+            ctl, actions = RolloutController.create(plan, devices_, now, actor)
             self._adopt(ctl)
             self._load_blobs(plan)
             if start:
