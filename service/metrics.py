@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,10 @@ import service
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 CONF_BUCKETS = tuple(i / 20 for i in range(5, 21))
+
+
+CANDIDATE_KINDS: Final = ("recalibration", "retrain")
+"""Kinds of candidate the service builds (label values of the candidate metrics)."""
 
 
 class BulkHistogram(Collector):
@@ -323,6 +328,8 @@ class ServiceMetrics:
             ["fleet"],
             registry=r,
         )
+        for kind in CANDIDATE_KINDS:  # at 0: the first build shows in increase()
+            self.candidate_seconds.labels(kind=kind)
 
     def init_reasons(self, reasons: Sequence[str]) -> None:
         """Create every rejection series at 0, so rates and alerts see them before any occurs."""
@@ -342,6 +349,10 @@ class ServiceMetrics:
             self.rollbacks.labels(fleet=fleet, cause=cause)
         for action in ("install", "confirm", "revert"):
             self.manifests_published.labels(fleet=fleet, action=action)
+        for kind in CANDIDATE_KINDS:
+            for outcome in ("accepted", "refused"):
+                self.candidate_runs.labels(fleet=fleet, kind=kind, outcome=outcome)
+        self.blob_bytes.labels(fleet=fleet)
 
     def exposition(self) -> bytes:
         """The text exposition (what ``/metrics`` serves)."""

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -27,9 +28,18 @@ log = logging.getLogger(__name__)
 class BlobTransferService:
     """Answers chunk requests from the blobs in ``cache``."""
 
-    def __init__(self, client: mqtt.Client, cache: BlobCache, *, queue_size: int = 10_000):
+    def __init__(
+        self,
+        client: mqtt.Client,
+        cache: BlobCache,
+        *,
+        queue_size: int = 10_000,
+        on_served: Callable[[str, int], None] | None = None,
+    ):
         self.client = client
         self.cache = cache
+        self.on_served = on_served
+        """Called with ``(fleet, bytes)`` after each answered request (metrics)."""
         self.counters: Counter[str] = Counter()
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(queue_size)
         self._thread = threading.Thread(target=self._work, name="blob-transfer", daemon=True)
@@ -74,6 +84,9 @@ class BlobTransferService:
         out = topic(t.fleet, t.device, Leaf.BLOB_DATA)
         for frame in frames:
             self.client.publish(out, frame, qos=1)
+        n = sum(len(f) for f in frames)
         self.counters["requests"] += 1
         self.counters["frames"] += len(frames)
-        self.counters["bytes"] += sum(len(f) for f in frames)
+        self.counters["bytes"] += n
+        if self.on_served is not None:
+            self.on_served(t.fleet, n)

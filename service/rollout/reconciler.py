@@ -141,7 +141,11 @@ class RolloutReconciler:
         self.quality = QualityWindow()
         self.cache = BlobCache()
         self.publisher = DesiredStatePublisher(client, deploy_key)
-        self.transfer = BlobTransferService(client, self.cache)
+        self.transfer = BlobTransferService(
+            client,
+            self.cache,
+            on_served=lambda fleet, n: metrics.blob_bytes.labels(fleet=fleet).inc(n),
+        )
         self.controllers: dict[str, RolloutController] = {}
         self._by_device: dict[tuple[str, str], set[str]] = {}
         self._known_seq: dict[tuple[str, str], int] = {}

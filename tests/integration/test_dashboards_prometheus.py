@@ -156,7 +156,9 @@ class DashboardRig:
 def rig(mosquitto, bundle, tmp_path_factory) -> Iterator[DashboardRig]:
     """Service + simulated fleet (gain drift on 3 of 10 devices after 4 s) + Prometheus (1 s).
 
-    A rollout for the updates dashboard goes here once the reconciler lands.
+    Updates are on but the policy is off, so the fleet dashboard sees the drift first;
+    :func:`test_update_panels_return_data` then lets the policy recalibrate the gain-drift
+    devices, rolls back a bad candidate and proposes a retrain.
     """
     url = f"sqlite:///{tmp_path_factory.mktemp('dashboards') / 'r.db'}"
     fw = bundle.firmware()
@@ -175,6 +177,21 @@ def rig(mosquitto, bundle, tmp_path_factory) -> Iterator[DashboardRig]:
             checkpoint_interval_s=2.0,
             fleets=[FLEET],
             mqtt_client_id="tinydrift-dashboards-test",
+            # updates on: the updates dashboard needs candidates, gates, pushes and a rollback
+            release_key=bundle.keys_dir / "release.key",
+            deploy_key=bundle.keys_dir / "deploy.key",
+            update_policy="off",  # switched to auto by test_update_panels_return_data
+            policy_interval_s=1.0,
+            policy_settle_s=3.0,
+            rollout_tick_s=0.5,
+            canary_size=1,
+            control_size=2,
+            waves_pct=[100.0],
+            min_soak_s=3.0,
+            max_soak_s=60.0,
+            gate_min_readings=200,
+            gate_min_devices=1,
+            gate_error_margin=0.1,
         )
     )
     svc.start()
@@ -282,8 +299,32 @@ def test_required_panels_return_data(rig: DashboardRig, uid: str) -> None:
     assert not problems, f"{uid}: " + "; ".join(problems)
 
 
-@pytest.mark.skip(reason="needs a rollout in the fixture: issue 5 reconciler")
 def test_update_panels_return_data(rig: DashboardRig) -> None:
+    from tests.integration.test_rollout_e2e import shuffled_label_blob
+
+    svc = rig.service
+    assert svc.operations is not None
+    assert svc.reconciler is not None
+    assert svc.policy is not None
+    reconciler = svc.reconciler
+    svc.policy.mode = "auto"
+    # a recalibration of the gain-drift devices by the policy (auto): candidates, gates, pushes
+    wait(
+        lambda: any(v.status == "FINISHED" for v in reconciler.views()),
+        120,
+        "the policy's recalibration rollout finished",
+    )
+    # a deliberately bad candidate: the canary gate fails and rolls it back
+    schema = rig.bundle.firmware().schema.schema_id_hex
+    blob = shuffled_label_blob(rig.bundle, 900)
+    svc.registry.add_parameter_set(schema, 900, 0, blob, source="bad", status="candidate")
+    bad = svc.operations.propose(FLEET, "parameter_set", "dashboards-test", version=900,
+                                 auto_approve=True)  # fmt: skip
+    assert bad.rollout is not None
+    rid = bad.rollout.rollout_id
+    wait(lambda: reconciler.view(rid).status == "ROLLED_BACK", 90, "the bad candidate rolled back")
+    # a retrain on the buffered labels: candidate vs deployed scores
+    svc.operations.propose(FLEET, "retrain", "dashboards-test")
     dash = DASHES[UPDATES]
     not_required = {
         t["expr"]
