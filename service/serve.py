@@ -155,6 +155,7 @@ class Service:
                 reference_readings=settings.reference_readings,
                 budget_per_device_reading=settings.false_alarm_budget,
             ),
+            on_suspicions=self._count_suspicions,
         )
         if discard_checkpoints:
             log.warning("discarding stored detector checkpoints: references are relearned")

@@ -76,6 +76,20 @@ and frames of 16 readings the per-frame budget is ``1e-7 · 16 / 24 ≈ 6.7e-8``
 prints the current values. ``tests/bench/bench_detection.py`` checks the rate on 10⁸ real
 simulator readings.
 
+Sensitive tier
+--------------
+Layer A's sensitive tier (suspicions for the cohort rule, not device alarms) is calibrated the
+same way from its own budget (default :data:`DEFAULT_SENSITIVE_BUDGET` = 1e-4 per
+device-reading, about river ``ADWIN()``'s measured rate), split over ``S + 1`` detectors (no
+HDDM_A: ``tier="sensitive"``), with its own curve: :data:`SENSITIVE_FRAME_ADWIN` (a 1-frame
+minimum window, values on a 2⁻⁸ grid) simulated on the same model over δ = 0.1 … 0.001, which
+covers frames of 4 readings and more at the default budget (δ ≈ 3.7e-3 for frames of 16).
+``Thresholds.null_rate_per_reading`` is what a tier may raise per device-reading under no
+drift as calibrated (the curves at the δ in use, with :data:`FRAME_MODEL_MARGIN` on the frame
+streams, as if every reading were labelled): the cohort rule's per-device null model. The
+fleet budget ``B`` is split between the strict tier's device alarms (:data:`DEFAULT_STRICT_SHARE`
+= ½) and the cohort rule on suspicions (the rest).
+
 Error stream (labels)
 ---------------------
 ``ADWIN`` on the 0/1 error stream is calibrated the same way on Bernoulli(0.5) streams. 0.5 is
@@ -132,18 +146,32 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 
 TABLE_PATH: Final = Path(__file__).with_name("calibration_table.json")
 """The shipped calibration table."""
 
-TABLE_FORMAT: Final = 1
-"""Version of the table's JSON layout."""
+TABLE_FORMAT: Final = 2
+"""Version of the table's JSON layout (2: with the sensitive tier's curve)."""
 
 DEFAULT_BUDGET: Final = 1e-7
 """Fleet-level false alarms per device-reading (the issue's target)."""
+
+DEFAULT_STRICT_SHARE: Final = 0.5
+"""Share of the fleet budget spent by the strict tier's device alarms.
+
+The rest, ``(1 − share) · B``, is spent by the cohort rule on the sensitive tier's suspicions
+(:mod:`service.drift.suspicion_cohort`), so strict alarms plus cohort alarms stay within ``B``.
+"""
+
+DEFAULT_SENSITIVE_BUDGET: Final = 1e-4
+"""Suspicions per device-reading of the sensitive tier (not alarms; they feed the cohort rule).
+
+About river ``ADWIN()``'s measured device-level false-alarm rate at its defaults on the same
+streams (106 per 10⁶ device-readings, ``tests/bench/bench_detection.py``): the sensitive tier
+spends what ``ADWIN()`` spends, and its δ comes from the same calibration curves."""
 
 DEFAULT_WARNING_BUDGET: Final = 1e-5
 """HDDM_A warning-zone entries per device-reading on stationary data."""
@@ -164,24 +192,40 @@ delay. ``tests/bench/bench_detection.py`` re-measures the rate."""
 ERROR_DETECTORS: Final = 2
 """Alarm detectors on the error stream that share the budget: ADWIN and HDDM_A."""
 
+SENSITIVE_ERROR_DETECTORS: Final = 1
+"""The sensitive tier has one detector on the error stream: ADWIN (no HDDM_A)."""
+
+Tier = Literal["strict", "sensitive"]
+"""Layer A's two tiers: strict (device alarms) and sensitive (suspicions for the cohort rule)."""
+
 
 @dataclass(frozen=True, slots=True)
 class AdwinSettings:
     """How an ADWIN stream is fed and configured (besides δ; always ``clock=1``).
 
-    Values are ``clip(u, ±u_clip) · u_scale`` for standardised ``u`` (``u_clip = inf``: no clip).
+    Values are ``clip(u, ±u_clip) · u_scale`` for standardised ``u`` (``u_clip = inf``: no clip),
+    rounded to multiples of ``u_grid`` when it is not 0.
     """
 
     min_window_length: int = 5
     grace_period: int = 10
     u_scale: float = 1.0
     u_clip: float = math.inf
+    u_grid: float = 0.0
+    """Grid of the values ADWIN gets (0: none). A power of two keeps ADWIN's bucket sums exact
+    binary fractions, which compress (:mod:`service.drift.adwin_state`)."""
 
     def transform(self, u: Any) -> Any:
-        """``clip(u, ±u_clip) · u_scale`` (numpy arrays or floats)."""
+        """``clip(u, ±u_clip) · u_scale`` on the grid (numpy arrays or floats)."""
         if math.isfinite(self.u_clip):
             u = np.clip(u, -self.u_clip, self.u_clip)
-        return u * self.u_scale if self.u_scale != 1.0 else u
+        return self.quantise(u * self.u_scale if self.u_scale != 1.0 else u)
+
+    def quantise(self, v: Any) -> Any:
+        """``v`` (already clipped and scaled) rounded to the grid."""
+        if self.u_grid > 0.0:
+            return np.round(v / self.u_grid) * self.u_grid
+        return v
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (``u_clip`` as ``null`` when there is none)."""
@@ -192,6 +236,7 @@ class AdwinSettings:
             "grace_period": self.grace_period,
             "u_scale": self.u_scale,
             "u_clip": self.u_clip if math.isfinite(self.u_clip) else None,
+            "u_grid": self.u_grid,
         }
 
     @classmethod
@@ -203,6 +248,7 @@ class AdwinSettings:
             grace_period=int(obj["grace_period"]),
             u_scale=float(obj.get("u_scale", 1.0)),
             u_clip=math.inf if clip is None else float(clip),
+            u_grid=float(obj.get("u_grid", 0.0)),
         )
 
 
@@ -219,6 +265,22 @@ about half those of river's defaults (u_scale 1, min_window_length 5), and the f
 on real (Wilson–Hilferty-corrected) streams stayed within 1.1× of the Gaussian model.
 """
 
+SENSITIVE_FRAME_ADWIN: AdwinSettings = AdwinSettings(
+    min_window_length=1, grace_period=10, u_scale=4.0, u_clip=6.0, u_grid=2.0**-8
+)
+"""Settings of the sensitive tier's frame-level ADWIN: :data:`FRAME_ADWIN` with a 1-frame
+minimum window, so a sub-window of ``n`` frames counts as ``n`` (river's ``m`` uses
+``n − min_window_length + 1``) and a large change can fire after one frame. At river
+``ADWIN()``'s rate it cut the median delay on the simulator's noise and prior drifts from 48
+and 64 readings to 32 (20 devices each). It raised 1.3× the Gaussian model's rate on one
+heavy-tailed stream, which is why the strict tier does not use it; the sensitive tier's rate is
+covered by :data:`FRAME_MODEL_MARGIN` and re-measured by ``tests/bench/bench_detection.py``.
+
+Its values are the strict tier's rounded to multiples of 2⁻⁸ (1/1024 of a frame mean's
+standard deviation, far below anything ADWIN can resolve; the curve is simulated with the same
+rounding). Sums of up to 2¹⁷ such values are exact in float64, so the bank's checkpointed
+state compresses by about a third: it keeps a device with both tiers under 40 KiB."""
+
 ERROR_ADWIN: Final = AdwinSettings()
 """Settings of ADWIN on the 0/1 error stream: river's defaults, raw 0/1 values."""
 
@@ -226,6 +288,8 @@ ERROR_ADWIN: Final = AdwinSettings()
 _FRAME_GRID: Final = ((0.1, 2_000_000), (0.03, 4_000_000), (0.01, 10_000_000),
                       (0.003, 20_000_000), (0.001, 40_000_000), (0.0003, 80_000_000),
                       (0.0001, 120_000_000))  # fmt: skip
+_SENSITIVE_GRID: Final = ((0.1, 2_000_000), (0.03, 4_000_000), (0.01, 10_000_000),
+                          (0.003, 20_000_000), (0.001, 40_000_000))  # fmt: skip
 _ERROR_GRID: Final = ((0.3, 2_000_000), (0.1, 6_000_000), (0.03, 20_000_000),
                       (0.01, 50_000_000))  # fmt: skip
 _ERROR_P: Final = 0.5
@@ -312,6 +376,23 @@ class RateCurve:
             return float(min((rate / self.a) ** (1.0 / self.b), 0.5))
         return float(p0 * (rate / r0) ** (1.0 / min(self.b, 1.0)))
 
+    def rate_bound(self, param: float) -> float:
+        """The rate :meth:`param_for_rate` assumes at ``param``: its inverse (where not capped).
+
+        The fit above the smallest simulated parameter, the conservative ``min(b, 1)`` slope
+        below it, so ``rate_bound(param_for_rate(r)) == r``.
+
+        >>> c = RateCurve(points=(RatePoint(0.01, 10**6, 10),), a=1.0, b=2.0)
+        >>> f"{c.rate_bound(c.param_for_rate(1e-6)):.3g}", f"{c.rate_bound(0.02):.3g}"
+        ('1e-06', '0.0004')
+        """
+        if not param > 0.0:
+            raise ValueError("the parameter must be positive")
+        p0 = self.min_param
+        if param >= p0:
+            return self.rate(param)
+        return float(self.rate(p0) * (param / p0) ** min(self.b, 1.0))
+
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
         return {
@@ -337,6 +418,8 @@ class CalibrationTable:
 
     adwin_frame: RateCurve
     """ADWIN(δ, clock=1) on i.i.d. N(0, 1) standardised frame means: alarms per frame."""
+    adwin_frame_sensitive: RateCurve
+    """The same for the sensitive tier's settings (``sensitive_settings``)."""
     adwin_error: RateCurve
     """ADWIN(δ, clock=1) on Bernoulli(0.5) 0/1 errors: alarms per labelled reading."""
     hddm_a_check: tuple[RatePoint, ...]
@@ -345,6 +428,22 @@ class CalibrationTable:
     generated: str
     frame_settings: AdwinSettings = AdwinSettings()
     """The frame-level ADWIN the ``adwin_frame`` curve was simulated for; monitors use these."""
+    sensitive_settings: AdwinSettings = SENSITIVE_FRAME_ADWIN
+    """The same for ``adwin_frame_sensitive`` (the sensitive tier)."""
+
+    def __post_init__(self) -> None:
+        a, b = self.frame_settings, self.sensitive_settings
+        if (a.u_scale, a.u_clip, a.u_grid) != (b.u_scale, b.u_clip, 0.0):
+            raise ValueError(
+                "both tiers' frame ADWINs must be fed the same values (scale, clip; only the "
+                "sensitive tier may round them to a grid)"
+            )
+
+    def frame_curve(self, tier: Tier) -> tuple[RateCurve, AdwinSettings]:
+        """The frame-level curve and ADWIN settings of ``tier``."""
+        if tier == "sensitive":
+            return self.adwin_frame_sensitive, self.sensitive_settings
+        return self.adwin_frame, self.frame_settings
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (``format`` first)."""
@@ -358,6 +457,12 @@ class CalibrationTable:
                 "detector": self.frame_settings.to_json(),
                 "param": "delta",
                 **self.adwin_frame.to_json(),
+            },
+            "adwin_frame_sensitive": {
+                "model": "i.i.d. N(0,1) standardised frame means (sensitive tier)",
+                "detector": self.sensitive_settings.to_json(),
+                "param": "delta",
+                **self.adwin_frame_sensitive.to_json(),
             },
             "adwin_error": {
                 "model": f"i.i.d. Bernoulli({_ERROR_P}) errors (worst case over p)",
@@ -385,6 +490,7 @@ class CalibrationTable:
             )
         return cls(
             adwin_frame=RateCurve.from_json(obj["adwin_frame"]),
+            adwin_frame_sensitive=RateCurve.from_json(obj["adwin_frame_sensitive"]),
             adwin_error=RateCurve.from_json(obj["adwin_error"]),
             hddm_a_check=tuple(
                 RatePoint(float(p["param"]), int(p["updates"]), int(p["alarms"]))
@@ -393,6 +499,7 @@ class CalibrationTable:
             river_version=str(obj["river_version"]),
             generated=str(obj["generated"]),
             frame_settings=AdwinSettings.from_json(obj["adwin_frame"]["detector"]),
+            sensitive_settings=AdwinSettings.from_json(obj["adwin_frame_sensitive"]["detector"]),
         )
 
 
@@ -433,6 +540,11 @@ class Thresholds:
     hddm_warning_confidence: float
     drifting_z: float
     """Band of the ``drifting`` status, in standard errors."""
+    null_rate_per_reading: float = math.nan
+    """False alarms per device-reading the detectors may raise under no drift, as calibrated:
+    ``S · FRAME_MODEL_MARGIN · FA(δ_frame) / k`` (the curve at the δ in use, with the margin
+    real streams need) plus, as if every reading were labelled, ``FA_error(δ_error)`` and, with
+    HDDM_A, its bound ``drift_confidence / 2``. Equal to the budget unless a δ was capped."""
 
 
 def drifting_band(alpha: float, n_streams: int) -> float:
@@ -453,32 +565,48 @@ def thresholds(
     warning_budget_per_device_reading: float = DEFAULT_WARNING_BUDGET,
     drifting_alpha: float = DEFAULT_DRIFTING_ALPHA,
     table: CalibrationTable | None = None,
+    tier: Tier = "strict",
 ) -> Thresholds:
     """Thresholds for a device with ``n_streams`` signal streams and frames of ``frame_readings``.
 
-    See the module docstring for the split of the budget and the inversion of the curves.
+    ``tier``: ``"strict"`` (ADWIN and HDDM_A on the error stream, :data:`FRAME_ADWIN`) or
+    ``"sensitive"`` (ADWIN alone on the error stream, :data:`SENSITIVE_FRAME_ADWIN` and its
+    curve). See the module docstring for the split of the budget and the inversion of the
+    curves.
     """
     if n_streams < 1 or frame_readings < 1:
         raise ValueError("need n_streams >= 1 and frame_readings >= 1")
     if not (budget_per_device_reading > 0.0 and warning_budget_per_device_reading > 0.0):
         raise ValueError("budgets must be positive")
+    if tier not in ("strict", "sensitive"):
+        raise ValueError(f"unknown tier {tier!r}")
+    error_detectors = SENSITIVE_ERROR_DETECTORS if tier == "sensitive" else ERROR_DETECTORS
     tab = load_table() if table is None else table
-    d = n_streams + ERROR_DETECTORS
+    frame_curve, _ = tab.frame_curve(tier)
+    d = n_streams + error_detectors
     frame_budget = budget_per_device_reading * frame_readings / d
     label_budget = budget_per_device_reading / d
     drift_conf = min(2.0 * label_budget, 0.5)
     warn_conf = min(max(2.0 * warning_budget_per_device_reading, drift_conf), 0.5)
+    frame_delta = frame_curve.param_for_rate(frame_budget / FRAME_MODEL_MARGIN)
+    error_delta = tab.adwin_error.param_for_rate(label_budget)
+    null_rate = (
+        n_streams * FRAME_MODEL_MARGIN * frame_curve.rate_bound(frame_delta) / frame_readings
+        + tab.adwin_error.rate_bound(error_delta)
+        + (drift_conf / 2.0 if error_detectors == ERROR_DETECTORS else 0.0)
+    )
     return Thresholds(
         n_streams=n_streams,
         n_detectors=d,
         frame_readings=frame_readings,
         frame_budget=frame_budget,
-        frame_delta=tab.adwin_frame.param_for_rate(frame_budget / FRAME_MODEL_MARGIN),
+        frame_delta=frame_delta,
         label_budget=label_budget,
-        error_delta=tab.adwin_error.param_for_rate(label_budget),
+        error_delta=error_delta,
         hddm_drift_confidence=drift_conf,
         hddm_warning_confidence=warn_conf,
         drifting_z=drifting_band(drifting_alpha, n_streams + 1),
+        null_rate_per_reading=null_rate,
     )
 
 
@@ -554,7 +682,7 @@ def simulate_hddm_a(confidence: float, updates: int, seed: int, p: float = _ERRO
 
 def _task(args: tuple[str, float, int, int, AdwinSettings]) -> tuple[str, RatePoint]:
     kind, param, updates, seed, settings = args
-    if kind == "frame":
+    if kind in ("frame", "sensitive"):
         return kind, simulate_adwin(param, updates, seed, settings=settings)
     if kind == "error":
         return kind, simulate_adwin(param, updates, seed, bernoulli_p=_ERROR_P)
@@ -562,12 +690,13 @@ def _task(args: tuple[str, float, int, int, AdwinSettings]) -> tuple[str, RatePo
 
 
 def _tasks(
-    scale: float, settings: AdwinSettings
+    scale: float, settings: AdwinSettings, sensitive: AdwinSettings
 ) -> list[tuple[str, float, int, int, AdwinSettings]]:
     grids: list[tuple[str, tuple[tuple[float, int], ...]]] = [
         ("frame", _FRAME_GRID),
         ("error", _ERROR_GRID),
         ("hddm", _HDDM_GRID),
+        ("sensitive", _SENSITIVE_GRID),  # last: the others keep their seeds
     ]
     out: list[tuple[str, float, int, int, AdwinSettings]] = []
     for g, (kind, grid) in enumerate(grids):
@@ -576,23 +705,29 @@ def _tasks(
             chunks = max(1, math.ceil(total / _CHUNK))
             for c in range(chunks):
                 seed = int(np.random.SeedSequence([20240601, g, i, c]).generate_state(1)[0])
-                out.append((kind, param, total // chunks, seed, settings))
+                st = sensitive if kind == "sensitive" else settings
+                out.append((kind, param, total // chunks, seed, st))
     out.sort(key=lambda t: -t[2])  # longest first: better load balance
     return out
 
 
 def build_table(
-    scale: float = 1.0, workers: int = 2, settings: AdwinSettings | None = None
+    scale: float = 1.0,
+    workers: int = 2,
+    settings: AdwinSettings | None = None,
+    sensitive_settings: AdwinSettings | None = None,
 ) -> CalibrationTable:
     """Run every simulation (``scale`` multiplies the number of updates) and fit the curves.
 
-    ``settings``: the frame-level ADWIN to calibrate (default :data:`FRAME_ADWIN`).
+    ``settings``: the frame-level ADWIN to calibrate (default :data:`FRAME_ADWIN`);
+    ``sensitive_settings``: the sensitive tier's (default :data:`SENSITIVE_FRAME_ADWIN`).
     """
     from importlib.metadata import version
 
     st = FRAME_ADWIN if settings is None else settings
+    sens = SENSITIVE_FRAME_ADWIN if sensitive_settings is None else sensitive_settings
     merged: dict[tuple[str, float], list[int]] = {}
-    tasks = _tasks(scale, st)
+    tasks = _tasks(scale, st, sens)
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_task, tasks))
@@ -611,18 +746,24 @@ def build_table(
 
     return CalibrationTable(
         adwin_frame=RateCurve.fit(points("frame")),
+        adwin_frame_sensitive=RateCurve.fit(points("sensitive")),
         adwin_error=RateCurve.fit(points("error")),
         hddm_a_check=tuple(points("hddm")),
         river_version=version("river"),
         generated=time.strftime("%Y-%m-%d", time.gmtime()),
         frame_settings=st,
+        sensitive_settings=sens,
     )
 
 
 def describe(table: CalibrationTable) -> str:
     """Human-readable table and the thresholds for a few typical devices."""
     lines = [f"calibration table (river {table.river_version}, generated {table.generated})"]
-    for name, curve in (("adwin_frame", table.adwin_frame), ("adwin_error", table.adwin_error)):
+    for name, curve in (
+        ("adwin_frame", table.adwin_frame),
+        ("adwin_frame_sensitive", table.adwin_frame_sensitive),
+        ("adwin_error", table.adwin_error),
+    ):
         lines.append(f"{name}: FA/update ≈ {curve.a:.4g} · δ^{curve.b:.3f}")
         for p in curve.points:
             lines.append(
@@ -635,15 +776,28 @@ def describe(table: CalibrationTable) -> str:
             f"  conf={p.param:<7g} {p.alarms:>5} alarms / {p.updates:>11,} updates "
             f"= {p.rate:.3g}  (bound {p.param / 2:.3g})"
         )
-    lines.append("thresholds at budget 1e-7 per device-reading:")
+    strict_b = DEFAULT_BUDGET * DEFAULT_STRICT_SHARE
+    lines.append(f"strict tier at budget {strict_b:g} per device-reading (the fleet's 1e-7 × "
+                 f"{DEFAULT_STRICT_SHARE:g}):")  # fmt: skip
     for f, c, k in ((8, 4, 1), (8, 4, 16), (8, 4, 64), (16, 10, 16)):
         s = 2 + c + 2 * f
-        t = thresholds(s, k, table=table)
+        t = thresholds(s, k, budget_per_device_reading=strict_b, table=table)
         lines.append(
             f"  F={f:<2} C={c:<2} S={s:<2} k={k:<3} frame budget {t.frame_budget:.3g} (÷3) → "
             f"δ_frame={t.frame_delta:.3g}; label budget {t.label_budget:.3g} → "
             f"δ_error={t.error_delta:.3g}, HDDM_A drift {t.hddm_drift_confidence:.3g} "
             f"warning {t.hddm_warning_confidence:.3g}; drifting band {t.drifting_z:.2f}σ"
+        )
+    lines.append(f"sensitive tier at {DEFAULT_SENSITIVE_BUDGET:g} suspicions per device-reading:")
+    for f, c, k in ((8, 4, 1), (8, 4, 16), (8, 4, 64), (16, 10, 16)):
+        s = 2 + c + 2 * f
+        t = thresholds(
+            s, k, budget_per_device_reading=DEFAULT_SENSITIVE_BUDGET, table=table, tier="sensitive"
+        )
+        lines.append(
+            f"  F={f:<2} C={c:<2} S={s:<2} k={k:<3} frame budget {t.frame_budget:.3g} (÷3) → "
+            f"δ_frame={t.frame_delta:.3g}; label budget {t.label_budget:.3g} → "
+            f"δ_error={t.error_delta:.3g}; null rate {t.null_rate_per_reading:.3g}/reading"
         )
     return "\n".join(lines)
 

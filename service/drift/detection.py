@@ -26,9 +26,24 @@ Signal = Literal[
 SIGNALS: Final[frozenset[str]] = frozenset(get_args(Signal))
 
 DetectorName = Literal[
-    "adwin", "hddm_a", "hddm_a_warning", "chi2", "pca", "cohort_binomial", "reference"
+    "adwin",
+    "adwin_sensitive",
+    "hddm_a",
+    "hddm_a_warning",
+    "chi2",
+    "pca",
+    "cohort_binomial",
+    "cohort_suspicions",
+    "reference",
 ]
-"""Which detector fired: also a bounded Prometheus label."""
+"""Which detector fired: also a bounded Prometheus label.
+
+``adwin_sensitive`` is layer A's sensitive tier: a *suspicion*, not a device alarm (counted and
+fed to the cohort rule, never stored one by one); ``cohort_suspicions`` is the cohort alarm
+on too many suspicious devices (:mod:`service.drift.suspicion_cohort`)."""
+
+SUSPICION_DETECTORS: Final[frozenset[str]] = frozenset({"adwin_sensitive"})
+"""Detectors whose detections are suspicions, not alarms."""
 
 DETECTORS: Final[frozenset[str]] = frozenset(get_args(DetectorName))
 

@@ -29,19 +29,41 @@ Lifecycle per (device, model version)
 4. **Model-version change.** A frame with another ``param_version`` (an update, or a revert)
    drops every detector and starts a new reference; ``readings`` restarts at 0.
 
+Two tiers
+---------
+Every stream feeds two banks of ADWINs (research drift-anchors §6, layer B item 3):
+
+- the **strict** tier (the above: :data:`~service.drift.calibration.FRAME_ADWIN`, ADWIN and
+  HDDM_A on errors) spends ``strict_share`` (½) of the fleet budget ``B`` (1e-7 false alarms per
+  device-reading). Its detections are **device alarms** (:meth:`DeviceMonitor.update`,
+  ``update_labels``, ``BatchResult.detections``): this device drifted.
+- the **sensitive** tier (:data:`~service.drift.calibration.SENSITIVE_FRAME_ADWIN`: a 1-frame
+  minimum window and the values on a 2⁻⁸ grid; ADWIN alone on errors) spends its own budget
+  ``sensitive_budget_per_device_reading`` (1e-4, about river ``ADWIN()``'s rate), calibrated
+  from its own simulated curve with the same margin. Its detections are **suspicions**
+  (``detector="adwin_sensitive"``): at that rate a 10,000-device fleet raises about one per
+  second under no drift, so they are never device alarms; they come out of
+  :meth:`DeviceMonitor.observe`, :meth:`~DeviceMonitor.observe_labels` and
+  ``BatchResult.suspicions``, and the engine counts them and hands them to the cohort rule
+  (:mod:`service.drift.suspicion_cohort`), which alarms for the cohort with the rest of ``B``.
+  :attr:`DeviceMonitor.suspicion_rate` is the calibrated rate that rule assumes.
+
+Both banks see the same ``u`` and share the score ring; the sensitive tier can be turned off
+(``sensitive_budget_per_device_reading=None``: the strict tier then spends all of ``B``).
+
 Detections and scores
 ---------------------
 river's detectors reset themselves after an alarm; the fixed reference stays, and
 :attr:`DeviceMonitor.drifting` lists the streams whose current ADWIN window mean is still outside
 the calibrated band around the reference: "still drifted since the last update".
 
-``Detection.score`` for ADWIN is ADWIN's own statistic over its threshold,
+``Detection.score`` for ADWIN (either tier) is ADWIN's own statistic over its threshold,
 ``max |mean(W1) − mean(W0)| / ε_cut`` with river's cut formula, recomputed when it fires over
-the splits whose recent part ``W1`` lies within the last 32 frames (a ring buffer per stream;
-256 labels for the error stream). That maximum is ≥ 1 whenever river's crossing split is among
-them, which is the case for abrupt changes; a slow drift can cross at a longer ``W1``, and then
-the score is floored at 1.0. For HDDM_A (drift and warning) the score is 1.0: river does not
-expose its statistic.
+the splits whose recent part ``W1`` lies within the last 32 frames (a ring buffer per stream,
+in int8 steps of 1/127 of the clip; 256 labels for the error stream). That maximum is ≥ 1
+whenever river's crossing split is among them, which is the case for abrupt changes; a slow
+drift can cross at a longer ``W1``, and then the score is floored at 1.0. For HDDM_A (drift
+and warning) the score is 1.0: river does not expose its statistic.
 
 ``Detection.readings`` counts the readings of the current model version including the reference
 (the frame that triggered the detection is counted).
@@ -49,7 +71,11 @@ expose its statistic.
 Checkpoints
 -----------
 :meth:`DeviceMonitor.state_bytes` is ``b"TDDM"``, a big-endian u16 format version
-(:mod:`service.drift.checkpoint_format`) and the zlib-compressed pickle of the monitor.
+(:mod:`service.drift.checkpoint_format`) and the zlib-compressed pickle of the monitor, with
+every ADWIN in the exact compact form of :mod:`service.drift.adwin_state` (and the count and
+sum since each frame ADWIN's reset taken from the ADWIN itself, which holds them exactly). For
+F = 8, C = 4 it is about 34–36 KiB after 2·10⁶ stationary readings (both tiers;
+``tests/bench/bench_detection.py``).
 :meth:`DeviceMonitor.from_state_bytes` refuses another magic or version, or a corrupt body, with
 :class:`CheckpointFormatError` (a ``ValueError``). Pickle executes code on load: restore only
 checkpoints the service wrote itself (the registry's ``detector_checkpoints``).
@@ -76,7 +102,7 @@ import math
 import pickle
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -84,9 +110,12 @@ import numpy.typing as npt
 from river import drift as _river_drift
 
 from service.drift import calibration
+from service.drift.adwin_state import pack_adwins, unpack_adwins
 from service.drift.calibration import (
     DEFAULT_BUDGET,
     DEFAULT_DRIFTING_ALPHA,
+    DEFAULT_SENSITIVE_BUDGET,
+    DEFAULT_STRICT_SHARE,
     DEFAULT_WARNING_BUDGET,
     ERROR_ADWIN,
     AdwinSettings,
@@ -115,6 +144,7 @@ __all__ = [
     "CheckpointFormatError",
     "DeviceMonitor",
     "DeviceMonitorConfig",
+    "Outcome",
     "update_frames",
 ]
 
@@ -124,8 +154,12 @@ drift: Any = _river_drift
 """river's drift detectors (untyped: held as ``Any`` for mypy)."""
 
 STATE_MAGIC: Final = b"TDDM"
-STATE_FORMAT: Final = 1
-"""Version of :meth:`DeviceMonitor.state_bytes`; bump it when the pickled layout changes."""
+STATE_FORMAT: Final = 2
+"""Version of :meth:`DeviceMonitor.state_bytes`; bump it when the pickled layout changes.
+
+2: the sensitive tier (a second ADWIN bank and error ADWIN), every ADWIN packed by
+:mod:`service.drift.adwin_state`, the score rings as int8 steps and bits, the window counts and
+sums taken from the ADWINs."""
 
 ERROR_STREAM: Final = Stream("error", None)
 """The labelled error stream, as listed by :attr:`DeviceMonitor.drifting`."""
@@ -134,6 +168,19 @@ _SD_FLOOR: Final = 1e-3
 """Floor of a signal's reference standard deviation (in its own units; conf steps are 1/256)."""
 _SIGMA_FLOOR_REL: Final = 1e-6
 """Floor of a feature's ``σ_ref`` relative to ``max(1, |μ_ref|)`` (a constant feature)."""
+
+
+MAX_SENSITIVE_BUDGET: Final = 1e-2
+"""Upper limit of the sensitive budget (frames of 16 reach δ ≈ 0.5, river's cap, near 0.1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one frame or label batch gave: the strict tier's alarms and the sensitive tier's
+    suspicions (``detector="adwin_sensitive"``: not device alarms; they feed the cohort rule)."""
+
+    alarms: list[Detection]
+    suspicions: list[Detection]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +192,16 @@ class DeviceMonitorConfig:
     reference_labels: int = 100
     """Labels of a model version that form the reference error rate."""
     budget_per_device_reading: float = DEFAULT_BUDGET
-    """Fleet-level false alarms per device-reading (split over the device's detectors)."""
+    """Fleet-level false alarms per device-reading ``B``. With the sensitive tier, the strict
+    tier's device alarms spend ``strict_share · B`` (split over its detectors) and the cohort
+    rule on suspicions the rest; without it, the strict tier spends all of ``B``."""
+    strict_share: float = DEFAULT_STRICT_SHARE
+    """Share of ``B`` the strict tier spends when the sensitive tier is on."""
+    sensitive_budget_per_device_reading: float | None = DEFAULT_SENSITIVE_BUDGET
+    """Suspicions per device-reading of the sensitive tier (split over its S + 1 ADWINs like
+    the strict budget); ``None`` turns the tier off. Default ≈ river ``ADWIN()``'s own rate,
+    10³ times the strict tier's (any value keeps the cohort rule's level: it uses the
+    calibrated rate)."""
     warning_budget_per_device_reading: float = DEFAULT_WARNING_BUDGET
     """HDDM_A warning-zone entries per device-reading."""
     drifting_alpha: float = DEFAULT_DRIFTING_ALPHA
@@ -166,7 +222,36 @@ class DeviceMonitorConfig:
             raise ValueError(f"frame_readings must be in 1..{MAX_FRAME_READINGS}")
         if not self.z_clip > 0.0:
             raise ValueError("z_clip must be positive")
+        if not self.budget_per_device_reading > 0.0:
+            raise ValueError("budget_per_device_reading must be positive")
+        if not 0.0 < self.strict_share < 1.0:
+            raise ValueError("strict_share must be in (0, 1)")
+        sens = self.sensitive_budget_per_device_reading
+        if sens is not None and not 0.0 < sens <= MAX_SENSITIVE_BUDGET:
+            raise ValueError(
+                f"sensitive_budget_per_device_reading must be in (0, {MAX_SENSITIVE_BUDGET:g}]"
+            )
 
+    @property
+    def strict_budget(self) -> float:
+        """False alarms per device-reading the strict tier's detectors share."""
+        if self.sensitive_budget_per_device_reading is None:
+            return self.budget_per_device_reading
+        return self.budget_per_device_reading * self.strict_share
+
+    @property
+    def cohort_budget(self) -> float:
+        """False alarms per device-reading left to the cohort rule on suspicions (0 without
+        the sensitive tier)."""
+        return self.budget_per_device_reading - self.strict_budget
+
+
+_BANKS: Final = ("_adwins", "_s_adwins")
+"""The frame-level ADWIN banks (strict, sensitive), packed in checkpoints."""
+_BANK_WINS: Final = ("_win", "_s_win")
+"""Their count, sum and sum of squares since each ADWIN's reset (for the score)."""
+_SINGLE_ADWINS: Final = ("_err_adwin", "_s_err_adwin")
+"""The error-stream ADWINs (strict, sensitive; ``None`` before the label reference)."""
 
 SCORE_SPLITS: Final = 32
 """Most recent values kept per stream to recompute ADWIN's statistic when it fires."""
@@ -261,23 +346,37 @@ class DeviceMonitor:
         self._inv_sd: FloatArray | None = None
         self._skew: FloatArray | None = None  # per-reading skewness of each stream
         self._settings = AdwinSettings()
-        self._thr: Thresholds | None = None
+        self._s_settings = AdwinSettings()
+        self._thr: Thresholds | None = None  # strict tier
+        self._s_thr: Thresholds | None = None  # sensitive tier
         self._adwins: list[Any] = []
+        self._s_adwins: list[Any] = []
         s = lay.n_streams
-        self._win = np.zeros((3, s), dtype=np.float64)  # count, sum, sum of squares since reset
-        self._recent = np.zeros((SCORE_SPLITS, s), dtype=np.float32)  # ring of the latest values
+        # count, sum, sum of squares since each ADWIN's last reset (strict, sensitive)
+        self._win = np.zeros((3, s), dtype=np.float64)
+        self._s_win = np.zeros((3, s), dtype=np.float64)
+        # ring of the latest values, shared by both banks; only the score reads it, so it is
+        # stored in int8 steps of clip·scale/127 (0.047 σ of a frame mean for FRAME_ADWIN), or
+        # float16 for unclipped settings
+        self._recent: npt.NDArray[np.int8] | npt.NDArray[np.float16] = np.zeros(
+            (SCORE_SPLITS, s), dtype=np.float16
+        )
+        self._recent_step: float | None = None
         self._recent_pos = 0
         # labels
         self._lbl_ref_n = 0
         self._lbl_ref_err = 0
         self._lbl_ref_bits: list[int] = []
         self._err_adwin: Any = None
+        self._s_err_adwin: Any = None
         self._err_win = [0.0, 0.0, 0.0]
-        self._err_recent = np.zeros(ERROR_SCORE_SPLITS, dtype=np.int8)
+        self._s_err_win = [0.0, 0.0, 0.0]
+        self._err_recent = np.zeros(ERROR_SCORE_SPLITS // 8, dtype=np.uint8)  # bits, shared
         self._err_recent_pos = 0
         self._hddm: Any = None
         self._warning = False
         self._label_thr: Thresholds | None = None
+        self._s_label_thr: Thresholds | None = None
 
     @property
     def model_version(self) -> int | None:
@@ -303,8 +402,20 @@ class DeviceMonitor:
 
     @property
     def thresholds(self) -> Thresholds | None:
-        """The calibrated thresholds in use (``None`` during the reference)."""
+        """The strict tier's calibrated thresholds (``None`` during the reference)."""
         return self._thr
+
+    @property
+    def sensitive_thresholds(self) -> Thresholds | None:
+        """The sensitive tier's thresholds (``None`` during the reference or when it is off)."""
+        return self._s_thr
+
+    @property
+    def suspicion_rate(self) -> float | None:
+        """Calibrated suspicions per reading under no drift (with the model margin, as if
+        every reading were labelled): what the cohort rule assumes. ``None`` while the
+        sensitive tier is not running (reference, or turned off)."""
+        return None if self._s_thr is None else self._s_thr.null_rate_per_reading
 
     @property
     def streams(self) -> tuple[Stream, ...]:
@@ -338,11 +449,16 @@ class DeviceMonitor:
     # -- frames --------------------------------------------------------------------------------
 
     def update(self, frame: DeviceFrame) -> list[Detection]:
-        """Process one telemetry frame; returns the detections it triggered.
+        """Process one telemetry frame; returns the strict tier's alarms it triggered.
 
+        The sensitive tier's suspicions are dropped: use :meth:`observe` to get them too.
         Raises ``ValueError`` for a frame of another device, with a feature count other than the
         schema's, with 0 or more than 4096 readings, or with a class index out of range.
         """
+        return self.observe(frame).alarms
+
+    def observe(self, frame: DeviceFrame) -> Outcome:
+        """Process one telemetry frame; its alarms and suspicions (see :meth:`update`)."""
         self._check_frame(frame)
         if frame.param_version != self._version:
             self._reset_version(frame.param_version)
@@ -355,7 +471,7 @@ class DeviceMonitor:
             )
         taken = self._add_reference(frame)
         if self._mu is None or taken == k:
-            return []
+            return Outcome([], [])
         rest = slice(taken, k)
         means = self._means(frame.features[rest], frame.pred[rest], frame.conf[rest])
         return self._monitor_means(means, k - taken, frame)
@@ -418,22 +534,26 @@ class DeviceMonitor:
         k_nom = cfg.frame_readings or max(1, int(np.median(self._ref_ks)))
         table = cfg.calibration_table or calibration.load_table()
         self._settings = table.frame_settings
-        self._thr = calibration.thresholds(
-            lay.n_streams,
-            k_nom,
-            budget_per_device_reading=cfg.budget_per_device_reading,
-            warning_budget_per_device_reading=cfg.warning_budget_per_device_reading,
-            drifting_alpha=cfg.drifting_alpha,
-            table=table,
-        )
+        self._s_settings = table.sensitive_settings  # fed the same values (checked by the table)
+        clip = self._settings.u_clip
+        if math.isfinite(clip):
+            self._recent_step = clip * self._settings.u_scale / 127.0
+            self._recent = np.zeros((SCORE_SPLITS, lay.n_streams), dtype=np.int8)
+        thr = self._tier_thresholds(k_nom, sensitive=False)
+        assert thr is not None
+        self._thr = thr
+        self._s_thr = self._tier_thresholds(k_nom, sensitive=True)
         self._mu, self._sigma = mu, sigma
         self._ref_mean = ref_mean
         self._inv_sd = 1.0 / sd
         self._skew = skew
-        self._adwins = [
-            make_adwin(self._thr.frame_delta, self._settings) for _ in range(lay.n_streams)
-        ]
+        self._adwins = [make_adwin(thr.frame_delta, self._settings) for _ in range(lay.n_streams)]
+        if self._s_thr is not None:
+            self._s_adwins = [
+                make_adwin(self._s_thr.frame_delta, self._s_settings) for _ in range(lay.n_streams)
+            ]
         self._win[:] = 0.0
+        self._s_win[:] = 0.0
         # prime ADWIN with the reference frames, so that its window starts with the reference
         # period (detections while priming are dropped: nothing is detected in the reference)
         assert self._ref_takes is not None
@@ -455,18 +575,66 @@ class DeviceMonitor:
         self._buf_x = self._buf_pred = self._buf_conf = None
         self._ref_ks = self._ref_takes = None
 
-    def _feed(self, u: FloatArray) -> list[tuple[int, float]] | None:
-        """One ADWIN update per stream; ``(stream, score)`` of the streams that fired."""
+    def _tier_thresholds(self, frame_readings: int, *, sensitive: bool) -> Thresholds | None:
+        """The strict or sensitive tier's thresholds (``None``: the sensitive tier is off)."""
+        cfg = self.config
+        budget = cfg.sensitive_budget_per_device_reading if sensitive else cfg.strict_budget
+        if budget is None:
+            return None
+        return calibration.thresholds(
+            self.layout.n_streams,
+            frame_readings,
+            budget_per_device_reading=budget,
+            warning_budget_per_device_reading=cfg.warning_budget_per_device_reading,
+            drifting_alpha=cfg.drifting_alpha,
+            table=cfg.calibration_table,
+            tier="sensitive" if sensitive else "strict",
+        )
+
+    def _feed(
+        self, u: FloatArray
+    ) -> tuple[list[tuple[int, float]] | None, list[tuple[int, float]] | None]:
+        """One ADWIN update per stream and bank; ``(stream, score)`` of the streams that fired
+        in the strict bank, and in the sensitive bank."""
         assert self._thr is not None
         u = self._settings.transform(u)
-        win = self._win
+        uu = u * u
+        if self._recent_step is None:
+            self._recent[self._recent_pos] = u
+        else:
+            self._recent[self._recent_pos] = np.rint(u / self._recent_step)
+        self._recent_pos = (self._recent_pos + 1) % SCORE_SPLITS
+        values = u.tolist()
+        strict = self._feed_bank(
+            self._adwins, self._win, values, u, uu, self._thr.frame_delta, self._settings
+        )
+        sensitive = None
+        if self._s_thr is not None:
+            st = self._s_settings
+            if st.u_grid > 0.0:  # the same values on the sensitive tier's grid
+                u = st.quantise(u)
+                uu = u * u
+                values = u.tolist()
+            sensitive = self._feed_bank(
+                self._s_adwins, self._s_win, values, u, uu, self._s_thr.frame_delta, st
+            )
+        return strict, sensitive
+
+    def _feed_bank(
+        self,
+        adwins: list[Any],
+        win: FloatArray,
+        values: list[float],
+        u: FloatArray,
+        uu: FloatArray,
+        delta: float,
+        settings: AdwinSettings,
+    ) -> list[tuple[int, float]] | None:
         win[0] += 1.0
         win[1] += u
-        win[2] += u * u
-        self._recent[self._recent_pos] = u
-        self._recent_pos = (self._recent_pos + 1) % SCORE_SPLITS
+        win[2] += uu
         hits: list[int] | None = None
-        for i, (det, v) in enumerate(zip(self._adwins, u.tolist(), strict=True)):
+        for i, (det, v) in enumerate(zip(adwins, values, strict=True)):
             det.update(v)
             if det.drift_detected:
                 if hits is None:
@@ -475,30 +643,37 @@ class DeviceMonitor:
         if hits is None:
             return None
         out = []
-        delta = self._thr.frame_delta
-        mw = self._settings.min_window_length
+        mw = settings.min_window_length
         newest_first = (self._recent_pos - 1 - np.arange(SCORE_SPLITS)) % SCORE_SPLITS
         for i in hits:
             recent = self._recent[newest_first, i].astype(np.float64)
+            if self._recent_step is not None:
+                recent *= self._recent_step
             score = _adwin_score(recent, win[0, i], win[1, i], win[2, i], delta, mw)
             out.append((i, score))
             win[:, i] = 0.0  # river's ADWIN starts afresh on its next update
         return out
 
-    def _monitor_means(self, means: FloatArray, k: int, frame: DeviceFrame) -> list[Detection]:
+    def _monitor_means(self, means: FloatArray, k: int, frame: DeviceFrame) -> Outcome:
         assert self._ref_mean is not None
         assert self._inv_sd is not None
         assert self._skew is not None
         root_k = math.sqrt(k)
         x_std = (means - self._ref_mean) * (root_k * self._inv_sd)
-        hits = self._feed(skew_normalise(x_std, self._skew / root_k))
-        if hits is None:
-            return []
+        strict, sensitive = self._feed(skew_normalise(x_std, self._skew / root_k))
+        out = Outcome([], [])
+        if strict is None and sensitive is None:
+            return out
         streams = self.layout.streams
-        return [
-            self._detection(streams[i].signal, streams[i].feature, "adwin", score, frame.ts_ms)
-            for i, score in hits
-        ]
+        tiers: tuple[tuple[list[tuple[int, float]] | None, list[Detection], DetectorName], ...] = (
+            (strict, out.alarms, "adwin"),
+            (sensitive, out.suspicions, "adwin_sensitive"),
+        )
+        for hits, dest, name in tiers:
+            for i, score in hits or ():
+                st = streams[i]
+                dest.append(self._detection(st.signal, st.feature, name, score, frame.ts_ms))
+        return out
 
     def _detection(
         self,
@@ -525,10 +700,15 @@ class DeviceMonitor:
     # -- labels --------------------------------------------------------------------------------
 
     def update_labels(self, labels: DeviceLabels) -> list[Detection]:
-        """Process labelled readings (the 0/1 error stream); returns detections.
+        """Process labelled readings (the 0/1 error stream); returns the strict tier's alarms.
 
-        Labels for another model version than the current one are ignored.
+        Labels for another model version than the current one are ignored. The sensitive
+        tier's suspicions are dropped: use :meth:`observe_labels` to get them too.
         """
+        return self.observe_labels(labels).alarms
+
+    def observe_labels(self, labels: DeviceLabels) -> Outcome:
+        """Process labelled readings; their alarms and suspicions (see :meth:`update_labels`)."""
         if labels.fleet != self.fleet or labels.device != self.device:
             raise ValueError(
                 f"labels of {labels.fleet}/{labels.device} given to the monitor of "
@@ -539,7 +719,7 @@ class DeviceMonitor:
             raise ValueError("pred and label need one entry per labelled reading")
         if self._version is None or labels.param_version != self._version:
             self.labels_ignored += k
-            return []
+            return Outcome([], [])
         self.last_labels = (labels.boot, labels.seq)
         errors = (labels.pred != labels.label).astype(np.int64)
         start = 0
@@ -550,23 +730,20 @@ class DeviceMonitor:
             self._lbl_ref_err += int(errors[:start].sum())
             self._lbl_ref_bits += errors[:start].tolist()
             if self._lbl_ref_n < self.config.reference_labels:
-                return []
+                return Outcome([], [])
             self._start_error_detectors()
         return self._monitor_errors(errors[start:].tolist(), labels.ts_ms)
 
     def _start_error_detectors(self) -> None:
-        cfg = self.config
-        thr = calibration.thresholds(
-            self.layout.n_streams,
-            1,
-            budget_per_device_reading=cfg.budget_per_device_reading,
-            warning_budget_per_device_reading=cfg.warning_budget_per_device_reading,
-            drifting_alpha=cfg.drifting_alpha,
-            table=cfg.calibration_table,
-        )
+        thr = self._tier_thresholds(1, sensitive=False)
+        assert thr is not None
         self._label_thr = thr
         self._err_adwin = make_adwin(thr.error_delta, ERROR_ADWIN)
         self._err_win = [0.0, 0.0, 0.0]
+        self._s_label_thr = self._tier_thresholds(1, sensitive=True)
+        if self._s_label_thr is not None:
+            self._s_err_adwin = make_adwin(self._s_label_thr.error_delta, ERROR_ADWIN)
+            self._s_err_win = [0.0, 0.0, 0.0]
         self._hddm = drift.binary.HDDMA(
             drift_confidence=thr.hddm_drift_confidence,
             warning_confidence=thr.hddm_warning_confidence,
@@ -576,46 +753,66 @@ class DeviceMonitor:
         self._monitor_errors(self._lbl_ref_bits, 0)
         self._lbl_ref_bits = []
 
-    def _monitor_errors(self, errors: list[int], ts_ms: int) -> list[Detection]:
+    def _monitor_errors(self, errors: list[int], ts_ms: int) -> Outcome:
         adw, hddm, thr = self._err_adwin, self._hddm, self._label_thr
         assert adw is not None
         assert hddm is not None
         assert thr is not None
-        out: list[Detection] = []
-        win = self._err_win
+        s_adw, s_thr = self._s_err_adwin, self._s_label_thr
+        out = Outcome([], [])
+        win, s_win = self._err_win, self._s_err_win
         ring = self._err_recent
         for e in errors:
+            pos = self._err_recent_pos
+            if e:
+                ring[pos >> 3] |= 1 << (pos & 7)
+            else:
+                ring[pos >> 3] &= ~(1 << (pos & 7)) & 0xFF
+            self._err_recent_pos = (pos + 1) % ERROR_SCORE_SPLITS
             win[0] += 1.0
             win[1] += e
             win[2] += e
-            ring[self._err_recent_pos] = e
-            self._err_recent_pos = (self._err_recent_pos + 1) % ERROR_SCORE_SPLITS
             adw.update(e)
             if adw.drift_detected:
-                newest_first = (
-                    self._err_recent_pos - 1 - np.arange(ERROR_SCORE_SPLITS)
-                ) % ERROR_SCORE_SPLITS
-                score = _adwin_score(
-                    ring[newest_first].astype(np.float64),
-                    win[0],
-                    win[1],
-                    win[2],
-                    thr.error_delta,
-                    ERROR_ADWIN.min_window_length,
-                )
-                win[0] = win[1] = win[2] = 0.0
-                out.append(self._detection("error", None, "adwin", score, ts_ms))
+                score = self._error_score(win, thr.error_delta)
+                out.alarms.append(self._detection("error", None, "adwin", score, ts_ms))
+            if s_adw is not None and s_thr is not None:
+                s_win[0] += 1.0
+                s_win[1] += e
+                s_win[2] += e
+                s_adw.update(e)
+                if s_adw.drift_detected:
+                    score = self._error_score(s_win, s_thr.error_delta)
+                    out.suspicions.append(
+                        self._detection("error", None, "adwin_sensitive", score, ts_ms)
+                    )
             hddm.update(e)
             if hddm.drift_detected:
                 self._warning = False
-                out.append(self._detection("error", None, "hddm_a", 1.0, ts_ms))
+                out.alarms.append(self._detection("error", None, "hddm_a", 1.0, ts_ms))
             elif hddm.warning_detected:
                 if not self._warning:
                     self._warning = True
-                    out.append(self._detection("error", None, "hddm_a_warning", 1.0, ts_ms))
+                    out.alarms.append(self._detection("error", None, "hddm_a_warning", 1.0, ts_ms))
             else:
                 self._warning = False
         return out
+
+    def _error_score(self, win: list[float], delta: float) -> float:
+        """ADWIN's statistic on the error stream when it fired; resets ``win``."""
+        pos = self._err_recent_pos
+        bits = np.unpackbits(self._err_recent, bitorder="little")
+        newest_first = (pos - 1 - np.arange(ERROR_SCORE_SPLITS)) % ERROR_SCORE_SPLITS
+        score = _adwin_score(
+            bits[newest_first].astype(np.float64),
+            win[0],
+            win[1],
+            win[2],
+            delta,
+            ERROR_ADWIN.min_window_length,
+        )
+        win[0] = win[1] = win[2] = 0.0
+        return score
 
     # -- status --------------------------------------------------------------------------------
 
@@ -663,7 +860,43 @@ class DeviceMonitor:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _getstate(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """``__dict__`` with every ADWIN packed (:mod:`service.drift.adwin_state`)."""
+        state = dict(self.__dict__)
+        # count and sum since each frame ADWIN's reset are its own width and total, exactly
+        # (same additions in the same order; zero once it fired): only the squares are kept
+        for name in _BANK_WINS:
+            state[name] = state[name][2].copy()
+        banks = [state.pop(name) for name in _BANKS]
+        singles = [state.pop(name) for name in _SINGLE_ADWINS]
+        shape = tuple(len(b) for b in banks) + tuple(d is not None for d in singles)
+        dets = [d for b in banks for d in b] + [d for d in singles if d is not None]
+        state["_adwin_pack"] = (shape, pack_adwins(dets))
+        return state
+
+    @staticmethod
+    def _setstate(state: dict[str, Any]) -> dict[str, Any]:
+        """Inverse of :meth:`_getstate` (``ValueError`` and friends on a damaged state)."""
+        shape, packed = state.pop("_adwin_pack")
+        dets = unpack_adwins(packed)
+        pos = 0
+        for name, n in zip(_BANKS, shape[: len(_BANKS)], strict=True):
+            state[name] = dets[pos : pos + n]
+            pos += n
+        for name, present in zip(_SINGLE_ADWINS, shape[len(_BANKS) :], strict=True):
+            state[name] = dets[pos] if present else None
+            pos += int(present)
+        if pos != len(dets):
+            raise ValueError("ADWIN count does not match the layout")
+        for bank, name in zip(_BANKS, _BANK_WINS, strict=True):
+            sq = np.asarray(state[name], dtype=np.float64)
+            win = np.zeros((3, sq.shape[0]), dtype=np.float64)
+            win[2] = sq
+            for i, det in enumerate(state[bank]):
+                if not det.drift_detected:
+                    win[0, i] = det.width
+                    win[1, i] = det.total
+            state[name] = win
+        return state
 
     def state_bytes(self) -> bytes:
         """The whole monitor as a versioned, compressed checkpoint (see the module docstring)."""
@@ -678,8 +911,12 @@ class DeviceMonitor:
             state = pickle.loads(zlib.decompress(body))
         except Exception as exc:  # zlib.error, pickle errors, ...
             raise CheckpointFormatError(f"corrupt device monitor checkpoint: {exc}") from exc
-        if not isinstance(state, dict) or "layout" not in state:
+        if not isinstance(state, dict) or "layout" not in state or "_adwin_pack" not in state:
             raise CheckpointFormatError("corrupt device monitor checkpoint: no monitor state")
+        try:
+            state = cls._setstate(state)
+        except Exception as exc:  # a damaged ADWIN pack
+            raise CheckpointFormatError(f"corrupt device monitor checkpoint: {exc}") from exc
         obj = cls.__new__(cls)
         obj.__dict__.update(state)
         return obj
@@ -703,8 +940,11 @@ class BatchResult:
     """What :func:`update_frames` returns."""
 
     detections: list[Detection]
+    """The strict tier's alarms."""
     rejected: list[tuple[DeviceFrame, str]]
     """Frames that were refused, with the reason (nothing of them was processed)."""
+    suspicions: list[Detection] = field(default_factory=list)
+    """The sensitive tier's suspicions (not alarms: for the cohort rule)."""
 
 
 def update_frames(
@@ -715,7 +955,7 @@ def update_frames(
     Frames of devices whose reference is complete (and whose model version does not change)
     have their stream means computed together, one ``np.add.reduceat`` per schema
     (:func:`service.drift.signals.batch_frame_means_arrays`); the others take
-    :meth:`DeviceMonitor.update`. A frame with no monitor under ``frame.key`` or failing
+    :meth:`DeviceMonitor.observe`. A frame with no monitor under ``frame.key`` or failing
     validation is returned in ``rejected`` and skipped.
     """
     rejected: list[tuple[DeviceFrame, str]] = []
@@ -766,12 +1006,15 @@ def update_frames(
         for j, i in enumerate(idx):
             means[i] = rows[j]
     out: list[Detection] = []
+    suspicions: list[Detection] = []
     for i, (fr, mon) in enumerate(accepted):
         row = means.get(i)
         if row is None:
-            out += mon.update(fr)
+            res = mon.observe(fr)
         else:
             mon.last_frame = (fr.boot, fr.seq)
             mon._readings += fr.k
-            out += mon._monitor_means(row, fr.k, fr)
-    return BatchResult(out, rejected)
+            res = mon._monitor_means(row, fr.k, fr)
+        out += res.alarms
+        suspicions += res.suspicions
+    return BatchResult(out, rejected, suspicions)

@@ -6,6 +6,14 @@ cohort ``(fleet, schema, model version)`` (created when the cohort's parameter s
 cohort bins features on the model's own int8 grid). Frames of a drained batch go to layer A in
 one vectorised call; cohorts accumulate exact histograms and are evaluated on a timer.
 
+Layer A has two tiers. The strict tier's detections are device alarms and are returned. The
+sensitive tier's *suspicions* are not: they go to the optional ``on_suspicions`` callback (for
+a counter) and to one :class:`~service.drift.suspicion_cohort.SuspicionCohort` per cohort
+``(fleet, schema, model version)``, with the readings each device's sensitive tier monitored.
+A suspicion cohort's window is evaluated by the first batch (frames or labels) received after
+it ends, on the service's clock (``recv_ts``); its alarm (``cohort_suspicions``) is returned
+with that batch's detections. So everything returned is an alarm, to be recorded.
+
 The engine is called from the batcher thread and from the service's timers; one lock serialises
 them (monitors are not thread-safe).
 
@@ -20,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from edge_agent.blob import ParameterSchema
@@ -36,6 +44,12 @@ from service.drift.device_monitor import (
     DeviceMonitorConfig,
     update_frames,
 )
+from service.drift.suspicion_cohort import STATE_FORMAT as SUSPICION_STATE_FORMAT
+from service.drift.suspicion_cohort import (
+    SuspicionCohort,
+    SuspicionCohortConfig,
+    SuspicionWindowReport,
+)
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.ingest.schema_catalog import SchemaCatalog
 from service.registry.records import CheckpointRecord
@@ -44,6 +58,7 @@ log = logging.getLogger(__name__)
 
 KIND_DEVICE = "device_monitor"
 KIND_COHORT = "cohort_monitor"
+KIND_SUSPICION = "suspicion_cohort"
 
 
 class CheckpointRefusedError(RuntimeError):
@@ -59,6 +74,12 @@ class EngineStats:
     frames_refused: Counter[str] = field(default_factory=Counter)
     label_batches: int = 0
     cohorts_without_parameters: set[tuple[str, str, int]] = field(default_factory=set)
+    suspicions: int = 0
+    """Sensitive-tier suspicions (layer A), all devices."""
+    suspicion_windows: int = 0
+    """Suspicion-cohort windows evaluated."""
+    suspicion_alarms: int = 0
+    """Cohort alarms on suspicions (``cohort_suspicions``)."""
 
 
 class DriftEngine:
@@ -71,14 +92,25 @@ class DriftEngine:
         *,
         device_config: DeviceMonitorConfig | None = None,
         cohort_config: CohortConfig | None = None,
+        suspicion_config: SuspicionCohortConfig | None = None,
+        on_suspicions: Callable[[list[Detection]], None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.schema_of = schema_of
         """``(fleet, device) → schema_id`` (the device directory's knowledge)."""
         self.device_config = device_config or DeviceMonitorConfig()
         self.cohort_config = cohort_config or CohortConfig()
+        self.suspicion_config = suspicion_config or SuspicionCohortConfig(
+            budget_per_device_reading=self.device_config.cohort_budget
+        )
+        """Default: the share of the fleet budget the strict tier leaves to the rule."""
+        self.on_suspicions = on_suspicions
+        """Called (under the engine's lock) with each batch's suspicions, e.g. to count them."""
         self.monitors: dict[tuple[str, str], DeviceMonitor] = {}
         self.cohorts: dict[tuple[str, str, int], CohortMonitor] = {}
+        self.suspicion_cohorts: dict[tuple[str, str, int], SuspicionCohort] = {}
+        self.last_suspicion_reports: list[SuspicionWindowReport] = []
+        """The reports of the suspicion-cohort windows closed by the last batch that closed any."""
         self.stats = EngineStats()
         self.lock = threading.RLock()
 
@@ -129,10 +161,53 @@ class DriftEngine:
         self.cohorts[key] = cohort
         return cohort
 
+    def _suspicion_cohort(
+        self, fleet: str, schema_id: str, version: int, now_ms: int
+    ) -> SuspicionCohort:
+        key = (fleet, schema_id, version)
+        cohort = self.suspicion_cohorts.get(key)
+        if cohort is None:
+            cohort = SuspicionCohort(fleet, version, self.suspicion_config)
+            cohort.advance(now_ms)  # opens its first window
+            self.suspicion_cohorts[key] = cohort
+        return cohort
+
+    def _advance_suspicions(self, now_ms: int) -> list[Detection]:
+        """Close the suspicion-cohort windows that ended before ``now_ms``; their alarms."""
+        out: list[Detection] = []
+        reports = []
+        for cohort in self.suspicion_cohorts.values():
+            report = cohort.advance(now_ms)
+            if report is None:
+                continue
+            reports.append(report)
+            if report.detection is not None:
+                out.append(report.detection)
+        if reports:
+            self.last_suspicion_reports = reports
+            self.stats.suspicion_windows += len(reports)
+            self.stats.suspicion_alarms += len(out)
+        return out
+
+    def _add_suspicions(
+        self, suspicions: Sequence[Detection], schema_ids: dict[tuple[str, str], str], now_ms: int
+    ) -> None:
+        if not suspicions:
+            return
+        self.stats.suspicions += len(suspicions)
+        for d in suspicions:
+            assert d.device is not None
+            schema_id = schema_ids[(d.fleet, d.device)]
+            self._suspicion_cohort(d.fleet, schema_id, d.model_version, now_ms).add_suspicion(d)
+        if self.on_suspicions is not None:
+            self.on_suspicions(list(suspicions))
+
     def on_frames(self, frames: list[DeviceFrame]) -> list[Detection]:
-        """Layer A on the batch (vectorised), and layer-B accumulation; returns detections."""
+        """Layer A on the batch (vectorised), layer-B accumulation, the suspicion cohorts;
+        returns the alarms: strict device alarms and cohort alarms on suspicions."""
         with self.lock:
             routed: list[DeviceFrame] = []
+            schema_ids: dict[tuple[str, str], str] = {}
             for fr in frames:
                 known = self._schema(fr.fleet, fr.device)
                 if known is None:
@@ -141,6 +216,7 @@ class DriftEngine:
                 schema_id, schema = known
                 self._monitor(fr.fleet, fr.device, schema)
                 routed.append(fr)
+                schema_ids[fr.key] = schema_id
                 cohort = self._cohort(fr.fleet, schema_id, fr.param_version)
                 if cohort is not None:
                     cohort.add(fr)
@@ -148,22 +224,48 @@ class DriftEngine:
             result = update_frames(self.monitors, routed)
             for _, reason in result.rejected:
                 self.stats.frames_refused[reason] += 1
-            return list(result.detections)
+            out = list(result.detections)
+            if not routed:
+                return out
+            now_ms = int(max(fr.recv_ts for fr in routed) * 1000)
+            out += self._advance_suspicions(now_ms)
+            refused = {id(fr) for fr, _ in result.rejected}
+            for fr in routed:
+                rate = self.monitors[fr.key].suspicion_rate
+                if rate is None or id(fr) in refused:
+                    continue
+                cohort_s = self._suspicion_cohort(
+                    fr.fleet, schema_ids[fr.key], fr.param_version, now_ms
+                )
+                cohort_s.add_readings(fr.device, fr.k, rate)
+            self._add_suspicions(result.suspicions, schema_ids, now_ms)
+            return out
 
     def on_labels(self, batches: list[DeviceLabels]) -> list[Detection]:
-        """Error-stream detectors of layer A, and the cohorts' labelled accuracy."""
+        """Error-stream detectors of layer A, and the cohorts' labelled accuracy; returns the
+        alarms (as :meth:`on_frames`)."""
         out: list[Detection] = []
         with self.lock:
+            if not batches:
+                return out
+            now_ms = int(max(lb.recv_ts for lb in batches) * 1000)
+            out += self._advance_suspicions(now_ms)
+            suspicions: list[Detection] = []
+            schema_ids: dict[tuple[str, str], str] = {}
             for lb in batches:
                 known = self._schema(lb.fleet, lb.device)
                 if known is None:
                     continue
                 schema_id, schema = known
-                out += self._monitor(lb.fleet, lb.device, schema).update_labels(lb)
+                schema_ids[(lb.fleet, lb.device)] = schema_id
+                res = self._monitor(lb.fleet, lb.device, schema).observe_labels(lb)
+                out += res.alarms
+                suspicions += res.suspicions
                 cohort = self._cohort(lb.fleet, schema_id, lb.param_version)
                 if cohort is not None:
                     cohort.add_labels(lb)
                 self.stats.label_batches += 1
+            self._add_suspicions(suspicions, schema_ids, now_ms)
         return out
 
     def evaluate(self, now_ms: int) -> list[CohortReport]:
@@ -210,6 +312,16 @@ class DriftEngine:
                         state=cohort.state_bytes(),
                     )
                 )
+            for (fleet, schema_id, version), s_cohort in self.suspicion_cohorts.items():
+                records.append(
+                    CheckpointRecord(
+                        fleet=fleet,
+                        device=None,
+                        kind=f"{KIND_SUSPICION}:{schema_id}:{version}",
+                        format_version=SUSPICION_STATE_FORMAT,
+                        state=s_cohort.state_bytes(),
+                    )
+                )
             return records
 
     def restore(self, records: Iterable[CheckpointRecord]) -> int:
@@ -231,6 +343,11 @@ class DriftEngine:
                             CohortMonitor.from_state_bytes(
                                 state, model=params.model if params is not None else None
                             )
+                        )
+                    elif rec.kind.startswith(KIND_SUSPICION + ":"):
+                        _, schema_id, version = rec.kind.split(":")
+                        self.suspicion_cohorts[(rec.fleet, schema_id, int(version))] = (
+                            SuspicionCohort.from_state_bytes(state, config=self.suspicion_config)
                         )
                     else:
                         continue

@@ -23,7 +23,7 @@ from service.drift.calibration import (
 def test_shipped_table_loads_and_is_sane():
     tab = load_table()
     assert tab.river_version.startswith("0.26")
-    for curve in (tab.adwin_frame, tab.adwin_error):
+    for curve in (tab.adwin_frame, tab.adwin_frame_sensitive, tab.adwin_error):
         assert len(curve.points) >= 4
         assert all(p.alarms >= 20 for p in curve.points)  # every point is measured, not guessed
         assert 1.0 <= curve.b <= 1.6
@@ -92,6 +92,46 @@ def test_budget_split_and_monotonicity():
         thresholds(22, 16, budget_per_device_reading=0.0)
 
 
+def test_the_sensitive_tier_has_its_own_curve_budget_and_split():
+    tab = load_table()
+    assert tab.sensitive_settings == cal.SENSITIVE_FRAME_ADWIN
+    assert tab.sensitive_settings.min_window_length == 1
+    assert tab.frame_settings.min_window_length == 2
+    # a shorter minimum window fires more often at the same δ
+    assert tab.adwin_frame_sensitive.rate(0.01) > tab.adwin_frame.rate(0.01)
+    s = thresholds(22, 16, budget_per_device_reading=1e-4, tier="sensitive")
+    assert s.n_detectors == 23  # no HDDM_A
+    assert s.frame_budget == pytest.approx(1e-4 * 16 / 23)
+    assert s.label_budget == pytest.approx(1e-4 / 23)
+    # δ inside the simulated range: no extrapolation for frames of 16
+    assert tab.adwin_frame_sensitive.min_param <= s.frame_delta <= 0.1
+    assert tab.adwin_frame_sensitive.rate(s.frame_delta) == pytest.approx(
+        s.frame_budget / cal.FRAME_MODEL_MARGIN, rel=1e-9
+    )
+    # the calibrated null rate is the budget (the curves are inverted exactly)
+    assert s.null_rate_per_reading == pytest.approx(1e-4, rel=1e-9)
+    strict = thresholds(22, 16, budget_per_device_reading=5e-8)
+    assert strict.null_rate_per_reading == pytest.approx(5e-8, rel=1e-9)
+    assert s.frame_delta > 100 * strict.frame_delta
+    with pytest.raises(ValueError, match="tier"):
+        thresholds(22, 16, tier="loud")  # type: ignore[arg-type]
+
+
+def test_rate_bound_inverts_param_for_rate_on_both_sides():
+    c = RateCurve.fit([RatePoint(0.1, 10**6, 1000), RatePoint(0.01, 10**7, 500)])
+    for r in (c.rate(0.05), c.rate(0.01) / 30):
+        assert c.rate_bound(c.param_for_rate(r)) == pytest.approx(r, rel=1e-9)
+    with pytest.raises(ValueError, match="positive"):
+        c.rate_bound(0.0)
+
+
+def test_both_tiers_must_be_fed_the_same_values():
+    obj = load_table().to_json()
+    obj["adwin_frame_sensitive"]["detector"]["u_scale"] = 2.0
+    with pytest.raises(ValueError, match="same values"):
+        CalibrationTable.from_json(obj)
+
+
 def test_drifting_band_is_the_bonferroni_normal_quantile():
     assert drifting_band(0.05, 1) == pytest.approx(1.959964, abs=1e-6)
     assert drifting_band(1e-3, 23) == pytest.approx(4.088, abs=1e-3)
@@ -118,4 +158,6 @@ def test_cli_shows_the_table(capsys):
     assert cal.main([]) == 0
     out = capsys.readouterr().out
     assert "adwin_frame" in out
+    assert "adwin_frame_sensitive" in out
+    assert "sensitive tier" in out
     assert "δ_frame" in out

@@ -18,11 +18,15 @@ from edge_agent.device.simulator import (
     window_times,
 )
 from edge_agent.fixedpoint import QuantizedLinear, round_half_away
+from service.drift.checkpoint_format import add_header
 from service.drift.device_monitor import (
     ERROR_STREAM,
     STATE_FORMAT,
+    STATE_MAGIC,
     CheckpointFormatError,
     DeviceMonitor,
+    DeviceMonitorConfig,
+    Outcome,
     update_frames,
 )
 from service.drift.signals import (
@@ -128,6 +132,110 @@ def test_no_detections_on_stationary_device(model):
     assert thr.frame_readings == K
     assert thr.n_detectors == 24
     assert 0 < mon.memory_bytes() <= 40 * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# the sensitive tier
+# ------------------------------------------------------------------------------------------------
+
+
+def observe_all(dev: Device, mon: DeviceMonitor | None = None) -> tuple[DeviceMonitor, Outcome]:
+    mon = mon or DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    out = Outcome([], [])
+    for fr in dev.frames():
+        res = mon.observe(fr)
+        out.alarms.extend(res.alarms)
+        out.suspicions.extend(res.suspicions)
+        lb = dev.label_batch(fr)
+        if lb is not None:
+            res = mon.observe_labels(lb)
+            out.alarms.extend(res.alarms)
+            out.suspicions.extend(res.suspicions)
+    return mon, out
+
+
+def test_the_sensitive_tier_suspects_before_the_strict_tier_alarms(model):
+    dev = simulate(model, 261, CHANGE + HORIZON, drift_at("offset", axis=2))
+    mon, out = observe_all(dev)
+    assert [d for d in out.suspicions if d.readings <= CHANGE] == []
+    first_alarm = min(d.readings for d in out.alarms if d.readings > CHANGE)
+    first_suspicion = min(d.readings for d in out.suspicions if d.readings > CHANGE)
+    assert first_suspicion < first_alarm
+    assert {d.detector for d in out.suspicions} == {"adwin_sensitive"}
+    assert all(d.scope == "device" and d.score >= 1.0 for d in out.suspicions)
+    assert "adwin_sensitive" not in {d.detector for d in out.alarms}
+    # the same alarms as update() returns: suspicions are never alarms
+    _, alarms = run(simulate(model, 261, CHANGE + HORIZON, drift_at("offset", axis=2)))
+    assert alarms == out.alarms
+    # its thresholds: its own budget, more detections allowed, ADWIN alone on errors
+    s_thr, thr = mon.sensitive_thresholds, mon.thresholds
+    assert s_thr is not None
+    assert thr is not None
+    assert s_thr.n_detectors == 23
+    assert s_thr.frame_delta > 100 * thr.frame_delta
+    assert mon.suspicion_rate == pytest.approx(1e-4, rel=1e-6)
+    assert thr.null_rate_per_reading == pytest.approx(5e-8, rel=1e-6)  # half the fleet's 1e-7
+
+
+def test_labels_feed_the_sensitive_error_detector(model):
+    dev = simulate(model, 262, CHANGE + 2 * HORIZON, drift_at("concept"))
+    _, out = observe_all(dev)
+    errs = [d for d in out.suspicions if d.signal == "error"]
+    assert errs
+    assert min(d.readings for d in errs) > CHANGE
+    first_alarm = min(d.readings for d in out.alarms if d.signal == "error")
+    assert min(d.readings for d in errs) <= first_alarm
+
+
+def test_batches_return_the_suspicions_separately(model):
+    dev = simulate(model, 263, 5000, drift_at("offset", axis=1, magnitude=0.4))
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    single = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    frames = list(dev.frames())
+    want = Outcome([], [])
+    for fr in frames:
+        res = single.observe(fr)
+        want.alarms.extend(res.alarms)
+        want.suspicions.extend(res.suspicions)
+    got = update_frames({("fleet", dev.name): mon}, frames)
+    assert got.suspicions
+    assert got.detections
+    assert got.suspicions == want.suspicions
+    assert got.detections == want.alarms
+
+
+def test_the_sensitive_tier_can_be_turned_off(model):
+    cfg = DeviceMonitorConfig(sensitive_budget_per_device_reading=None)
+    assert cfg.strict_budget == cfg.budget_per_device_reading  # the strict tier gets it all
+    assert cfg.cohort_budget == 0.0
+    dev = simulate(model, 264, 4000, drift_at("offset", axis=2))
+    mon, out = observe_all(dev, DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, cfg))
+    assert out.alarms
+    assert out.suspicions == []
+    assert mon.suspicion_rate is None
+    assert mon.sensitive_thresholds is None
+    thr = mon.thresholds
+    assert thr is not None
+    assert thr.null_rate_per_reading == pytest.approx(1e-7, rel=1e-6)
+    back = DeviceMonitor.from_state_bytes(mon.state_bytes())
+    assert back.suspicion_rate is None
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"strict_share": 0.0}, "strict_share"),
+        ({"strict_share": 1.0}, "strict_share"),
+        ({"budget_per_device_reading": 0.0}, "budget_per_device_reading"),
+        ({"sensitive_budget_per_device_reading": 0.0}, "sensitive_budget"),
+        ({"sensitive_budget_per_device_reading": 0.5}, "sensitive_budget"),
+    ],
+)
+def test_tier_settings_are_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DeviceMonitorConfig(**kw)
+    cfg = DeviceMonitorConfig()
+    assert cfg.strict_budget + cfg.cohort_budget == pytest.approx(cfg.budget_per_device_reading)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,12 +497,46 @@ def test_state_round_trip_gives_the_same_detections(model, cut):
     assert mon.drifting == DeviceMonitor.from_state_bytes(mon.state_bytes()).drifting
 
 
+def test_state_round_trip_keeps_both_tiers_exactly(model):
+    def fresh():
+        return simulate(model, 402, 6000, drift_at("offset", axis=0, magnitude=0.4))
+
+    _, expected = observe_all(fresh())
+    assert expected.suspicions
+    assert expected.alarms
+    dev = fresh()
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    got = Outcome([], [])
+    for i, fr in enumerate(dev.frames()):
+        if i in (100, 180, 195, 300):  # during the reference, before, at and after the change
+            mon = DeviceMonitor.from_state_bytes(mon.state_bytes())
+        res = mon.observe(fr)
+        got.alarms.extend(res.alarms)
+        got.suspicions.extend(res.suspicions)
+        lb = dev.label_batch(fr)
+        if lb is not None:
+            res = mon.observe_labels(lb)
+            got.alarms.extend(res.alarms)
+            got.suspicions.extend(res.suspicions)
+    assert got == expected  # detections and their scores
+    assert mon.band_scores() == DeviceMonitor.from_state_bytes(mon.state_bytes()).band_scores()
+
+
+def test_a_format_1_checkpoint_is_refused_by_name(model):
+    """Format 1 (one ADWIN bank, plain pickles) cannot be read: the engine names the fix."""
+    mon = DeviceMonitor("fleet", "d", FEATURES, CLASSES)
+    old = add_header(STATE_MAGIC, 1, zlib.compress(pickle.dumps({"layout": mon.layout})))
+    with pytest.raises(CheckpointFormatError, match="format version 1; this code reads version"):
+        DeviceMonitor.from_state_bytes(old)
+    assert STATE_FORMAT >= 2
+
+
 def test_checkpoint_of_another_format_is_refused(model):
     mon = DeviceMonitor("fleet", "d", FEATURES, CLASSES)
     blob = mon.state_bytes()
     assert struct.unpack(">H", blob[4:6]) == (STATE_FORMAT,)
     other = blob[:4] + struct.pack(">H", STATE_FORMAT + 1) + blob[6:]
-    with pytest.raises(CheckpointFormatError, match="format version 2"):
+    with pytest.raises(CheckpointFormatError, match=f"format version {STATE_FORMAT + 1}"):
         DeviceMonitor.from_state_bytes(other)
     with pytest.raises(CheckpointFormatError, match="magic"):
         DeviceMonitor.from_state_bytes(b"XXXX" + blob[4:])

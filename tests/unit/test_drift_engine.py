@@ -1,0 +1,134 @@
+"""The drift engine's wiring of layer A's two tiers: alarms out, suspicions to the cohort rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.blob import ParameterSchema
+from service.drift.device_monitor import STATE_MAGIC, DeviceMonitorConfig
+from service.drift.engine import KIND_DEVICE, CheckpointRefusedError, DriftEngine
+from service.drift.suspicion_cohort import SuspicionCohortConfig
+from service.ingest.frames import DeviceFrame, DeviceLabels
+from service.ingest.schema_catalog import SchemaCatalog
+from service.registry.records import CheckpointRecord
+
+SCHEMA = ParameterSchema(features=("a", "b", "c"), classes=("x", "y", "z"), rows=3)
+K = 16
+WINDOW_S = 60  # one frame per device per second: 960 readings per device per window
+
+
+def make_engine(devices: int, **kw) -> tuple[DriftEngine, list]:
+    cat = SchemaCatalog()
+    cat.add_schema(SCHEMA)
+    seen: list = []
+    engine = DriftEngine(
+        cat,
+        lambda fleet, device: SCHEMA.schema_id_hex,
+        device_config=DeviceMonitorConfig(reference_readings=128),
+        suspicion_config=SuspicionCohortConfig(
+            window_ms=WINDOW_S * 1000, budget_per_device_reading=5e-8
+        ),
+        on_suspicions=seen.extend,
+        **kw,
+    )
+    return engine, seen
+
+
+class Fleet:
+    """``devices`` synthetic devices; ``shifted`` of them move feature ``a`` by 3σ from ``t0``."""
+
+    def __init__(self, devices: int, seed: int = 0) -> None:
+        self.devices = devices
+        self.rng = np.random.default_rng(seed)
+        self.seq = 0
+
+    def batch(self, t: int, shifted: int = 0) -> list[DeviceFrame]:
+        out = []
+        for d in range(self.devices):
+            x = self.rng.standard_normal((K, 3))
+            if d < shifted:
+                x[:, 0] += 3.0
+            pred = np.argmax(x + self.rng.standard_normal((K, 3)), axis=1).astype(np.int64)
+            conf = self.rng.uniform(0.4, 1.0, K)
+            out.append(DeviceFrame("f", f"d{d}", 0, self.seq, 1000 * t, float(t), 1, x, pred, conf))
+        self.seq += 1
+        return out
+
+
+def run(engine: DriftEngine, fleet: Fleet, t0: int, t1: int, shifted: int = 0) -> list:
+    out = []
+    for t in range(t0, t1):
+        out += engine.on_frames(fleet.batch(t, shifted))
+    return out
+
+
+def test_alarms_are_returned_and_suspicions_go_to_the_cohort_rule():
+    engine, seen = make_engine(20)
+    fleet = Fleet(20)
+    quiet = run(engine, fleet, 0, 3 * WINDOW_S)
+    assert quiet == []
+    assert engine.stats.suspicion_windows >= 2
+    assert all(not r.alarm for r in engine.last_suspicion_reports)
+    rep = engine.last_suspicion_reports[0]
+    assert rep.devices == 20
+    assert rep.readings == 20 * WINDOW_S * K
+    assert rep.mean_q == pytest.approx(1e-4 * WINDOW_S * K)
+    # 12 of 20 devices shift: each suspects within a frame or two, the strict tier alarms too
+    dets = run(engine, fleet, 3 * WINDOW_S, 5 * WINDOW_S, shifted=12)
+    assert "adwin_sensitive" not in {d.detector for d in dets}
+    device_alarms = {d.device for d in dets if d.scope == "device"}
+    assert device_alarms <= {f"d{i}" for i in range(12)}
+    cohort = [d for d in dets if d.detector == "cohort_suspicions"]
+    assert len(cohort) >= 1
+    assert cohort[0].scope == "cohort"
+    assert cohort[0].device is None
+    assert cohort[0].ts_ms == 4 * WINDOW_S * 1000  # the end of the window the shift began in
+    assert engine.stats.suspicion_alarms == len(cohort)
+    assert seen
+    assert {d.detector for d in seen} == {"adwin_sensitive"}
+    assert {d.device for d in seen if d.ts_ms >= 3 * WINDOW_S * 1000} >= {
+        f"d{i}" for i in range(12)
+    }
+    assert engine.stats.suspicions == len(seen)
+
+
+def test_label_suspicions_are_not_returned():
+    engine, seen = make_engine(1)
+    fleet = Fleet(1, seed=3)
+    run(engine, fleet, 0, 20)
+    rng = np.random.default_rng(4)
+    out = []
+    for t in range(20, 80):
+        wrong = t >= 40  # the error rate goes from 0 to 1
+        x = rng.standard_normal((K, 3))
+        pred = np.zeros(K, np.int64)
+        label = np.full(K, 1 if wrong else 0, np.int64)
+        out += engine.on_labels(
+            [DeviceLabels("f", "d0", 0, t, 1000 * t, float(t), 1, x, pred, label)]
+        )
+    assert any(d.signal == "error" for d in seen)
+    assert "adwin_sensitive" not in {d.detector for d in out}
+    assert any(d.signal == "error" and d.detector == "adwin" for d in out)
+
+
+def test_checkpoints_carry_the_suspicion_cohorts():
+    engine, _ = make_engine(5)
+    fleet = Fleet(5)
+    run(engine, fleet, 0, WINDOW_S + 10)
+    records = engine.checkpoint()
+    kinds = {r.kind for r in records}
+    assert f"suspicion_cohort:{SCHEMA.schema_id_hex}:1" in kinds
+    again, _ = make_engine(5)
+    assert again.restore(records) == len(records)
+    key = ("f", SCHEMA.schema_id_hex, 1)
+    a, b = engine.suspicion_cohorts[key], again.suspicion_cohorts[key]
+    assert a.state_bytes() == b.state_bytes()
+    assert a.advance(10 * WINDOW_S * 1000) == b.advance(10 * WINDOW_S * 1000)
+
+
+def test_a_device_checkpoint_of_the_old_format_is_refused_with_the_fix():
+    engine, _ = make_engine(1)
+    old = CheckpointRecord("f", "d0", KIND_DEVICE, 1, STATE_MAGIC + b"\x00\x01" + b"x")
+    with pytest.raises(CheckpointRefusedError, match="--discard-checkpoints"):
+        engine.restore([old])
