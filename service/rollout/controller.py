@@ -857,7 +857,12 @@ class RolloutController:
         applicable = group.name in gates.quality.groups
         if soaking:
             q_verdict, checks, q_reason = quality_gate(
-                quality, gates.quality, soaked, applicable, len(group.devices)
+                quality,
+                gates.quality,
+                soaked,
+                applicable,
+                len(group.devices),
+                self_control=self.plan.self_control,
             )
             if q_verdict is Verdict.NOT_APPLICABLE and soaked < gates.quality.min_soak_ms:
                 q_verdict, q_reason = Verdict.WAIT, "minimum soak time not reached"

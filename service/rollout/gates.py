@@ -216,11 +216,14 @@ def quality_gate(
     soaked_ms: int,
     applicable: bool,
     group_size: int | None = None,
+    self_control: bool = False,
 ) -> tuple[Verdict, tuple[MetricCheck, ...], str]:
     """Quality: every metric non-inferior, with minimum devices, readings and soak time.
 
     ``group_size``: devices in the group being judged; a group smaller than ``min_devices``
     needs every one of its devices reporting (instead of waiting for devices it does not have).
+    ``self_control``: the control arm is the same devices before their update, so it is held to
+    the same device minimum as the canary arm.
     Returns WAIT before the minimum soak or while evidence is short; the caller turns WAIT at the
     soak deadline into INCONCLUSIVE. A metric that *fails* fails the gate at once (after the
     minimum soak), even if others are inconclusive.
@@ -232,9 +235,10 @@ def quality_gate(
     if q is None:
         return Verdict.WAIT, (), "no quality figures yet"
     # a group smaller than min_devices (a rollout to few devices) needs all of its devices
+    canary_need = min(policy.min_devices, group_size or policy.min_devices)
     need = {
-        "canary": min(policy.min_devices, group_size or policy.min_devices),
-        "control": policy.min_devices,
+        "canary": canary_need,
+        "control": canary_need if self_control else policy.min_devices,
     }
     short = [
         f"{name}: {arm.devices} devices / {arm.readings} readings"
