@@ -88,6 +88,12 @@ class QualityFigures:
     """Jensen–Shannon divergence (base 2) of the canary's predicted-class mix vs control's."""
     window_start_ms: int = 0
     window_end_ms: int = 0
+    paired_devices: int = 0
+    """Canary devices with enough labels both before (old parameters) and after their update."""
+    paired_error_delta: float | None = None
+    """Mean over those devices of (error after − error before): each device is its own control,
+    so the devices' different users and accuracies cancel out."""
+    paired_error_se: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QualityFigures:
@@ -98,6 +104,9 @@ class QualityFigures:
             class_js=data["class_js"],
             window_start_ms=data["window_start_ms"],
             window_end_ms=data["window_end_ms"],
+            paired_devices=data.get("paired_devices", 0),
+            paired_error_delta=data.get("paired_error_delta"),
+            paired_error_se=data.get("paired_error_se"),
         )
 
 
@@ -192,7 +201,22 @@ def quality_checks(q: QualityFigures, policy: QualityPolicy) -> tuple[MetricChec
             MetricCheck("class_js", q.class_js, q.class_js, policy.max_class_js, js_verdict)
         )
     pc, pk = c.error_rate, k.error_rate
+    paired_need = min(policy.min_devices, max(c.labelled_devices, 1))
     if (
+        "error_rate" in policy.metrics
+        and q.paired_error_delta is not None
+        and q.paired_error_se is not None
+        and q.paired_devices >= paired_need
+        and c.labelled >= policy.min_labels
+    ):
+        # before/after on the same devices: the efficient comparison when it is available
+        bound, verdict = _non_inferior(
+            q.paired_error_delta, q.paired_error_se, policy.error_margin, policy.z
+        )
+        checks.append(
+            MetricCheck("error_rate", q.paired_error_delta, bound, policy.error_margin, verdict)
+        )
+    elif (
         "error_rate" in policy.metrics
         and pc is not None
         and pk is not None

@@ -25,6 +25,7 @@ on the rollout worker; one lock guards the accumulators (a few dict lookups per 
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -116,6 +117,17 @@ class QualityWindow:
             for cls in np.flatnonzero(counts).tolist():
                 acc.classes[cls] = acc.classes.get(cls, 0) + int(counts[cls])
 
+    def seed_labels(self, device: str, version: int, labelled: int, errors: int) -> None:
+        """Count labels of ``device`` on ``version`` from before the window (the label buffer),
+        so a device's error *before* its update is known when the rollout starts at once."""
+        with self._lock:
+            per = self._acc.get(device)
+            if per is None:
+                return
+            acc = per.setdefault(version, _Acc())
+            acc.labelled += labelled
+            acc.errors += errors
+
     def add_labels(
         self, device: str, version: int, pred: npt.NDArray[np.int64], label: npt.NDArray[np.int64]
     ) -> None:
@@ -162,13 +174,45 @@ class QualityWindow:
         )
         return arm, classes, start
 
+    def _paired(
+        self, canary: Mapping[str, int], before: Mapping[str, int]
+    ) -> tuple[int, float | None, float | None]:
+        diffs: list[float] = []
+        variances: list[float] = []
+        for dev, new_version in canary.items():
+            per = self._acc.get(dev, {})
+            new, old = per.get(new_version), per.get(before.get(dev, -1))
+            if new is None or old is None:
+                continue
+            if min(new.labelled, old.labelled) < MIN_DEVICE_LABELS:
+                continue
+            p1, p0 = new.errors / new.labelled, old.errors / old.labelled
+            diffs.append(p1 - p0)
+            variances.append(p1 * (1 - p1) / new.labelled + p0 * (1 - p0) / old.labelled)
+        n = len(diffs)
+        if n == 0:
+            return 0, None, None
+        spread = float(np.var(diffs, ddof=1)) if n > 1 else 0.0
+        # the larger of the between-device and the within-device (binomial) variance
+        se = math.sqrt(max(spread, float(np.mean(variances))) / n)
+        return n, float(np.mean(diffs)), se
+
     def figures(
-        self, canary: Mapping[str, int], control: Mapping[str, int], now_ms: int
+        self,
+        canary: Mapping[str, int],
+        control: Mapping[str, int],
+        now_ms: int,
+        before: Mapping[str, int] | None = None,
     ) -> QualityFigures:
-        """Figures of ``canary`` (device → new version) vs ``control`` (device → old version)."""
+        """Figures of ``canary`` (device → new version) vs ``control`` (device → old version).
+
+        ``before`` (canary device → its version before the update) adds the paired, before/after
+        error comparison of the canary devices (:attr:`QualityFigures.paired_error_delta`).
+        """
         with self._lock:
             can, can_cls, s1 = self._arm(canary)
             ctl, ctl_cls, s2 = self._arm(control)
+            paired = self._paired(canary, before) if before else (0, None, None)
         keys = sorted(set(can_cls) | set(ctl_cls))
         js = js_divergence([can_cls.get(k, 0) for k in keys], [ctl_cls.get(k, 0) for k in keys])
         return QualityFigures(
@@ -177,4 +221,7 @@ class QualityWindow:
             class_js=js,
             window_start_ms=max(s1, s2),
             window_end_ms=now_ms,
+            paired_devices=paired[0],
+            paired_error_delta=paired[1],
+            paired_error_se=paired[2],
         )

@@ -81,6 +81,9 @@ ACTIVE_STATES: Final = frozenset(
 )
 """States in which a rollout still owns its fleet (one active rollout per fleet)."""
 
+SEED_LABELS_PER_DEVICE: Final = 200
+"""Labels per member read from the label buffer when a rollout starts (its "before" errors)."""
+
 OPERATION_TIMEOUT_S: Final = 30.0
 """How long an operator action waits for the worker before it reports a timeout."""
 
@@ -241,15 +244,32 @@ class RolloutReconciler:
             members.update(g.devices)
         for dev in members:
             self._by_device.setdefault((fleet, dev), set()).add(rid)
-        if ctl.plan.self_control and ctl.state.status in ACTIVE_STATES:
-            # before/after: the members' readings on the old version count from now on
-            unwatched = set(members) - self.quality.watched
-            self.quality.watch(sorted(unwatched), self._now_ms())
-        elif ctl.state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED):
-            group = ctl._group()
-            if group is not None and group.status is GroupStatus.SOAKING:
-                since = group.soak_started_ms or self._now_ms()
-                self.quality.watch([*group.devices, *ctl.state.control], since)
+        if ctl.state.status in ACTIVE_STATES:
+            # every member and the control from now on; the members' labels on the previous
+            # version from the label buffer, so each canary device is also its own control
+            self.quality.watch(sorted(members - self.quality.watched), self._now_ms())
+            self._seed_before(ctl, members)
+
+    def _seed_before(self, ctl: RolloutController, members: set[str]) -> None:
+        plan = ctl.plan
+        try:
+            labels = self.registry.recent_labels(
+                plan.fleet,
+                param_version=plan.previous.version,
+                limit=min(SEED_LABELS_PER_DEVICE * max(len(members), 1), 200_000),
+            )
+        except RegistryError as exc:
+            log.warning("rollout %s: no label history for the quality gate: %s",
+                        plan.rollout_id, exc)  # fmt: skip
+            return
+        counts: dict[str, list[int]] = {}
+        for dev, pred, label in zip(labels.device, labels.pred, labels.label, strict=True):
+            if dev in members:
+                c = counts.setdefault(dev, [0, 0])
+                c[0] += 1
+                c[1] += int(pred != label)
+        for dev, (n, errors) in counts.items():
+            self.quality.seed_labels(dev, plan.previous.version, n, errors)
 
     def _load_blobs(self, plan: RolloutPlan) -> None:
         for ref in [*plan.targets(), plan.previous]:
@@ -364,11 +384,12 @@ class RolloutReconciler:
             return {}
         plan = ctl.plan
         canary = {d: plan.target_for(d).version for d in group.devices}
+        before = {d: plan.previous.version for d in group.devices}
         if plan.self_control:  # the same devices before their update
-            control = {d: plan.previous.version for d in group.devices}
+            control = before
         else:
             control = {d: plan.previous.version for d in ctl.state.control}
-        return {group.name: self.quality.figures(canary, control, now)}
+        return {group.name: self.quality.figures(canary, control, now, before)}
 
     def _run(self, ctl: RolloutController, actions: Iterable[Action]) -> None:
         """Carry out ``actions`` of ``ctl``: persist first, then publish, then metrics."""
@@ -422,10 +443,7 @@ class RolloutReconciler:
                 )
             return
         log.info("rollout %s group %s: %s → %s", a.rollout_id, a.name, a.from_state, a.to_state)
-        if a.to_state == GroupStatus.SOAKING and not ctl.plan.self_control:
-            group = next(g for g in ctl.state.groups if g.name == a.name)
-            self.quality.watch([*group.devices, *ctl.state.control], a.at_ms)
-        elif a.to_state in (GroupStatus.PASSED, GroupStatus.FAILED):
+        if a.to_state in (GroupStatus.PASSED, GroupStatus.FAILED):
             group = next(g for g in ctl.state.groups if g.name == a.name)
             self.quality.unwatch(group.devices)
 
