@@ -104,6 +104,7 @@ class MqttConsumer:
 
     def stop(self) -> None:
         """Disconnect cleanly and stop the network thread."""
+        self.connected.clear()  # a deliberate stop is not a lost broker (no warning)
         self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()

@@ -47,6 +47,15 @@ def bucket(device_id: str, rollout_id: str) -> int:
     return int.from_bytes(digest[:8], "big") % 10_000
 
 
+def control_salt(rollout_id: str) -> str:
+    """The hash salt that picks a rollout's control group (independent of its waves).
+
+    >>> control_salt("r1")
+    'r1/control'
+    """
+    return f"{rollout_id}/control"
+
+
 @dataclass(frozen=True)
 class GroupAssignment:
     """One group's name and its members, in a stable order."""
@@ -75,9 +84,11 @@ def assign_groups(
         canary = tuple(d.device_id for d in recent if d.device_id not in plan.control_devices)[
             : plan.canary_size
         ]
+    # the control is drawn with its own hash: drawn by the waves' hash it would come out of the
+    # first wave's range and leave that wave short
     rest = sorted(
         (d.device_id for d in devices if d.device_id not in canary),
-        key=lambda dev: (bucket(dev, plan.rollout_id), dev),
+        key=lambda dev: (bucket(dev, control_salt(plan.rollout_id)), dev),
     )
     if plan.control_devices:
         control = tuple(plan.control_devices)

@@ -46,7 +46,7 @@ from service.learn.retrain import RetrainConfig, RetrainError, retrain
 from service.metrics import ServiceMetrics
 from service.registry.records import ParameterSetRecord
 from service.registry.store import Registry
-from service.rollout.groups import DeviceInfo, bucket
+from service.rollout.groups import DeviceInfo, bucket, control_salt
 from service.rollout.plan import DEFAULT_WAVES, GatePolicy, ParamRef, RolloutPlan
 from service.rollout.reconciler import RolloutReconciler, RolloutView
 
@@ -227,7 +227,7 @@ class CandidateProposer:
         size = min(s.control_size, len(members) - s.canary_size)
         if size < need:
             return ()
-        ordered = sorted(members, key=lambda dev: (bucket(dev, rollout_id), dev))
+        ordered = sorted(members, key=lambda dev: (bucket(dev, control_salt(rollout_id)), dev))
         return tuple(ordered[:size])
 
     def _control(
@@ -239,7 +239,8 @@ class CandidateProposer:
             if d.active_version == version and d.device not in exclude and not d.drifting
         ]
         # online devices first: an offline control reports nothing to compare with
-        healthy.sort(key=lambda d: (not d.online, bucket(d.device, rollout_id), d.device))
+        salt = control_salt(rollout_id)
+        healthy.sort(key=lambda d: (not d.online, bucket(d.device, salt), d.device))
         return tuple(d.device for d in healthy[: self.settings.control_size])
 
     def _plan(

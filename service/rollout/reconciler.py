@@ -394,6 +394,15 @@ class RolloutReconciler:
     def _run(self, ctl: RolloutController, actions: Iterable[Action]) -> None:
         """Carry out ``actions`` of ``ctl``: persist first, then publish, then metrics."""
         rid = ctl.plan.rollout_id
+        actions = list(actions)
+        if all(isinstance(a, MetricEvent) for a in actions):
+            # only counters moved (e.g. a CONFIRMED ack): store with the next tick, not now. A
+            # crash before it loses nothing a restart's resync would not recover.
+            self._dirty.add(rid)
+            for ev in actions:
+                assert isinstance(ev, MetricEvent)
+                self._metric(ctl, ev)
+            return
         publish: list[PublishManifest] = []
         metric_events: list[MetricEvent] = []
         for a in actions:
