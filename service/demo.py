@@ -30,7 +30,11 @@ readings, detections and the rollout state):
    start once every gain device is flagged; at most 60 s). Detected devices are those with a
    device-scope drift event on the factory model after the drift start; a *false alarm device*
    is one with such an event that was not injected, or whose event came before its drift.
-4. **recalibration**: ``POST /candidates`` (kind ``recalibration``) builds one label-free
+4. **bad candidate**: v2, a retrain of the factory model on *shuffled* labels, correctly signed
+   with the release key and imported before the start like a parameter set trained offline, is
+   proposed as ``parameter_set`` with ``auto_approve``; the canary gate (canary vs control on
+   the labelled error, confidence and class mix) must fail it and roll it back.
+5. **recalibration**: ``POST /candidates`` (kind ``recalibration``) builds one label-free
    parameter set per drifting device; ``POST /rollouts/{id}/approve`` starts it; canary, wave
    and the held-back control are gated on the labelled error and the rollout must finish with
    every member confirmed. A gain device left out of the first proposal (flagged too late, or
@@ -39,18 +43,13 @@ readings, detections and the rollout state):
    in ``tests/integration/test_rollout_e2e.py``; with too few devices to hold some back, each is
    compared with itself before its update, so the operator waits 5 s before approving for that
    "before" evidence to build up.
-5. **bad candidate**: v2, a retrain of the factory model on *shuffled* labels, correctly signed
-   with the release key and imported before the start like a parameter set trained offline, is
-   proposed as ``parameter_set`` with ``auto_approve``; the canary gate (canary vs control on
-   the labelled error, confidence and class mix) must fail it and roll it back.
 6. **recovered**: labelled accuracy of the recalibrated devices, from the registry's label
    buffer: before the drift, during it (factory model), after the update (their new versions).
 
-Phases 4 and 5 run in this order (good candidate first) on purpose: a device that is *reverted*
-while its sensor has drifted starts a new layer-A reference on the drifted data (a model-version
-change resets the per-device reference), so its drift disappears from view and it would never
-be recalibrated. The bad candidate's canary is drawn from the devices still on the factory
-model, which after phase 4 are the healthy and the concept-drift devices only.
+The bad candidate comes first, as an operator's offline-trained set might: its canary may take
+drifted devices, which it then reverts. A reverted device resumes the layer-A monitor of the
+version it returned to (its pre-drift reference; ``DeviceMonitor`` keeps the previous version's),
+so its drift stays in view and the recalibration that follows still covers it.
 
 Exit 0 only if the loop closed (:class:`DemoResult` ``checks``): every gain device detected and
 at least 80 % of all injected devices; the bad candidate rolled back by the canary gate; every
@@ -610,8 +609,8 @@ class DemoRun:
         self._stable()
         self._inject()
         self._detect()
-        self._recalibrate()
         self._bad_candidate()
+        self._recalibrate()
         self._recovered()
 
     def _stop(self) -> None:
@@ -702,7 +701,7 @@ class DemoRun:
         api = self.api
         gain = set(self.plan.gain)
         updated: set[str] = set()
-        with self.phase(4, "good candidate: recalibration, canary, promotion"):
+        with self.phase(5, "good candidate: recalibration, canary, promotion"):
             deadline = time.monotonic() + 150
             attempts = 0
             while not gain <= updated:
@@ -875,7 +874,7 @@ class DemoRun:
 
     def _bad_candidate(self) -> None:
         assert self.api is not None
-        with self.phase(5, "bad candidate: shuffled-label retrain, canary gate"):
+        with self.phase(4, "bad candidate: shuffled-label retrain, canary gate"):
             p = self.api.propose("parameter_set", version=BAD_VERSION, auto_approve=True)
             rid = p["rollout"]["id"]
             self.say(

@@ -27,7 +27,11 @@ Lifecycle per (device, model version)
    ``binary.HDDMA`` (its warning zone is reported once per entry as ``hddm_a_warning``). Labels
    for another model version than the current one are ignored (counted in ``labels_ignored``).
 4. **Model-version change.** A frame with another ``param_version`` (an update, or a revert)
-   drops every detector and starts a new reference; ``readings`` restarts at 0.
+   starts a new reference; ``readings`` restarts at 0. The monitor of the version it leaves is
+   kept (compressed, the last one only): when the device returns to that version, typically a
+   rolled-back canary, its reference, detectors and windows resume where they were, so a drift
+   present before the update is still measured against the reference from before the drift
+   instead of being learnt as the new normal.
 
 Two tiers
 ---------
@@ -317,9 +321,31 @@ class DeviceMonitor:
         self.last_labels: tuple[int, int] | None = None
         """``(boot, seq)`` of the last label batch processed."""
         self._version: int | None = None
+        self._saved_version: tuple[int, bytes] | None = None
+        """The monitor of the previous model version, as :meth:`state_bytes` (one kept)."""
         self._reset_version(None)
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    _KEPT_ACROSS_VERSIONS: Final = (
+        "fleet", "device", "config", "layout", "labels_ignored", "last_frame", "last_labels",
+    )  # fmt: skip
+
+    def _switch_version(self, version: int) -> None:
+        """Start monitoring ``version``: resume its saved monitor, or learn a new reference."""
+        saved = getattr(self, "_saved_version", None)
+        keep = None
+        if self._version is not None and self._mu is not None:  # a complete reference
+            self._saved_version = None
+            keep = (self._version, self.state_bytes())
+        if saved is not None and saved[0] == version:
+            old = DeviceMonitor.from_state_bytes(saved[1]).__dict__
+            for name in self._KEPT_ACROSS_VERSIONS:
+                old[name] = self.__dict__[name]
+            self.__dict__.update(old)
+        else:
+            self._reset_version(version)
+        self._saved_version = keep
 
     def _reset_version(self, version: int | None) -> None:
         lay = self.layout
@@ -461,7 +487,7 @@ class DeviceMonitor:
         """Process one telemetry frame; its alarms and suspicions (see :meth:`update`)."""
         self._check_frame(frame)
         if frame.param_version != self._version:
-            self._reset_version(frame.param_version)
+            self._switch_version(frame.param_version)
         self.last_frame = (frame.boot, frame.seq)
         k = frame.k
         self._readings += k

@@ -408,10 +408,12 @@ def test_model_version_change_resets_the_reference(model):
                        dev.labels[:5])  # fmt: skip
     assert mon.update_labels(old) == []
     assert mon.labels_ignored == 5
-    # a revert to version 1 is a change too
+    # a revert to version 1 resumes version 1's monitor (its pre-update reference)
     mon.update(frames[0])
     assert mon.model_version == 1
-    assert mon.readings == K
+    assert mon.readings == 1600 + K
+    assert mon.reference is not None
+    assert np.array_equal(mon.reference[0], ref_v1[0])
 
 
 def replace_version(fr: DeviceFrame, version: int) -> DeviceFrame:
@@ -622,3 +624,41 @@ def test_signal_layout_and_means():
     assert vals[:, lay.z_slice].max() <= 4.0
     with pytest.raises(ValueError, match="class"):
         reading_signals(fr.features, fr.pred + 4, fr.conf, mu, sigma, 4)
+
+
+def test_a_revert_resumes_the_previous_versions_reference() -> None:
+    """A rolled-back device keeps its pre-drift reference instead of learning the drift."""
+    import numpy as np
+
+    from service.drift.device_monitor import DeviceMonitor, DeviceMonitorConfig
+    from service.ingest.frames import DeviceFrame
+
+    rng = np.random.default_rng(1)
+
+    def frame(seq: int, version: int, shift: float) -> DeviceFrame:
+        x = rng.standard_normal((16, 2)) + shift
+        pred = (x[:, 0] > 0).astype(np.int64)
+        return DeviceFrame("f", "d", 0, seq, seq, 0.0, version, x, pred, np.full(16, 0.8))
+
+    mon = DeviceMonitor("f", "d", ["a", "b"], ["no", "yes"], DeviceMonitorConfig(64))
+    for s in range(40):
+        mon.update(frame(s, 1, 0.0))
+    ref = mon.reference
+    assert ref is not None
+    for s in range(40, 80):  # the sensor drifts on v1
+        mon.update(frame(s, 1, 1.5))
+    assert any(st.signal == "feature" for st in mon.drifting)
+    for s in range(80, 90):  # a canary update to v2 ...
+        mon.update(frame(s, 2, 1.5))
+    assert mon.model_version == 2
+    assert not mon.reference_complete or mon.reference is not None
+    for s in range(90, 95):  # ... rolled back: v1 again, still drifted
+        mon.update(frame(s, 1, 1.5))
+    assert mon.model_version == 1
+    back = mon.reference
+    assert back is not None
+    assert np.array_equal(back[0], ref[0]), "the pre-drift reference is back"
+    assert any(st.signal == "feature" for st in mon.drifting), "the drift is still measured"
+    restored = DeviceMonitor.from_state_bytes(mon.state_bytes())
+    assert restored.model_version == 1
+    assert restored.drifting == mon.drifting
