@@ -50,7 +50,15 @@ def running(mosquitto, bundle, tmp_path_factory) -> Iterator[tuple[Service, Prom
     reg.close()
     svc = Service(
         load_settings(
-            broker=mosquitto.url, db=url, metrics_port=0, window_s=1.0, checkpoint_interval_s=2.0
+            broker=mosquitto.url,
+            db=url,
+            metrics_port=0,
+            window_s=1.0,
+            checkpoint_interval_s=2.0,
+            # its own persistent session, on its own fleet: a session left subscribed to every
+            # fleet would queue the later tests' messages for whoever reuses the client id
+            mqtt_client_id="prometheus-scrape-svc",
+            fleets=["prom"],
         )
     )
     svc.start()

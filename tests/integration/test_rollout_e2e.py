@@ -329,7 +329,8 @@ def test_offline_device_converges_when_it_reconnects(
         bundle.firmware(),
         {},
     )  # fmt: skip
-    with running_rig(mosquitto, db, bundle, name, devices=10) as rig:
+    # the subject is convergence, not the gate's power (see the restart test): a wide margin
+    with running_rig(mosquitto, db, bundle, name, devices=10, gate_error_margin=0.2) as rig:
         svc = rig.service
         assert svc.operations is not None
         late_fleet.start()
@@ -379,9 +380,10 @@ def test_rollout_resumes_after_a_service_restart(
     name = fleet_name(request)
     register(db, bundle, factory_resigned(bundle, 2), 2, "resigned")
     state = tmp_path / "devices"
-    with running_rig(
-        mosquitto, db, bundle, name, devices=10, state_dir=state, min_soak_s=8.0
-    ) as rig:
+    # the subject is resuming, not the gate's power: an identical model's labelled error moves
+    # with the devices' activities over a few seconds, so the margin is wide here
+    gate = {"min_soak_s": 8.0, "gate_error_margin": 0.2}
+    with running_rig(mosquitto, db, bundle, name, devices=10, state_dir=state, **gate) as rig:
         svc = rig.service
         assert svc.operations is not None
         rig.wait_references([f"dev-{i:04d}" for i in range(10)])
@@ -401,7 +403,7 @@ def test_rollout_resumes_after_a_service_restart(
         from service.serve import Service
         from tests.integration.rollout_rig import rig_settings
 
-        svc2 = Service(rig_settings(mosquitto, db, bundle, name, min_soak_s=8.0))
+        svc2 = Service(rig_settings(mosquitto, db, bundle, name, **gate))
         svc2.start()
         try:
             assert svc2.reconciler is not None

@@ -29,6 +29,8 @@ from tests.integration.polling import wait
 
 pytestmark = pytest.mark.integration
 FLEET = "plant"
+SERVICE_ID = "serve-test-svc"
+"""The service's MQTT client id here: its own persistent session (the broker is shared)."""
 DEVICES = 12
 
 
@@ -70,7 +72,12 @@ def db_url(module_db_url: str, bundle: Bundle) -> str:
 @pytest.fixture(scope="module")
 def service(mosquitto, db_url) -> Iterator[Service]:
     s = load_settings(
-        broker=mosquitto.url, db=db_url, metrics_port=0, window_s=3.0, checkpoint_interval_s=2.0
+        broker=mosquitto.url,
+        db=db_url,
+        metrics_port=0,
+        window_s=3.0,
+        checkpoint_interval_s=2.0,
+        mqtt_client_id=SERVICE_ID,
     )
     svc = Service(s)
     svc.start()
@@ -259,7 +266,9 @@ def test_restart_resumes_from_checkpoints(mosquitto, db_url, service, fleet):
     service.stop()
     saved = Registry(db_url).load_checkpoints(kind="device_monitor")
     assert names <= {c.device for c in saved}
-    s = load_settings(broker=mosquitto.url, db=db_url, metrics_port=0, window_s=3.0)
+    s = load_settings(
+        broker=mosquitto.url, db=db_url, metrics_port=0, window_s=3.0, mqtt_client_id=SERVICE_ID
+    )
     again = Service(s)
     try:
         restored = fleet_monitors(again)
@@ -297,7 +306,7 @@ def test_a_checkpoint_of_another_format_is_refused_with_a_clear_message(db_url, 
             )
         ]
     )
-    s = load_settings(broker=mosquitto.url, db=db_url, metrics_port=0)
+    s = load_settings(broker=mosquitto.url, db=db_url, metrics_port=0, mqtt_client_id=SERVICE_ID)
     with pytest.raises(CheckpointRefusedError, match="discard-checkpoints"):
         Service(s)
     svc = Service(s, discard_checkpoints=True)
