@@ -173,6 +173,7 @@ class Service:
             on_drop=self._on_queue_full,
             on_connection_change=self._on_connection_change,
         )
+        self._drifting: dict[tuple[str, str], tuple[str, ...]] | None = None
         self.recent = RecentReadings()
         self.reconciler: RolloutReconciler | None = None
         self.proposer: CandidateProposer | None = None
@@ -424,6 +425,8 @@ class Service:
                 gauges_due, devices_due = now >= next_gauges, now >= next_devices
                 # one pass over the monitors (under the engine lock) serves both tasks
                 drifting = self.engine.drifting() if gauges_due or devices_due else {}
+                if gauges_due or devices_due:
+                    self._drifting = drifting  # the update policy reads this snapshot
                 if gauges_due:
                     next_gauges = now + GAUGE_INTERVAL_S
                     self._refresh_gauges(drifting)
@@ -439,8 +442,12 @@ class Service:
     # -- updates ---------------------------------------------------------------------------
 
     def fleet_devices(self, fleet: str) -> list[FleetDevice]:
-        """The devices of ``fleet`` as the candidate proposer sees them."""
-        drifting = self.engine.drifting()
+        """The devices of ``fleet`` as the candidate proposer sees them.
+
+        Their drift status is the timers' last snapshot (at most ``DEVICE_FLUSH_INTERVAL_S``
+        old; taken now when there is none yet), not a fresh pass over every monitor per call.
+        """
+        drifting = self._drifting if self._drifting is not None else self.engine.drifting()
         return [
             FleetDevice(
                 device=i.device,
