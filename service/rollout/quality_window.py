@@ -29,6 +29,7 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,26 @@ __all__ = ["MIN_DEVICE_LABELS", "QualityWindow", "js_divergence"]
 
 MIN_DEVICE_LABELS = 20
 """Labels a device needs in the window for its error rate to count in the between-device spread."""
+
+
+class FrameLike(Protocol):
+    """What :meth:`QualityWindow.add_frames` reads of a frame (``DeviceFrame`` has it)."""
+
+    @property
+    def device(self) -> str:
+        """Device id."""
+
+    @property
+    def param_version(self) -> int:
+        """Model version that produced the predictions."""
+
+    @property
+    def pred(self) -> npt.NDArray[np.int64]:
+        """Predicted classes."""
+
+    @property
+    def conf(self) -> npt.NDArray[np.float64]:
+        """Reported confidences."""
 
 
 @dataclass
@@ -107,15 +128,32 @@ class QualityWindow:
     ) -> None:
         """Count one telemetry frame of ``device`` on model ``version`` (ignored if unwatched)."""
         with self._lock:
-            per = self._acc.get(device)
-            if per is None:
-                return
-            acc = per.setdefault(version, _Acc())
-            acc.readings += int(pred.shape[0])
-            acc.conf_sum += float(conf.sum())
-            counts = np.bincount(pred)
-            for cls in np.flatnonzero(counts).tolist():
-                acc.classes[cls] = acc.classes.get(cls, 0) + int(counts[cls])
+            self._add(device, version, pred, conf)
+
+    def add_frames(self, frames: Iterable[FrameLike]) -> None:
+        """Count a drained batch of frames (one lock; unwatched devices cost a dict lookup)."""
+        if not self._acc:
+            return
+        with self._lock:
+            for fr in frames:
+                self._add(fr.device, fr.param_version, fr.pred, fr.conf)
+
+    def _add(
+        self,
+        device: str,
+        version: int,
+        pred: npt.NDArray[np.int64],
+        conf: npt.NDArray[np.float64],
+    ) -> None:
+        per = self._acc.get(device)
+        if per is None:
+            return
+        acc = per.setdefault(version, _Acc())
+        acc.readings += int(pred.shape[0])
+        acc.conf_sum += float(conf.sum())
+        counts = np.bincount(pred)
+        for cls in np.flatnonzero(counts).tolist():
+            acc.classes[cls] = acc.classes.get(cls, 0) + int(counts[cls])
 
     def seed_labels(self, device: str, version: int, labelled: int, errors: int) -> None:
         """Count labels of ``device`` on ``version`` from before the window (the label buffer),

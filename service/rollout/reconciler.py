@@ -308,12 +308,7 @@ class RolloutReconciler:
 
     def on_frames(self, frames: Sequence[DeviceFrame]) -> None:
         """Telemetry (ingest thread): counted for the canary-vs-control figures."""
-        watched = self.quality.watched
-        if not watched:
-            return
-        for fr in frames:
-            if fr.device in watched:
-                self.quality.add(fr.device, fr.param_version, fr.pred, fr.conf)
+        self.quality.add_frames(frames)
 
     def on_labels(self, labels: Sequence[DeviceLabels]) -> None:
         """Labelled readings (ingest thread): counted for the labelled-error figures."""
