@@ -119,6 +119,7 @@ from service.embedded_broker import EmbeddedBroker, start_embedded_broker
 from service.firmware_bundle import Bundle, create_bundle
 from service.learn.deployed import DeployedModel
 from service.learn.retrain import RetrainConfig, retrain
+from service.registry.records import LabelArrays
 from service.registry.store import Registry
 from service.serve import Service
 
@@ -245,15 +246,40 @@ def import_blob_file(path: Path, db: str, pubkey: Path, status: str) -> str:
     return out.getvalue().strip()
 
 
-def shuffled_label_candidate(bundle: Bundle, seed: int) -> bytes:
+def shuffled_label_candidate(bundle: Bundle, seed: int, version: int = BAD_VERSION) -> bytes:
     """A retrain of the factory model on shuffled labels: deliberately bad, correctly signed."""
     deployed = DeployedModel.from_blob(bundle.firmware().factory_blob)
     x, y = generate_dataset(3000, seed=seed + 99)
     y = np.random.default_rng(seed + 5).permutation(y)
     cand = retrain(deployed, x, y, config=RetrainConfig(learning_rate=0.5, epochs=3))
-    return build_blob(
-        cand.params, param_version=BAD_VERSION, security_epoch=0, key=bundle.release_key
-    )
+    return build_blob(cand.params, param_version=version, security_epoch=0, key=bundle.release_key)
+
+
+def labelled_accuracy(
+    lab: LabelArrays,
+    devices: set[str],
+    *,
+    since: float = 0.0,
+    until: float = 1e18,
+    versions: set[int] | None = None,
+    exclude_versions: set[int] | None = None,
+    per_device: dict[str, int] | None = None,
+) -> tuple[float, int]:
+    """Accuracy of ``devices``' labelled readings in ``[since, until)``: ``(accuracy, labels)``.
+
+    Restricted to model ``versions``, or away from ``exclude_versions``, or to each device's own
+    version in ``per_device``; ``nan`` accuracy when no label qualifies.
+    """
+    m = np.isin(lab.device, sorted(devices)) & (lab.ts >= since) & (lab.ts < until)
+    if versions is not None:
+        m &= np.isin(lab.param_version, sorted(versions))
+    if exclude_versions is not None:
+        m &= ~np.isin(lab.param_version, sorted(exclude_versions))
+    if per_device is not None:
+        want = np.array([per_device.get(d, -1) for d in lab.device], dtype=np.int64)
+        m &= lab.param_version == want
+    n = int(m.sum())
+    return (float(np.mean(lab.pred[m] == lab.label[m])) if n else float("nan")), n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -939,14 +965,9 @@ class DemoRun:
         if self.svc is not None and not self.svc._stopped:
             self.svc.writer.flush(10)
         lab = lab if lab is not None else self._labels()
-        m = np.isin(lab.device, sorted(devices)) & (lab.ts >= since) & (lab.ts < until)
-        if versions is not None:
-            m &= np.isin(lab.param_version, sorted(versions))
-        if per_device is not None:
-            want = np.array([per_device.get(d, -1) for d in lab.device], dtype=np.int64)
-            m &= lab.param_version == want
-        n = int(m.sum())
-        return (float(np.mean(lab.pred[m] == lab.label[m])) if n else float("nan")), n
+        return labelled_accuracy(
+            lab, devices, since=since, until=until, versions=versions, per_device=per_device
+        )
 
     def _summary(self, error: str | None) -> dict[str, Any]:
         gain, concept = set(self.plan.gain), set(self.plan.concept)

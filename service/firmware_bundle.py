@@ -16,7 +16,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.blob import ParameterSet, SigningKey, build_blob, generate_key, write_keypair
+from edge_agent.blob import (
+    ParameterSet,
+    SigningKey,
+    build_blob,
+    generate_key,
+    verify_blob,
+    write_keypair,
+)
 from edge_agent.device.firmware import DEPLOY_PUB, FACTORY_BLOB, RELEASE_PUB, Firmware
 from edge_agent.device.simulator import generate_dataset
 from service.learn.factory_model import train_factory_model
@@ -45,6 +52,12 @@ class Bundle:
     def firmware(self) -> Firmware:
         """Load the device view of the bundle."""
         return Firmware.load(self.firmware_dir)
+
+    def factory_resigned(self, version: int) -> bytes:
+        """The factory parameters signed again as ``version``: a legitimate, equally good
+        update (what tests and benchmarks roll out when the subject is the update path)."""
+        params = verify_blob(self.firmware().factory_blob, trusted=None, schema_id=None).params
+        return build_blob(params, param_version=version, security_epoch=0, key=self.release_key)
 
 
 def create_bundle(out: Path, seed: int = 0) -> Bundle:

@@ -62,6 +62,26 @@ class FrameLike(Protocol):
         """Reported confidences."""
 
 
+class LabelsLike(Protocol):
+    """What :meth:`QualityWindow.add_label_batches` reads (``DeviceLabels`` has it)."""
+
+    @property
+    def device(self) -> str:
+        """Device id."""
+
+    @property
+    def param_version(self) -> int:
+        """Model version that made the predictions."""
+
+    @property
+    def pred(self) -> npt.NDArray[np.int64]:
+        """Predicted classes."""
+
+    @property
+    def label(self) -> npt.NDArray[np.int64]:
+        """The true classes."""
+
+
 @dataclass
 class _Acc:
     readings: int = 0
@@ -171,12 +191,25 @@ class QualityWindow:
     ) -> None:
         """Count labelled readings of ``device`` on ``version`` (ignored if unwatched)."""
         with self._lock:
-            per = self._acc.get(device)
-            if per is None:
-                return
-            acc = per.setdefault(version, _Acc())
-            acc.labelled += int(label.shape[0])
-            acc.errors += int(np.count_nonzero(pred != label))
+            self._add_labels(device, version, pred, label)
+
+    def add_label_batches(self, batches: Iterable[LabelsLike]) -> None:
+        """Count a drained list of label batches (one lock, like :meth:`add_frames`)."""
+        if not self._acc:
+            return
+        with self._lock:
+            for lb in batches:
+                self._add_labels(lb.device, lb.param_version, lb.pred, lb.label)
+
+    def _add_labels(
+        self, device: str, version: int, pred: npt.NDArray[np.int64], label: npt.NDArray[np.int64]
+    ) -> None:
+        per = self._acc.get(device)
+        if per is None:
+            return
+        acc = per.setdefault(version, _Acc())
+        acc.labelled += int(label.shape[0])
+        acc.errors += int(np.count_nonzero(pred != label))
 
     def _arm(self, members: Mapping[str, int]) -> tuple[ArmFigures, dict[int, int], int]:
         means: list[float] = []

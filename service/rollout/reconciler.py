@@ -312,12 +312,7 @@ class RolloutReconciler:
 
     def on_labels(self, labels: Sequence[DeviceLabels]) -> None:
         """Labelled readings (ingest thread): counted for the labelled-error figures."""
-        watched = self.quality.watched
-        if not watched:
-            return
-        for lb in labels:
-            if lb.device in watched:
-                self.quality.add_labels(lb.device, lb.param_version, lb.pred, lb.label)
+        self.quality.add_label_batches(labels)
 
     def tick(self) -> None:
         """Timers and gates (service timer thread): handed to the worker."""

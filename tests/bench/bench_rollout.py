@@ -198,7 +198,6 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     import numpy as np
     import paho.mqtt
 
-    from edge_agent.blob import build_blob, verify_blob
     from service.config import load_settings
     from service.embedded_broker import start_mosquitto
     from service.firmware_bundle import create_bundle
@@ -209,8 +208,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     bundle = create_bundle(tmp / "bundle", seed=0)
     fw = bundle.firmware()
     schema = fw.schema.schema_id_hex
-    params = verify_blob(fw.factory_blob, trusted=None, schema_id=None).params
-    v2 = build_blob(params, param_version=2, security_epoch=0, key=bundle.release_key)
+    v2 = bundle.factory_resigned(2)
     db = f"sqlite:///{tmp / 'registry.db'}"
     reg = Registry(db)
     reg.add_parameter_set(schema, 1, 0, fw.factory_blob, source="factory", status="good")

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edge_agent.device.fleet import Fleet, FleetConfig
 from edge_agent.device.simulator import DriftSpec
 from service.config import ServiceSettings, load_settings
+from service.demo import labelled_accuracy
 from service.embedded_broker import EmbeddedBroker
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
@@ -182,11 +181,11 @@ def accuracy(
         lab = reg.recent_labels(fleet, limit=1_000_000)
     finally:
         reg.close()
-    m = np.array([d in devices for d in lab.device], dtype=bool)
-    m &= (lab.ts >= since) & (lab.ts < until)
-    if versions is not None:
-        m &= np.isin(lab.param_version, list(versions))
-    if exclude_versions is not None:
-        m &= ~np.isin(lab.param_version, list(exclude_versions))
-    n = int(m.sum())
-    return (float(np.mean(lab.pred[m] == lab.label[m])) if n else float("nan")), n
+    return labelled_accuracy(
+        lab,
+        devices,
+        since=since,
+        until=until,
+        versions=versions,
+        exclude_versions=exclude_versions,
+    )

@@ -17,21 +17,18 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.blob import build_blob, generate_key, verify_blob
 from edge_agent.device.fleet import Fleet, FleetConfig, plan_drift
-from edge_agent.device.simulator import generate_dataset
 from edge_agent.wire.manifest_signature import sign_manifest
 from edge_agent.wire.messages import Manifest
 from edge_agent.wire.topics import Leaf, topic
+from service.demo import shuffled_label_candidate
 from service.embedded_broker import EmbeddedBroker
 from service.firmware_bundle import Bundle
-from service.learn.deployed import DeployedModel
-from service.learn.retrain import RetrainConfig, retrain
 from service.registry.store import Registry
 from tests.integration.polling import wait
 from tests.integration.rollout_rig import Rig, accuracy, running_rig, seed_registry
@@ -77,17 +74,12 @@ def register(db_url: str, bundle: Bundle, blob: bytes, version: int, source: str
 
 def factory_resigned(bundle: Bundle, version: int) -> bytes:
     """The factory model signed again as ``version`` (a legitimate, equally good update)."""
-    params = verify_blob(bundle.firmware().factory_blob, trusted=None, schema_id=None).params
-    return build_blob(params, param_version=version, security_epoch=0, key=bundle.release_key)
+    return bundle.factory_resigned(version)
 
 
 def shuffled_label_blob(bundle: Bundle, version: int) -> bytes:
     """A retrain of the factory model on shuffled labels: deliberately worse, correctly signed."""
-    deployed = DeployedModel.from_blob(bundle.firmware().factory_blob)
-    x, y = generate_dataset(3000, seed=99)
-    y = np.random.default_rng(5).permutation(y)
-    cand = retrain(deployed, x, y, config=RetrainConfig(learning_rate=0.5, epochs=3))
-    return build_blob(cand.params, param_version=version, security_epoch=0, key=bundle.release_key)
+    return shuffled_label_candidate(bundle, 0, version)
 
 
 def fleet_name(request: pytest.FixtureRequest) -> str:
