@@ -78,7 +78,8 @@ class ServiceSettings(BaseSettings):
     """How often the policy looks for drifting devices to recalibrate."""
     policy_settle_s: float = Field(120.0, ge=0)
     """The set of drifting devices must stay the same this long before the policy proposes
-    (devices' alarms come seconds to minutes apart: one rollout for all of them)."""
+    (devices' alarms come seconds to minutes apart: one rollout for all of them), counted also
+    from the end of the fleet's last rollout."""
     rollout_tick_s: float = Field(1.0, gt=0, le=60)
     """How often rollout timers and gates are evaluated."""
     canary_size: int = Field(5, ge=1)

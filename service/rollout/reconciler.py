@@ -158,6 +158,8 @@ class RolloutReconciler:
         self._pending_bad: list[MarkParameterSetBad] = []
         self._dirty: set[str] = set()
         self._unpublished: dict[str, list[PublishManifest]] = {}
+        self._ended_at: dict[str, float] = {}
+        """Per fleet: when (``clock``, s) its last rollout left the active states or rolled back."""
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="rollout-worker")
         self._started = False
         self._stopped = False
@@ -436,7 +438,8 @@ class RolloutReconciler:
         if a.scope == "rollout":
             self.metrics.rollout_transitions.labels(fleet=fleet, to_state=str(a.to_state)).inc()
             log.info("rollout %s: %s → %s (%s)", a.rollout_id, a.from_state, a.to_state, a.reason)
-            if a.to_state not in ACTIVE_STATES:
+            if a.to_state not in ACTIVE_STATES:  # FINISHED, STOPPED, ROLLED_BACK
+                self._ended_at[fleet] = a.at_ms / 1000
                 self.quality.unwatch(
                     [*ctl.state.control, *(d for g in ctl.state.groups for d in g.devices)]
                 )
@@ -651,6 +654,20 @@ class RolloutReconciler:
                 c.plan.fleet for c in self.controllers.values() if c.state.status in ACTIVE_STATES
             }
         )
+
+    def rollouts_ended_ago(self) -> dict[str, float]:
+        """Per fleet, seconds since its last rollout ended: FINISHED, STOPPED or ROLLED_BACK.
+
+        Every such transition counts (a FINISHED rollout rolled back later ends again). Only
+        transitions this reconciler carried out are known (none from before a restart). Ages,
+        not times, so that the caller may keep its own clock (the update policy's settle timer).
+        """
+
+        def run() -> dict[str, float]:
+            now = self.clock()
+            return {fleet: max(0.0, now - t) for fleet, t in self._ended_at.items()}
+
+        return self._call(run)
 
     def _view(self, ctl: RolloutController) -> RolloutView:
         st = ctl.state

@@ -13,8 +13,11 @@ Per fleet without an active rollout, each pass (every ``policy_interval_s``):
 
 Either set must stay the same for ``policy_settle_s`` before anything is proposed: devices'
 alarms come seconds to minutes apart, and one rollout for all of them is better than one each.
-A proposal that is refused (no candidate passed its checks) is logged and retried after the set
-changes again.
+The settle time also counts from the end of the fleet's last rollout (FINISHED, STOPPED or
+ROLLED_BACK, :meth:`RolloutReconciler.rollouts_ended_ago`): a set watched since before a rollout
+is not "settled" the moment that rollout ends; its devices' drift must first show how it stands
+after the update (or the revert). A proposal that is refused (no candidate passed its checks) is
+logged and retried after the set changes again.
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
 
 from service.registry.errors import RegistryError
-from service.rollout.proposals import CandidateProposer, ProposalError
-from service.rollout.reconciler import RolloutReconciler
+from service.rollout.proposals import FleetDevice, Proposal, ProposalError
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,44 @@ RETRAIN_MIN_SHARE = 0.10
 """Share of a fleet's devices drifting on the labelled error that triggers a retrain."""
 
 
+class PolicyProposer(Protocol):
+    """What the policy uses of :class:`~service.rollout.proposals.CandidateProposer`."""
+
+    @property
+    def devices_of(self) -> Callable[[str], list[FleetDevice]]: ...
+
+    def drifting_devices(self, fleet: str) -> list[str]: ...
+
+    def propose_recalibration(
+        self,
+        fleet: str,
+        actor: str,
+        devices: Sequence[str] | None = None,
+        *,
+        auto_approve: bool = False,
+    ) -> Proposal: ...
+
+    def propose_retrain(
+        self, fleet: str, actor: str, *, auto_approve: bool = False
+    ) -> Proposal: ...
+
+
+class PolicyRollouts(Protocol):
+    """What the policy uses of :class:`~service.rollout.reconciler.RolloutReconciler`."""
+
+    def active_fleets(self) -> set[str]: ...
+
+    def rollouts_ended_ago(self) -> dict[str, float]: ...
+
+
 class UpdatePolicy:
     """Decides, per fleet, whether to propose an update now (see the module docstring)."""
 
     def __init__(
         self,
         mode: PolicyMode,
-        proposer: CandidateProposer,
-        reconciler: RolloutReconciler,
+        proposer: PolicyProposer,
+        reconciler: PolicyRollouts,
         fleets: Callable[[], set[str]],
         *,
         settle_s: float,
@@ -58,13 +90,19 @@ class UpdatePolicy:
         self.clock = clock
         self._seen: dict[tuple[str, str], tuple[frozenset[str], float]] = {}
 
-    def _settled(self, fleet: str, kind: str, ready: frozenset[str]) -> bool:
+    def _settled(self, fleet: str, kind: str, ready: frozenset[str], ended: float | None) -> bool:
+        """Whether ``ready`` (non-empty) has stayed the same for ``settle_s`` by now.
+
+        Counted from the later of its first sighting and ``ended``, the end of the fleet's last
+        rollout on the policy's clock (``None``: no rollout ended).
+        """
         now = self.clock()
         key = (fleet, kind)
         seen = self._seen.get(key)
         if seen is None or seen[0] != ready:
             self._seen[key] = seen = (ready, now)
-        if not ready or now - seen[1] < self.settle_s:
+        since = seen[1] if ended is None else max(seen[1], ended)
+        if not ready or now - since < self.settle_s:
             return False
         del self._seen[key]
         return True
@@ -81,16 +119,21 @@ class UpdatePolicy:
             return []
         auto = self.mode == "auto"
         busy = self.reconciler.active_fleets()
+        # asked after the busy fleets: a rollout ending in between is busy now or has its end here
+        ended_ago = self.reconciler.rollouts_ended_ago()
+        asked = self.clock()
         proposed: list[str] = []
         for fleet in sorted(self.fleets() - busy):
+            ago = ended_ago.get(fleet)
+            ended = None if ago is None else asked - ago
             recal = frozenset(self.proposer.drifting_devices(fleet))
             try:
                 if recal:
-                    if not self._settled(fleet, "recalibration", recal):
+                    if not self._settled(fleet, "recalibration", recal, ended):
                         continue
                     p = self.proposer.propose_recalibration(fleet, "policy", auto_approve=auto)
                 else:
-                    if not self._settled(fleet, "retrain", self._error_drifting(fleet)):
+                    if not self._settled(fleet, "retrain", self._error_drifting(fleet), ended):
                         continue
                     p = self.proposer.propose_retrain(fleet, "policy", auto_approve=auto)
             except (ProposalError, RegistryError) as exc:
