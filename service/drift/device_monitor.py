@@ -10,23 +10,38 @@ Lifecycle per (device, model version)
    ``z``, ``z²``; :mod:`service.drift.signals`). The buffer is dropped once the reference is
    complete. A frame that straddles the end of the reference is split: the rest of it is
    monitored. Nothing is detected during the reference.
-2. **Monitoring.** Each frame of ``k`` readings gives one value per stream: the standardised,
-   skew-corrected frame mean ``u = WH((m − m_ref) · √k / s_ref, γ/√k)`` (≈ N(0, 1) under no drift,
-   whatever the signal's units and shape; :func:`service.drift.signals.skew_normalise`), fed as
-   ``clip(u, ±6) · 4`` to one river ``ADWIN(delta=δ, clock=1, min_window_length=2)`` per stream
-   (:data:`service.drift.calibration.FRAME_ADWIN`). δ comes from the false-alarm budget for the
-   device's nominal frame size (:mod:`service.drift.calibration`). The nominal size is the median
-   frame size during the reference unless ``DeviceMonitorConfig.frame_readings`` fixes it. When
-   the reference completes, each ADWIN is primed with the reference frames (their detections
-   dropped), so its window starts with the reference period and a drift right after it has
-   something to be contrasted with.
-3. **Labels.** ``update_labels`` turns labelled readings into the 0/1 error stream
-   ``1[pred ≠ label]``. The first ``reference_labels`` labels (default 100) of the model version
-   give the reference error rate. Nothing is detected on them, but they prime the detectors:
-   ``ADWIN`` (δ calibrated on Bernoulli errors, river's other defaults) and one-sided
-   ``binary.HDDMA`` (its warning zone is reported once per entry as ``hddm_a_warning``). Labels
-   for another model version than the current one are ignored (counted in ``labels_ignored``).
-4. **Model-version change.** A frame with another ``param_version`` (an update, or a revert)
+2. **Null learning (calibrating).** Each frame of ``k`` readings gives one value per stream:
+   the standardised, skew-corrected frame mean ``u = WH((m − m_ref) · √k / s_ref, γ/√k)``
+   (≈ N(0, 1) for independent readings; :func:`service.drift.signals.skew_normalise`). Real
+   telemetry is not independent (slow sensors, activities in sessions, cycles), so successive
+   ``u`` are correlated and a detector calibrated for independent values would cry wolf. From
+   the reference frames on, every stream's ``u`` feeds dyadic batch means
+   (:mod:`service.drift.long_run_variance`) until they show the block size ``b`` (frames)
+   from which block means are nearly independent, the residual variance inflation
+   ``κ ≤ 2`` and the stream's long-run centre and spread. Until then the stream is
+   *calibrating*: nothing is detected on it (:attr:`DeviceMonitor.calibrating`,
+   :meth:`DeviceMonitor.calibration`). An independent stream is ready after
+   ``8 · null_min_blocks`` = 384 frames; a stream whose dependence lasts ``τ`` frames after
+   about ``8 · 48 · τ``; a stream that never settles (a random walk, a cycle longer than the
+   largest block) stays calibrating.
+3. **Monitoring.** A calibrated stream adds ``u`` to its open block; each completed block's
+   mean, centred and divided by the learnt block standard deviation, is fed as
+   ``clip(v, ±6) · 4`` to one river ``ADWIN(delta=δ, clock=1, min_window_length=2)`` per
+   stream and tier (:data:`service.drift.calibration.FRAME_ADWIN`). δ comes from the
+   false-alarm budget for ``b · k_nom`` readings per value (:mod:`service.drift.calibration`;
+   ``k_nom`` is the median frame size during the reference unless
+   ``DeviceMonitorConfig.frame_readings`` fixes it), tightened for the residual inflation
+   (:func:`service.drift.long_run_variance.inflate_delta`). ADWIN compares sub-windows of
+   its own window, so an error in the learnt centre does not raise false alarms.
+4. **Labels.** ``update_labels`` turns labelled readings into the 0/1 error stream
+   ``1[pred ≠ label]``, learnt the same way one step per label (at least
+   ``reference_labels``, default 100; errors come in sessions too). Once it is calibrated,
+   block means of ``b`` labels feed ``ADWIN`` (δ calibrated on Bernoulli errors for ``b``
+   labels' budget, river's other defaults, tightened for ``κ``) and one-sided
+   ``binary.HDDMA`` (confidence to the power ``κ``; its warning zone is reported once per entry
+   as ``hddm_a_warning``). Labels for another model version than the current one are ignored
+   (counted in ``labels_ignored``).
+5. **Model-version change.** A frame with another ``param_version`` (an update, or a revert)
    starts a new reference; ``readings`` restarts at 0. The monitor of the version it leaves is
    kept (compressed, the last one only): when the device returns to that version, typically a
    rolled-back canary, its reference, detectors and windows resume where they were, so a drift
@@ -52,7 +67,7 @@ Every stream feeds two banks of ADWINs (research drift-anchors §6, layer B item
   (:mod:`service.drift.suspicion_cohort`), which alarms for the cohort with the rest of ``B``.
   :attr:`DeviceMonitor.suspicion_rate` is the calibrated rate that rule assumes.
 
-Both banks see the same ``u`` and share the score ring; the sensitive tier can be turned off
+Both banks see the same block values and share the score ring; the sensitive tier can be turned off
 (``sensitive_budget_per_device_reading=None``: the strict tier then spends all of ``B``).
 
 Detections and scores
@@ -63,10 +78,10 @@ the calibrated band around the reference: "still drifted since the last update".
 
 ``Detection.score`` for ADWIN (either tier) is ADWIN's own statistic over its threshold,
 ``max |mean(W1) − mean(W0)| / ε_cut`` with river's cut formula, recomputed when it fires over
-the splits whose recent part ``W1`` lies within the last 32 frames (a ring buffer per stream,
-in int8 steps of 1/127 of the clip; 256 labels for the error stream). That maximum is ≥ 1
-whenever river's crossing split is among them, which is the case for abrupt changes; a slow
-drift can cross at a longer ``W1``, and then the score is floored at 1.0. For HDDM_A (drift
+the splits whose recent part ``W1`` lies within the last 32 block values (a ring buffer per
+stream, in int8 steps of 1/127 of the clip; 256 block means for the error stream). That
+maximum is ≥ 1 whenever river's crossing split is among them, which is the case for abrupt
+changes; a slow drift can cross at a longer ``W1``, and then the score is floored at 1.0. For HDDM_A (drift
 and warning) the score is 1.0: river does not expose its statistic.
 
 ``Detection.readings`` counts the readings of the current model version including the reference
@@ -77,9 +92,9 @@ Checkpoints
 :meth:`DeviceMonitor.state_bytes` is ``b"TDDM"``, a big-endian u16 format version
 (:mod:`service.drift.checkpoint_format`) and the zlib-compressed pickle of the monitor, with
 every ADWIN in the exact compact form of :mod:`service.drift.adwin_state` (and the count and
-sum since each frame ADWIN's reset taken from the ADWIN itself, which holds them exactly). For
-F = 8, C = 4 it is about 34–36 KiB after 2·10⁶ stationary readings (both tiers;
-``tests/bench/bench_detection.py``).
+sum since each frame ADWIN's reset taken from the ADWIN itself, which holds them exactly), and
+while calibrating the batch means (a few KiB, released once every stream is learnt). The
+size per device is measured by ``tests/bench/bench_detection.py``.
 :meth:`DeviceMonitor.from_state_bytes` refuses another magic or version, or a corrupt body, with
 :class:`CheckpointFormatError` (a ``ValueError``). Pickle executes code on load: restore only
 checkpoints the service wrote itself (the registry's ``detector_checkpoints``).
@@ -107,7 +122,7 @@ import pickle
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -128,6 +143,12 @@ from service.drift.calibration import (
 )
 from service.drift.checkpoint_format import CheckpointFormatError, add_header, check_header
 from service.drift.detection import Detection, DetectorName, Signal
+from service.drift.long_run_variance import (
+    DEFAULT_MIN_BLOCKS,
+    DyadicBatchMeans,
+    choose_blocks,
+    inflate_delta,
+)
 from service.drift.signals import (
     DEFAULT_Z_CLIP,
     MAX_FRAME_READINGS,
@@ -145,6 +166,8 @@ __all__ = [
     "STATE_FORMAT",
     "STATE_MAGIC",
     "BatchResult",
+    "CalibrationState",
+    "CalibrationStatus",
     "CheckpointFormatError",
     "DeviceMonitor",
     "DeviceMonitorConfig",
@@ -158,8 +181,11 @@ drift: Any = _river_drift
 """river's drift detectors (untyped: held as ``Any`` for mypy)."""
 
 STATE_MAGIC: Final = b"TDDM"
-STATE_FORMAT: Final = 2
+STATE_FORMAT: Final = 3
 """Version of :meth:`DeviceMonitor.state_bytes`; bump it when the pickled layout changes.
+
+3: dependence-aware monitoring (the batch-means learner, per-stream blocks, κ and δ, ADWINs
+created per stream when it is calibrated).
 
 2: the sensitive tier (a second ADWIN bank and error ADWIN), every ADWIN packed by
 :mod:`service.drift.adwin_state`, the score rings as int8 steps and bits, the window counts and
@@ -185,6 +211,35 @@ class Outcome:
 
     alarms: list[Detection]
     suspicions: list[Detection]
+
+
+CalibrationState = Literal["unknown", "reference", "calibrating", "monitoring"]
+"""Where a device's layer-A monitor stands: no frame yet; learning the fixed reference (the
+first ``reference_readings`` readings); learning the null of its streams (some may already be
+monitored); every stream monitored."""
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationStatus:
+    """What a device's monitor learnt of its normal variation (registry, API, gauges)."""
+
+    state: CalibrationState
+    readings: int
+    """Readings of the current model version."""
+    streams_ready: int
+    """Signal streams whose null is learnt (monitored)."""
+    streams: int
+    block_readings_max: int
+    """Readings per monitored value of the slowest calibrated stream (1 frame if independent)."""
+    block_readings_median: float
+    kappa_max: float
+    """Largest residual variance inflation absorbed by a stream's threshold (≥ 1)."""
+    labels: int
+    """Labels of the current model version."""
+    error_ready: bool
+    """Whether the labelled error stream is calibrated (monitored)."""
+    error_block_labels: int
+    """Labels per monitored value of the error stream (0 while calibrating)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +269,10 @@ class DeviceMonitorConfig:
     """Nominal readings per frame for δ; ``None``: the median frame size of the reference."""
     z_clip: float = DEFAULT_Z_CLIP
     """Standardised features are clipped to ``±z_clip``."""
+    null_min_blocks: int = DEFAULT_MIN_BLOCKS
+    """Blocks each batch-means level needs before a stream's null counts as learnt
+    (:func:`service.drift.long_run_variance.choose_blocks`): an independent stream is
+    monitored after ``8 · null_min_blocks`` frames (labels for the error stream)."""
     calibration_table: calibration.CalibrationTable | None = None
     """``None``: the shipped table (``calibration_table.json``)."""
 
@@ -226,6 +285,8 @@ class DeviceMonitorConfig:
             raise ValueError(f"frame_readings must be in 1..{MAX_FRAME_READINGS}")
         if not self.z_clip > 0.0:
             raise ValueError("z_clip must be positive")
+        if self.null_min_blocks < 2:
+            raise ValueError("null_min_blocks must be >= 2")
         if not self.budget_per_device_reading > 0.0:
             raise ValueError("budget_per_device_reading must be positive")
         if not 0.0 < self.strict_share < 1.0:
@@ -256,6 +317,9 @@ _BANK_WINS: Final = ("_win", "_s_win")
 """Their count, sum and sum of squares since each ADWIN's reset (for the score)."""
 _SINGLE_ADWINS: Final = ("_err_adwin", "_s_err_adwin")
 """The error-stream ADWINs (strict, sensitive; ``None`` before the label reference)."""
+
+CALIBRATION_CHECK_STEPS: Final = 16
+"""A calibrating monitor asks its batch means which streams are ready every 16 frames/labels."""
 
 SCORE_SPLITS: Final = 32
 """Most recent values kept per stream to recompute ADWIN's statistic when it fires."""
@@ -350,6 +414,7 @@ class DeviceMonitor:
     def _reset_version(self, version: int | None) -> None:
         lay = self.layout
         cfg = self.config
+        s = lay.n_streams
         self._version = version
         self._readings = 0
         # reference buffer (dropped when complete)
@@ -371,33 +436,51 @@ class DeviceMonitor:
         self._ref_mean: FloatArray | None = None
         self._inv_sd: FloatArray | None = None
         self._skew: FloatArray | None = None  # per-reading skewness of each stream
+        self._k_nom = 1
         self._settings = AdwinSettings()
         self._s_settings = AdwinSettings()
         self._thr: Thresholds | None = None  # strict tier
         self._s_thr: Thresholds | None = None  # sensitive tier
-        self._adwins: list[Any] = []
-        self._s_adwins: list[Any] = []
-        s = lay.n_streams
+        # null learning (calibrating): batch means of every stream's u until each is ready
+        self._bm: DyadicBatchMeans | None = None
+        self._ready = np.zeros(s, dtype=np.bool_)
+        self._block = np.zeros(s, dtype=np.int64)  # frames per monitored value
+        self._kappa = np.ones(s, dtype=np.float64)
+        self._center = np.zeros(s, dtype=np.float64)  # mean of u over the learning stretch
+        self._bsd = np.ones(s, dtype=np.float64)  # sd of a block mean of u
+        self._ref_var = np.zeros(s, dtype=np.float64)  # var of the centre, in block-sd units
+        self._delta = np.zeros(s, dtype=np.float64)
+        self._s_delta = np.zeros(s, dtype=np.float64)
+        self._bsum = np.zeros(s, dtype=np.float64)  # the open block of each stream
+        self._bn = np.zeros(s, dtype=np.int64)
+        self._adwins: list[Any] = [None] * s
+        self._s_adwins: list[Any] = [None] * s
         # count, sum, sum of squares since each ADWIN's last reset (strict, sensitive)
         self._win = np.zeros((3, s), dtype=np.float64)
         self._s_win = np.zeros((3, s), dtype=np.float64)
-        # ring of the latest values, shared by both banks; only the score reads it, so it is
-        # stored in int8 steps of clip·scale/127 (0.047 σ of a frame mean for FRAME_ADWIN), or
-        # float16 for unclipped settings
+        # ring of the latest values per stream, shared by both banks; only the score reads it,
+        # so it is stored in int8 steps of clip·scale/127 (0.047 σ of a block mean for
+        # FRAME_ADWIN), or float16 for unclipped settings
         self._recent: npt.NDArray[np.int8] | npt.NDArray[np.float16] = np.zeros(
             (SCORE_SPLITS, s), dtype=np.float16
         )
         self._recent_step: float | None = None
-        self._recent_pos = 0
-        # labels
+        self._recent_pos = np.zeros(s, dtype=np.int64)
+        # labels: the error stream learns its null the same way, one step per label
         self._lbl_ref_n = 0
-        self._lbl_ref_err = 0
-        self._lbl_ref_bits: list[int] = []
+        self._lbl_bm: DyadicBatchMeans | None = DyadicBatchMeans(1)
+        self._err_block = 0  # labels per monitored value (0: calibrating)
+        self._err_kappa = 1.0
+        self._err_p = math.nan  # reference error rate
+        self._err_bsd = math.nan  # sd of a block mean of errors
+        self._err_ref_var = 0.0  # var of the reference rate, in block-sd units
+        self._err_bsum = 0.0
+        self._err_bn = 0
         self._err_adwin: Any = None
         self._s_err_adwin: Any = None
         self._err_win = [0.0, 0.0, 0.0]
         self._s_err_win = [0.0, 0.0, 0.0]
-        self._err_recent = np.zeros(ERROR_SCORE_SPLITS // 8, dtype=np.uint8)  # bits, shared
+        self._err_recent = np.zeros(ERROR_SCORE_SPLITS, dtype=np.uint8)  # block means · 255
         self._err_recent_pos = 0
         self._hddm: Any = None
         self._warning = False
@@ -441,7 +524,47 @@ class DeviceMonitor:
         """Calibrated suspicions per reading under no drift (with the model margin, as if
         every reading were labelled): what the cohort rule assumes. ``None`` while the
         sensitive tier is not running (reference, or turned off)."""
-        return None if self._s_thr is None else self._s_thr.null_rate_per_reading
+        if self._s_thr is None or not self._ready.any():
+            return None
+        share = float(self._ready.mean())
+        return self._s_thr.null_rate_per_reading * share
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the monitor cannot yet tell drift from the device's normal variation.
+
+        True during the reference and while any signal stream is still learning its null
+        (its long-run variance and the block size at which it is nearly independent,
+        :mod:`service.drift.long_run_variance`). Calibrated streams are already monitored.
+        """
+        return self._mu is None or not bool(self._ready.all())
+
+    def calibration(self) -> CalibrationStatus:
+        """What the monitor learnt of this device's normal variation."""
+        state: CalibrationState
+        if self._version is None:
+            state = "unknown"
+        elif self._mu is None:
+            state = "reference"
+        elif not self._ready.all():
+            state = "calibrating"
+        else:
+            state = "monitoring"
+        ready = self._ready
+        k = self._k_nom
+        blocks = self._block[ready] * k
+        return CalibrationStatus(
+            state=state,
+            readings=self._readings,
+            streams_ready=int(ready.sum()),
+            streams=self.layout.n_streams,
+            block_readings_max=int(blocks.max()) if blocks.size else 0,
+            block_readings_median=float(np.median(blocks)) if blocks.size else 0.0,
+            kappa_max=float(self._kappa[ready].max()) if ready.any() else 1.0,
+            labels=self._lbl_ref_n,
+            error_ready=self._err_block > 0,
+            error_block_labels=self._err_block,
+        )
 
     @property
     def streams(self) -> tuple[Stream, ...]:
@@ -558,6 +681,7 @@ class DeviceMonitor:
         skew = (((values - ref_mean) / sd) ** 3).mean(axis=0)
         skew[lay.class_slice] = (1.0 - 2.0 * p) / np.sqrt(p * (1.0 - p))
         k_nom = cfg.frame_readings or max(1, int(np.median(self._ref_ks)))
+        self._k_nom = k_nom
         table = cfg.calibration_table or calibration.load_table()
         self._settings = table.frame_settings
         self._s_settings = table.sensitive_settings  # fed the same values (checked by the table)
@@ -573,15 +697,9 @@ class DeviceMonitor:
         self._ref_mean = ref_mean
         self._inv_sd = 1.0 / sd
         self._skew = skew
-        self._adwins = [make_adwin(thr.frame_delta, self._settings) for _ in range(lay.n_streams)]
-        if self._s_thr is not None:
-            self._s_adwins = [
-                make_adwin(self._s_thr.frame_delta, self._s_settings) for _ in range(lay.n_streams)
-            ]
         self._win[:] = 0.0
         self._s_win[:] = 0.0
-        # prime ADWIN with the reference frames, so that its window starts with the reference
-        # period (detections while priming are dropped: nothing is detected in the reference)
+        # the reference frames are the first steps of the null-learning stretch
         assert self._ref_takes is not None
         takes = np.asarray(self._ref_takes, dtype=np.int64)
         ref_means = batch_frame_means_arrays(
@@ -596,13 +714,56 @@ class DeviceMonitor:
         )
         root_k = np.sqrt(takes)[:, None]
         x_std = (ref_means - ref_mean) * (root_k * self._inv_sd[None, :])
+        self._bm = DyadicBatchMeans(lay.n_streams)
         for row in skew_normalise(x_std, skew[None, :] / root_k):
-            self._feed(row)
+            self._bm.add(row)
         self._buf_x = self._buf_pred = self._buf_conf = None
         self._ref_ks = self._ref_takes = None
 
-    def _tier_thresholds(self, frame_readings: int, *, sensitive: bool) -> Thresholds | None:
-        """The strict or sensitive tier's thresholds (``None``: the sensitive tier is off)."""
+    def _start_streams(self) -> None:
+        """Start monitoring every stream whose null the batch means have learnt."""
+        bm = self._bm
+        assert bm is not None
+        assert self._thr is not None
+        choice = choose_blocks(bm, min_blocks=self.config.null_min_blocks)
+        new = choice.ready & ~self._ready
+        if not new.any():
+            return
+        steps = float(bm.steps)
+        deltas: dict[int, tuple[float, float | None]] = {}
+        for i in np.flatnonzero(new).tolist():
+            b = int(choice.block[i])
+            if b not in deltas:
+                strict = self._tier_thresholds(b * self._k_nom, sensitive=False)
+                sens = self._tier_thresholds(b * self._k_nom, sensitive=True)
+                assert strict is not None
+                deltas[b] = (strict.frame_delta, None if sens is None else sens.frame_delta)
+            d, sd = deltas[b]
+            kap = float(choice.kappa[i])
+            self._block[i] = b
+            self._kappa[i] = kap
+            self._center[i] = choice.mean[i]
+            self._bsd[i] = choice.sd[i]
+            # variance of the centre (a mean of ``steps`` frames), in units of a block mean's
+            self._ref_var[i] = choice.lrv[i] / steps / (choice.sd[i] ** 2)
+            self._delta[i] = inflate_delta(d, kap)
+            self._adwins[i] = make_adwin(self._delta[i], self._settings)
+            if sd is not None:
+                self._s_delta[i] = inflate_delta(sd, kap)
+                self._s_adwins[i] = make_adwin(self._s_delta[i], self._s_settings)
+        self._ready |= new
+        self._bsum[new] = 0.0
+        self._bn[new] = 0
+        if self._ready.all():
+            self._bm = None  # learnt: its memory is released
+
+    def _tier_thresholds(
+        self, frame_readings: int, *, sensitive: bool, budget_scale: int = 1
+    ) -> Thresholds | None:
+        """The strict or sensitive tier's thresholds (``None``: the sensitive tier is off).
+
+        ``budget_scale``: per-update budgets of the error detectors for blocks of that many
+        labels (the frame budgets scale with ``frame_readings``)."""
         cfg = self.config
         budget = cfg.sensitive_budget_per_device_reading if sensitive else cfg.strict_budget
         if budget is None:
@@ -610,7 +771,7 @@ class DeviceMonitor:
         return calibration.thresholds(
             self.layout.n_streams,
             frame_readings,
-            budget_per_device_reading=budget,
+            budget_per_device_reading=budget * budget_scale,
             warning_budget_per_device_reading=cfg.warning_budget_per_device_reading,
             drifting_alpha=cfg.drifting_alpha,
             table=cfg.calibration_table,
@@ -620,48 +781,68 @@ class DeviceMonitor:
     def _feed(
         self, u: FloatArray
     ) -> tuple[list[tuple[int, float]] | None, list[tuple[int, float]] | None]:
-        """One ADWIN update per stream and bank; ``(stream, score)`` of the streams that fired
-        in the strict bank, and in the sensitive bank."""
-        assert self._thr is not None
-        u = self._settings.transform(u)
-        uu = u * u
+        """One frame's standardised means ``u`` of every stream.
+
+        Calibrated streams add it to their open block; a completed block's mean, centred and
+        scaled by the learnt block standard deviation, is one ADWIN update in each bank.
+        Streams still calibrating feed the batch means. Returns ``(stream, score)`` of the
+        streams that fired in the strict bank, and in the sensitive bank.
+        """
+        strict = sensitive = None
+        ready = self._ready
+        if ready.any():
+            self._bsum += u
+            self._bn += 1
+            done = ready & (self._bn >= self._block)
+            if done.any():
+                idx = np.flatnonzero(done)
+                v = (self._bsum[idx] / self._bn[idx] - self._center[idx]) / self._bsd[idx]
+                self._bsum[idx] = 0.0
+                self._bn[idx] = 0
+                strict, sensitive = self._feed_banks(idx, v)
+        bm = self._bm
+        if bm is not None:
+            bm.add(u)
+            if bm.steps % CALIBRATION_CHECK_STEPS == 0:
+                self._start_streams()
+        return strict, sensitive
+
+    def _feed_banks(
+        self, idx: npt.NDArray[np.intp], v: FloatArray
+    ) -> tuple[list[tuple[int, float]] | None, list[tuple[int, float]] | None]:
+        """One ADWIN update per bank for the streams ``idx`` with block values ``v``."""
+        u = self._settings.transform(v)
+        pos = self._recent_pos[idx]
         if self._recent_step is None:
-            self._recent[self._recent_pos] = u
+            self._recent[pos, idx] = u
         else:
-            self._recent[self._recent_pos] = np.rint(u / self._recent_step)
-        self._recent_pos = (self._recent_pos + 1) % SCORE_SPLITS
-        values = u.tolist()
-        strict = self._feed_bank(
-            self._adwins, self._win, values, u, uu, self._thr.frame_delta, self._settings
-        )
+            self._recent[pos, idx] = np.rint(u / self._recent_step)
+        self._recent_pos[idx] = (pos + 1) % SCORE_SPLITS
+        strict = self._feed_bank(self._adwins, self._win, idx, u, self._delta, self._settings)
         sensitive = None
         if self._s_thr is not None:
             st = self._s_settings
             if st.u_grid > 0.0:  # the same values on the sensitive tier's grid
                 u = st.quantise(u)
-                uu = u * u
-                values = u.tolist()
-            sensitive = self._feed_bank(
-                self._s_adwins, self._s_win, values, u, uu, self._s_thr.frame_delta, st
-            )
+            sensitive = self._feed_bank(self._s_adwins, self._s_win, idx, u, self._s_delta, st)
         return strict, sensitive
 
     def _feed_bank(
         self,
         adwins: list[Any],
         win: FloatArray,
-        values: list[float],
+        idx: npt.NDArray[np.intp],
         u: FloatArray,
-        uu: FloatArray,
-        delta: float,
+        deltas: FloatArray,
         settings: AdwinSettings,
     ) -> list[tuple[int, float]] | None:
-        win[0] += 1.0
-        win[1] += u
-        win[2] += uu
+        win[0, idx] += 1.0
+        win[1, idx] += u
+        win[2, idx] += u * u
         hits: list[int] | None = None
-        for i, (det, v) in enumerate(zip(adwins, values, strict=True)):
-            det.update(v)
+        for i, val in zip(idx.tolist(), u.tolist(), strict=True):
+            det = adwins[i]
+            det.update(val)
             if det.drift_detected:
                 if hits is None:
                     hits = []
@@ -670,12 +851,12 @@ class DeviceMonitor:
             return None
         out = []
         mw = settings.min_window_length
-        newest_first = (self._recent_pos - 1 - np.arange(SCORE_SPLITS)) % SCORE_SPLITS
         for i in hits:
+            newest_first = (self._recent_pos[i] - 1 - np.arange(SCORE_SPLITS)) % SCORE_SPLITS
             recent = self._recent[newest_first, i].astype(np.float64)
             if self._recent_step is not None:
                 recent *= self._recent_step
-            score = _adwin_score(recent, win[0, i], win[1, i], win[2, i], delta, mw)
+            score = _adwin_score(recent, win[0, i], win[1, i], win[2, i], float(deltas[i]), mw)
             out.append((i, score))
             win[:, i] = 0.0  # river's ADWIN starts afresh on its next update
         return out
@@ -747,90 +928,110 @@ class DeviceMonitor:
             self.labels_ignored += k
             return Outcome([], [])
         self.last_labels = (labels.boot, labels.seq)
-        errors = (labels.pred != labels.label).astype(np.int64)
-        start = 0
-        if self._err_adwin is None:
-            need = self.config.reference_labels - self._lbl_ref_n
-            start = min(need, k)
-            self._lbl_ref_n += start
-            self._lbl_ref_err += int(errors[:start].sum())
-            self._lbl_ref_bits += errors[:start].tolist()
-            if self._lbl_ref_n < self.config.reference_labels:
-                return Outcome([], [])
-            self._start_error_detectors()
-        return self._monitor_errors(errors[start:].tolist(), labels.ts_ms)
+        errors = (labels.pred != labels.label).astype(np.float64)
+        return self._monitor_errors(errors.tolist(), labels.ts_ms)
 
-    def _start_error_detectors(self) -> None:
-        thr = self._tier_thresholds(1, sensitive=False)
+    def _start_error_stream(self) -> None:
+        """Start the error detectors once the error stream's null is learnt (as for frames,
+        one step per label; at least ``reference_labels`` labels)."""
+        bm = self._lbl_bm
+        assert bm is not None
+        choice = choose_blocks(bm, min_blocks=self.config.null_min_blocks)
+        if not choice.ready[0]:
+            return
+        b = int(choice.block[0])
+        kap = float(choice.kappa[0])
+        self._err_block = b
+        self._err_kappa = kap
+        self._err_p = float(choice.mean[0])
+        self._err_bsd = float(choice.sd[0])
+        self._err_ref_var = float(choice.lrv[0] / bm.steps / choice.sd[0] ** 2)
+        self._lbl_bm = None
+        # a block of b labels may spend b labels' budget; residual dependence tightens it
+        thr = self._tier_thresholds(self._k_nom, sensitive=False, budget_scale=b)
         assert thr is not None
         self._label_thr = thr
-        self._err_adwin = make_adwin(thr.error_delta, ERROR_ADWIN)
+        self._err_adwin = make_adwin(inflate_delta(thr.error_delta, kap), ERROR_ADWIN)
         self._err_win = [0.0, 0.0, 0.0]
-        self._s_label_thr = self._tier_thresholds(1, sensitive=True)
+        self._s_label_thr = self._tier_thresholds(self._k_nom, sensitive=True, budget_scale=b)
         if self._s_label_thr is not None:
-            self._s_err_adwin = make_adwin(self._s_label_thr.error_delta, ERROR_ADWIN)
+            self._s_err_adwin = make_adwin(
+                inflate_delta(self._s_label_thr.error_delta, kap), ERROR_ADWIN
+            )
             self._s_err_win = [0.0, 0.0, 0.0]
+        # HDDM_A's Hoeffding bound with n/κ effective values: confidence^κ
         self._hddm = drift.binary.HDDMA(
-            drift_confidence=thr.hddm_drift_confidence,
-            warning_confidence=thr.hddm_warning_confidence,
+            drift_confidence=thr.hddm_drift_confidence**kap,
+            warning_confidence=thr.hddm_warning_confidence**kap,
             two_sided_test=False,
         )
-        # prime with the reference labels (their detections are dropped, as for frames)
-        self._monitor_errors(self._lbl_ref_bits, 0)
-        self._lbl_ref_bits = []
 
-    def _monitor_errors(self, errors: list[int], ts_ms: int) -> Outcome:
+    def _monitor_errors(self, errors: list[float], ts_ms: int) -> Outcome:
+        out = Outcome([], [])
+        for e in errors:
+            self._lbl_ref_n += 1
+            if self._err_block:
+                self._err_bsum += e
+                self._err_bn += 1
+                if self._err_bn >= self._err_block:
+                    m = self._err_bsum / self._err_bn
+                    self._err_bsum = 0.0
+                    self._err_bn = 0
+                    self._feed_error(m, ts_ms, out)
+            bm = self._lbl_bm
+            if bm is not None:
+                bm.add(np.array([e]))
+                n = bm.steps
+                if n >= self.config.reference_labels and n % CALIBRATION_CHECK_STEPS == 0:
+                    self._start_error_stream()
+        return out
+
+    def _feed_error(self, m: float, ts_ms: int, out: Outcome) -> None:
+        """One block mean ``m`` of the error stream into its detectors."""
         adw, hddm, thr = self._err_adwin, self._hddm, self._label_thr
         assert adw is not None
         assert hddm is not None
         assert thr is not None
-        s_adw, s_thr = self._s_err_adwin, self._s_label_thr
-        out = Outcome([], [])
+        s_adw = self._s_err_adwin
         win, s_win = self._err_win, self._s_err_win
-        ring = self._err_recent
-        for e in errors:
-            pos = self._err_recent_pos
-            if e:
-                ring[pos >> 3] |= 1 << (pos & 7)
-            else:
-                ring[pos >> 3] &= ~(1 << (pos & 7)) & 0xFF
-            self._err_recent_pos = (pos + 1) % ERROR_SCORE_SPLITS
-            win[0] += 1.0
-            win[1] += e
-            win[2] += e
-            adw.update(e)
-            if adw.drift_detected:
-                score = self._error_score(win, thr.error_delta)
-                out.alarms.append(self._detection("error", None, "adwin", score, ts_ms))
-            if s_adw is not None and s_thr is not None:
-                s_win[0] += 1.0
-                s_win[1] += e
-                s_win[2] += e
-                s_adw.update(e)
-                if s_adw.drift_detected:
-                    score = self._error_score(s_win, s_thr.error_delta)
-                    out.suspicions.append(
-                        self._detection("error", None, "adwin_sensitive", score, ts_ms)
-                    )
-            hddm.update(e)
-            if hddm.drift_detected:
-                self._warning = False
-                out.alarms.append(self._detection("error", None, "hddm_a", 1.0, ts_ms))
-            elif hddm.warning_detected:
-                if not self._warning:
-                    self._warning = True
-                    out.alarms.append(self._detection("error", None, "hddm_a_warning", 1.0, ts_ms))
-            else:
-                self._warning = False
-        return out
+        pos = self._err_recent_pos
+        self._err_recent[pos] = round(m * 255.0)
+        self._err_recent_pos = (pos + 1) % ERROR_SCORE_SPLITS
+        mm = m * m
+        win[0] += 1.0
+        win[1] += m
+        win[2] += mm
+        adw.update(m)
+        if adw.drift_detected:
+            score = self._error_score(win, adw.delta)
+            out.alarms.append(self._detection("error", None, "adwin", score, ts_ms))
+        if s_adw is not None:
+            s_win[0] += 1.0
+            s_win[1] += m
+            s_win[2] += mm
+            s_adw.update(m)
+            if s_adw.drift_detected:
+                score = self._error_score(s_win, s_adw.delta)
+                out.suspicions.append(
+                    self._detection("error", None, "adwin_sensitive", score, ts_ms)
+                )
+        hddm.update(m)
+        if hddm.drift_detected:
+            self._warning = False
+            out.alarms.append(self._detection("error", None, "hddm_a", 1.0, ts_ms))
+        elif hddm.warning_detected:
+            if not self._warning:
+                self._warning = True
+                out.alarms.append(self._detection("error", None, "hddm_a_warning", 1.0, ts_ms))
+        else:
+            self._warning = False
 
     def _error_score(self, win: list[float], delta: float) -> float:
         """ADWIN's statistic on the error stream when it fired; resets ``win``."""
         pos = self._err_recent_pos
-        bits = np.unpackbits(self._err_recent, bitorder="little")
         newest_first = (pos - 1 - np.arange(ERROR_SCORE_SPLITS)) % ERROR_SCORE_SPLITS
         score = _adwin_score(
-            bits[newest_first].astype(np.float64),
+            self._err_recent[newest_first].astype(np.float64) / 255.0,
             win[0],
             win[1],
             win[2],
@@ -843,32 +1044,37 @@ class DeviceMonitor:
     # -- status --------------------------------------------------------------------------------
 
     def band_scores(self) -> dict[Stream, float]:
-        """Per stream: |current ADWIN-window mean − reference| / (its standard error · band).
+        """Per calibrated stream: |current ADWIN-window mean − reference| / (its standard error ·
+        band).
 
-        ≥ 1 means outside the calibrated band (see :attr:`drifting`). The error stream appears
-        once its reference error rate is complete. Empty during the reference.
+        ≥ 1 means outside the calibrated band (see :attr:`drifting`). The standard error holds
+        the window's (``κ / w`` in block units: the residual dependence) and the reference's
+        (the long-run variance over the learning stretch). Streams still calibrating, and the
+        error stream until it is calibrated, are absent.
         """
         thr = self._thr
         if thr is None:
             return {}
         out: dict[Stream, float] = {}
-        ref_var = thr.frame_readings / self.config.reference_readings
         scale = self._settings.u_scale
-        for st, det in zip(self.layout.streams, self._adwins, strict=True):
+        for i in np.flatnonzero(self._ready).tolist():
+            det = self._adwins[i]
             w = float(det.width)
-            mean_u = 0.0 if w == 0 else float(det.total) / w / scale
-            t = abs(mean_u) / math.sqrt(1.0 / w + ref_var) if w else 0.0
-            out[st] = t / thr.drifting_z
+            if w == 0:
+                out[self.layout.streams[i]] = 0.0
+                continue
+            mean_u = float(det.total) / w / scale
+            se = math.sqrt(float(self._kappa[i]) / w + float(self._ref_var[i]))
+            out[self.layout.streams[i]] = abs(mean_u) / se / thr.drifting_z
         adw = self._err_adwin
         if adw is not None:
             w = float(adw.width)
-            n_ref = float(self._lbl_ref_n)
-            p = (self._lbl_ref_err + 0.5) / (n_ref + 1.0)
             if w == 0:
                 out[ERROR_STREAM] = 0.0
             else:
-                se = math.sqrt(p * (1.0 - p) * (1.0 / w + 1.0 / n_ref))
-                out[ERROR_STREAM] = abs(float(adw.total) / w - p) / se / thr.drifting_z
+                sd = max(self._err_bsd, 1e-3)
+                se = sd * math.sqrt(self._err_kappa / w + self._err_ref_var)
+                out[ERROR_STREAM] = abs(float(adw.total) / w - self._err_p) / se / thr.drifting_z
         return out
 
     @property
@@ -894,31 +1100,30 @@ class DeviceMonitor:
             state[name] = state[name][2].copy()
         banks = [state.pop(name) for name in _BANKS]
         singles = [state.pop(name) for name in _SINGLE_ADWINS]
-        shape = tuple(len(b) for b in banks) + tuple(d is not None for d in singles)
-        dets = [d for b in banks for d in b] + [d for d in singles if d is not None]
+        present = tuple(tuple(d is not None for d in b) for b in banks)
+        shape = (present, tuple(d is not None for d in singles))
+        dets = [d for b in banks for d in b if d is not None]
+        dets += [d for d in singles if d is not None]
         state["_adwin_pack"] = (shape, pack_adwins(dets))
         return state
 
     @staticmethod
     def _setstate(state: dict[str, Any]) -> dict[str, Any]:
         """Inverse of :meth:`_getstate` (``ValueError`` and friends on a damaged state)."""
-        shape, packed = state.pop("_adwin_pack")
-        dets = unpack_adwins(packed)
-        pos = 0
-        for name, n in zip(_BANKS, shape[: len(_BANKS)], strict=True):
-            state[name] = dets[pos : pos + n]
-            pos += n
-        for name, present in zip(_SINGLE_ADWINS, shape[len(_BANKS) :], strict=True):
-            state[name] = dets[pos] if present else None
-            pos += int(present)
-        if pos != len(dets):
+        (present, singles), packed = state.pop("_adwin_pack")
+        dets = iter(unpack_adwins(packed))
+        for name, flags in zip(_BANKS, present, strict=True):
+            state[name] = [next(dets) if f else None for f in flags]
+        for name, f in zip(_SINGLE_ADWINS, singles, strict=True):
+            state[name] = next(dets) if f else None
+        if next(dets, None) is not None:
             raise ValueError("ADWIN count does not match the layout")
         for bank, name in zip(_BANKS, _BANK_WINS, strict=True):
             sq = np.asarray(state[name], dtype=np.float64)
             win = np.zeros((3, sq.shape[0]), dtype=np.float64)
             win[2] = sq
             for i, det in enumerate(state[bank]):
-                if not det.drift_detected:
+                if det is not None and not det.drift_detected:
                     win[0, i] = det.width
                     win[1, i] = det.total
             state[name] = win

@@ -41,8 +41,9 @@ from service.learn.factory_model import train_factory_model
 
 FRAC_BITS = 11
 K = 16
-CHANGE = 3000
-"""Reading index at which drift starts in the drift scenarios (reference: the first 512)."""
+CHANGE = 8000
+"""Reading index at which drift starts in the drift scenarios (after the reference and the
+null learning: every stream of an independent device is monitored after 6,144 readings)."""
 HORIZON = 3000
 """Readings after the change within which a drift must be detected."""
 STD_FEATURES = {"std_x", "std_y", "std_z"}
@@ -188,7 +189,7 @@ def test_labels_feed_the_sensitive_error_detector(model):
 
 
 def test_batches_return_the_suspicions_separately(model):
-    dev = simulate(model, 263, 5000, drift_at("offset", axis=1, magnitude=0.4))
+    dev = simulate(model, 263, CHANGE + 2000, drift_at("offset", axis=1, magnitude=0.4))
     mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
     single = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
     frames = list(dev.frames())
@@ -208,7 +209,7 @@ def test_the_sensitive_tier_can_be_turned_off(model):
     cfg = DeviceMonitorConfig(sensitive_budget_per_device_reading=None)
     assert cfg.strict_budget == cfg.budget_per_device_reading  # the strict tier gets it all
     assert cfg.cohort_budget == 0.0
-    dev = simulate(model, 264, 4000, drift_at("offset", axis=2))
+    dev = simulate(model, 264, CHANGE + 1000, drift_at("offset", axis=2))
     mon, out = observe_all(dev, DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, cfg))
     assert out.alarms
     assert out.suspicions == []
@@ -272,7 +273,7 @@ def test_gain_on_one_axis_flags_its_features(model, seed):
     after, first = _post(dets)
     assert first - CHANGE <= 1000
     feats = {(d.signal, d.feature) for d in after if d.signal.startswith("feature")}
-    assert feats & {("feature", "mean_x"), ("feature_sq", "mean_x")}
+    assert {f for _, f in feats} & {"mean_x", "std_x"}  # a gain on x scales both
     assert {f for _, f in feats} <= {"mean_x", "std_x", "mag_mean", "mag_zcr_hz"}
 
 
@@ -305,17 +306,17 @@ def test_variance_only_change_is_caught_by_the_square_stream():
     rng = np.random.default_rng(7)
     mon = DeviceMonitor("fleet", "v", ["a", "b"], ["n", "p"])
     dets = []
-    for seq in range(400):
+    for seq in range(900):
         x = rng.standard_normal((K, 2))
-        if seq >= 200:
+        if seq >= 700:  # after the reference (32 frames) and the null learning (384)
             x[:, 1] *= 2.0
         pred = (rng.random(K) < 0.3).astype(np.int64)
         fr = DeviceFrame("fleet", "v", 0, seq, seq, 0.0, 1, x, pred, rng.uniform(0.5, 1, K))
         dets += mon.update(fr)
     assert dets
-    assert min(d.readings for d in dets) > 200 * K
+    assert min(d.readings for d in dets) > 700 * K
     first = min(d.readings for d in dets)
-    assert first - 200 * K <= 300
+    assert first - 700 * K <= 300
     assert {(d.signal, d.feature) for d in dets if d.readings == first} == {("feature_sq", "b")}
     assert Stream("feature_sq", "b") in mon.drifting
     assert Stream("feature", "b") not in mon.drifting
@@ -378,7 +379,7 @@ def test_hddm_a_warning_is_reported_once_per_entry(model):
 
 
 def test_model_version_change_resets_the_reference(model):
-    dev = simulate(model, 301, 4000, drift_at("offset", magnitude=0.5))
+    dev = simulate(model, 301, CHANGE + 1000, drift_at("offset", magnitude=0.5))
     mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
     frames = list(dev.frames())
     for fr in frames[:100]:
@@ -421,10 +422,10 @@ def replace_version(fr: DeviceFrame, version: int) -> DeviceFrame:
 
 
 def test_readings_count_the_model_version_including_the_reference(model):
-    dev = simulate(model, 311, 6000, drift_at("offset", axis=2, magnitude=0.5))
+    dev = simulate(model, 311, CHANGE + 3000, drift_at("offset", axis=2, magnitude=0.5))
     _, dets = run(dev, labels=False)
     assert dets
-    assert all(d.readings % K == 0 and CHANGE < d.readings <= 6000 for d in dets)
+    assert all(d.readings % K == 0 and CHANGE < d.readings <= CHANGE + 3000 for d in dets)
     assert all(d.ts_ms == 2000 * (d.readings - K) for d in dets)  # the frame that triggered it
 
 
@@ -477,7 +478,7 @@ def test_invalid_frames_are_refused(model):
 @pytest.mark.parametrize("cut", [10, 200, 250])  # in the reference, before and after the change
 def test_state_round_trip_gives_the_same_detections(model, cut):
     def fresh():
-        return simulate(model, 401, 5000, drift_at("offset", axis=1, magnitude=0.4))
+        return simulate(model, 401, CHANGE + 2000, drift_at("offset", axis=1, magnitude=0.4))
 
     _, expected = run(fresh())
     assert expected
@@ -501,7 +502,7 @@ def test_state_round_trip_gives_the_same_detections(model, cut):
 
 def test_state_round_trip_keeps_both_tiers_exactly(model):
     def fresh():
-        return simulate(model, 402, 6000, drift_at("offset", axis=0, magnitude=0.4))
+        return simulate(model, 402, CHANGE + 3000, drift_at("offset", axis=0, magnitude=0.4))
 
     _, expected = observe_all(fresh())
     assert expected.suspicions
@@ -558,8 +559,8 @@ def test_checkpoint_of_another_format_is_refused(model):
 
 def test_update_frames_equals_per_frame_updates(model):
     devs = [
-        simulate(model, 501, 3000, DriftSpec("offset", start_s=2.0 * 1500, magnitude=0.5)),
-        simulate(model, 502, 3000),
+        simulate(model, 501, CHANGE + 1000, drift_at("offset", magnitude=0.5)),
+        simulate(model, 502, CHANGE + 1000),
     ]
     seq_mons = {("fleet", d.name): DeviceMonitor("fleet", d.name, FEATURES, CLASSES) for d in devs}
     bat_mons = {("fleet", d.name): DeviceMonitor("fleet", d.name, FEATURES, CLASSES) for d in devs}
@@ -583,7 +584,11 @@ def test_update_frames_equals_per_frame_updates(model):
         got += res.detections
         rejected += res.rejected
     assert expected
-    assert got == expected
+
+    def rounded(dets):  # the batch path's means may differ from the single path's in the last ulp
+        return [replace(d, score=round(d.score, 9)) for d in dets]
+
+    assert rounded(got) == rounded(expected)
     assert [r[0] for r in rejected] == [bad]
     assert "features" in rejected[0][1]
     res = update_frames({}, [stranger])
@@ -640,19 +645,21 @@ def test_a_revert_resumes_the_previous_versions_reference() -> None:
         pred = (x[:, 0] > 0).astype(np.int64)
         return DeviceFrame("f", "d", 0, seq, seq, 0.0, version, x, pred, np.full(16, 0.8))
 
-    mon = DeviceMonitor("f", "d", ["a", "b"], ["no", "yes"], DeviceMonitorConfig(64))
-    for s in range(40):
+    cfg = DeviceMonitorConfig(64, null_min_blocks=8)  # learnt after 64-300 frames
+    mon = DeviceMonitor("f", "d", ["a", "b"], ["no", "yes"], cfg)
+    for s in range(300):
         mon.update(frame(s, 1, 0.0))
     ref = mon.reference
     assert ref is not None
-    for s in range(40, 80):  # the sensor drifts on v1
+    assert not mon.calibrating
+    for s in range(300, 340):  # the sensor drifts on v1
         mon.update(frame(s, 1, 1.5))
     assert any(st.signal == "feature" for st in mon.drifting)
-    for s in range(80, 90):  # a canary update to v2 ...
+    for s in range(340, 350):  # a canary update to v2 ...
         mon.update(frame(s, 2, 1.5))
     assert mon.model_version == 2
     assert not mon.reference_complete or mon.reference is not None
-    for s in range(90, 95):  # ... rolled back: v1 again, still drifted
+    for s in range(350, 355):  # ... rolled back: v1 again, still drifted
         mon.update(frame(s, 1, 1.5))
     assert mon.model_version == 1
     back = mon.reference

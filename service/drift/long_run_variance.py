@@ -1,0 +1,246 @@
+"""Long-run variance of dependent streams by dyadic batch means, and the block size to monitor.
+
+Layer A's detectors are calibrated for independent values. Real telemetry is not independent:
+slow sensors are autocorrelated, activities come in sessions, cycles last thousands of
+readings. The change-point literature keeps such detectors honest by replacing the variance
+with the **long-run variance** ``σ²_LR = Σ_h γ(h)`` of the monitored series (Horváth, Rice &
+Miller 2019; Dehling, Fried, Garcia & Wendler 2013) and by monitoring values that are close
+to independent.
+
+:class:`DyadicBatchMeans` learns that from a stationary stretch, in constant memory: it keeps
+the non-overlapping **batch means** (Carlstein 1986; Flegal & Jones 2010) of every stream at
+block sizes ``1, 2, 4, …, 2^(L−1)`` steps. At block size ``b`` the estimate is
+``V_b = b · Var(block means)``; it grows with ``b`` while blocks are shorter than the
+correlation time and levels off (its plateau is ``σ²_LR``) once they are longer.
+:func:`choose_blocks` then picks, per stream, the smallest block size ``b`` from which ``V``
+stops growing (every larger level with enough blocks within ``kappa_max · V_b``, on an upper
+confidence bound), so that the
+means of ``b`` consecutive values are nearly independent, and reports:
+
+- ``block``: ``b`` (steps per monitored value);
+- ``kappa``: ``max(1, max_{b' ≥ b} V_{b'} / V_b)``, the variance inflation left between the
+  block means and the long run (≤ ``kappa_max``; the detector's threshold absorbs it,
+  :func:`inflate_delta`);
+- ``sd``: the standard deviation of a block mean, ``√(V_b / b)``;
+- ``mean``: the stream's mean over everything seen.
+
+A stream is *ready* only when the levels ``b``, ``2b`` … ``2^lookahead·b`` each hold at least
+``min_blocks`` blocks: the reference then holds at least ``min_blocks`` (nearly) independent
+blocks at a block size shown to be past the correlation time. Independent data is ready after
+``min_blocks · 2^lookahead`` steps with ``b = 1``; a slow sensor, a session pattern or a cycle
+needs proportionally longer, and until then the stream is *calibrating* (nothing is alarmed on
+it). A cycle is averaged out once ``b`` reaches its period (the block means no longer vary),
+a random walk is never ready.
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(1)
+>>> iid = rng.standard_normal((600, 1))
+>>> slow = np.repeat(rng.standard_normal((75, 1)), 8, axis=0) + 0.3 * rng.standard_normal((600, 1))
+>>> bm = DyadicBatchMeans(2)
+>>> for row in np.hstack([iid, slow]):
+...     bm.add(row)
+>>> ch = choose_blocks(bm)
+>>> ch.ready.tolist(), ch.block.tolist()
+([True, False], [1, 0])
+>>> for row in np.hstack([rng.standard_normal((9000, 1)),
+...                       np.repeat(rng.standard_normal((1125, 1)), 8, axis=0)]):
+...     bm.add(row)
+>>> ch = choose_blocks(bm)
+>>> ch.ready.tolist(), ch.block.tolist()
+([True, True], [1, 8])
+
+References: E. Carlstein (1986), "The use of subseries values for estimating the variance of a
+general statistic from a stationary sequence", Ann. Statist. 14(3). J. M. Flegal & G. L. Jones
+(2010), "Batch means and spectral variance estimators in Markov chain Monte Carlo", Ann.
+Statist. 38(2). L. Horváth, G. Rice & K. Miller (2019), R package CPAT (kernel long-run
+variance for CUSUM tests under dependence). H. Dehling, R. Fried, I. Garcia & M. Wendler
+(2013), "Change-point detection under dependence based on two-sample U-statistics".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "DEFAULT_KAPPA_MAX",
+    "DEFAULT_LEVELS",
+    "DEFAULT_LOOKAHEAD",
+    "DEFAULT_MIN_BLOCKS",
+    "DEFAULT_Z",
+    "BlockChoice",
+    "DyadicBatchMeans",
+    "choose_blocks",
+    "inflate_delta",
+]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+DEFAULT_LEVELS: Final = 12
+"""Block sizes ``1 … 2¹¹`` steps (frames): a cycle or session of up to ~500 frames is seen."""
+DEFAULT_MIN_BLOCKS: Final = 48
+"""Blocks a level needs before its variance counts (relative standard error ≈ √(2/47) = 21 %)."""
+DEFAULT_LOOKAHEAD: Final = 3
+"""Levels above the chosen block size that must be seen (``b`` … ``8b``)."""
+DEFAULT_KAPPA_MAX: Final = 2.0
+"""Largest variance inflation ``κ`` left to the threshold; more, and a longer block is taken."""
+DEFAULT_Z: Final = 1.64
+"""One-sided 95 % normal quantile for the upper bound of a level's variance."""
+
+
+class DyadicBatchMeans:
+    """Streaming non-overlapping batch means of ``n_streams`` series at dyadic block sizes.
+
+    Memory is ``O(levels · n_streams)`` whatever the length of the stream. Each :meth:`add` is
+    one step (a frame, or one label); a completed block of size ``2^j`` merges with its
+    completed twin into one of size ``2^(j+1)`` (a binary counter), so a step costs O(1)
+    vector operations amortised.
+    """
+
+    def __init__(self, n_streams: int, levels: int = DEFAULT_LEVELS) -> None:
+        if n_streams < 1 or levels < 1:
+            raise ValueError("need n_streams >= 1 and levels >= 1")
+        self.levels = levels
+        self.steps = 0
+        self.count: IntArray = np.zeros(levels, dtype=np.int64)
+        """Completed blocks per level."""
+        self.total: FloatArray = np.zeros((levels, n_streams), dtype=np.float64)
+        """Sum of the completed block means per level."""
+        self.total_sq: FloatArray = np.zeros((levels, n_streams), dtype=np.float64)
+        """Sum of their squares."""
+        self._pending: FloatArray = np.zeros((levels, n_streams), dtype=np.float64)
+        """A completed block mean per level waiting for its twin (valid where ``steps`` says)."""
+
+    @property
+    def n_streams(self) -> int:
+        """Number of series."""
+        return int(self.total.shape[1])
+
+    def add(self, row: FloatArray) -> None:
+        """One step: the value of every series."""
+        mean = np.asarray(row, dtype=np.float64)
+        steps = self.steps
+        self.steps = steps + 1
+        for j in range(self.levels):
+            self.count[j] += 1
+            self.total[j] += mean
+            self.total_sq[j] += mean * mean
+            if not (steps >> j) & 1:  # the first of a pair: wait for its twin
+                self._pending[j] = mean
+                return
+            mean = (self._pending[j] + mean) * 0.5
+
+    def mean(self) -> FloatArray:
+        """Mean of every series over the completed steps (NaN before the first)."""
+        n = int(self.count[0])
+        if n == 0:
+            return np.full(self.n_streams, math.nan)
+        return np.asarray(self.total[0] / n, dtype=np.float64)
+
+    def variances(self) -> FloatArray:
+        """``V_b = b · Var(block means)`` per level and series (NaN below 2 blocks)."""
+        n = self.count.astype(np.float64)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = (self.total_sq - self.total * self.total / n) / (n - 1.0)
+        var = np.where(n >= 2.0, np.maximum(var, 0.0), math.nan)
+        sizes = (2.0 ** np.arange(self.levels))[:, None]
+        out: FloatArray = var * sizes
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BlockChoice:
+    """What :func:`choose_blocks` found, per series (see the module docstring)."""
+
+    ready: BoolArray
+    block: IntArray
+    """Steps per monitored value (0 where not ready)."""
+    kappa: FloatArray
+    """Variance inflation between the block means and the long run (≥ 1; NaN if not ready)."""
+    sd: FloatArray
+    """Standard deviation of one block mean (NaN if not ready)."""
+    mean: FloatArray
+    """Mean of the series over the whole learning stretch."""
+    lrv: FloatArray
+    """Long-run variance per step: the largest ``V_b'`` at ``b' ≥ b`` (NaN if not ready)."""
+
+
+def choose_blocks(
+    bm: DyadicBatchMeans,
+    *,
+    min_blocks: int = DEFAULT_MIN_BLOCKS,
+    lookahead: int = DEFAULT_LOOKAHEAD,
+    kappa_max: float = DEFAULT_KAPPA_MAX,
+    z: float = DEFAULT_Z,
+    var_floor: float = 1e-6,
+) -> BlockChoice:
+    """The smallest block size per series past which the batch-means variance stops growing.
+
+    A level counts once it holds ``min_blocks`` blocks. For level ``j`` the inflation is
+    ``κ_j = max(1, max_{j' > j} V̄_{j'} / V_j)`` over the counting levels above it, where
+    ``V̄`` is the upper confidence bound ``V · (1 + z √(2 / (n − 1)))`` of a batch-means
+    variance from ``n`` blocks (so that noise in the few long blocks does not pass for a
+    plateau). Series ``s`` is ready at the smallest ``j`` whose levels ``j … j + lookahead`` all
+    count and whose ``κ_j ≤ kappa_max``. A series with (near) zero variance at every counting
+    level is ready at ``b = 1`` with the ``var_floor`` variance (a constant signal: any move is
+    a change). ``var_floor`` is in the series' units; layer A's are standardised (variance ≈ 1
+    for an independent stream), so 1e-6 is a constant up to rounding.
+    """
+    if min_blocks < 2 or lookahead < 1 or not kappa_max >= 1.0:
+        raise ValueError("need min_blocks >= 2, lookahead >= 1 and kappa_max >= 1")
+    v = bm.variances()
+    counting = bm.count >= min_blocks
+    n = np.maximum(bm.count.astype(np.float64), 2.0)[:, None]
+    v_up = v * (1.0 + z * np.sqrt(2.0 / (n - 1.0)))
+    s = bm.n_streams
+    ready = np.zeros(s, dtype=np.bool_)
+    block = np.zeros(s, dtype=np.int64)
+    kappa = np.full(s, math.nan)
+    sd = np.full(s, math.nan)
+    lrv = np.full(s, math.nan)
+    top = int(np.flatnonzero(counting)[-1]) if counting.any() else -1
+    for j in range(0, top - lookahead + 1):
+        vj = v[j]
+        vmax = np.max(v_up[j + 1 : top + 1], axis=0)
+        flat = vmax <= var_floor
+        safe_vj = np.maximum(vj, var_floor)
+        kap = np.maximum(1.0, vmax / safe_vj)
+        ok = ~ready & ((kap <= kappa_max) | flat)
+        if not ok.any():
+            continue
+        size = 1 << j
+        ready |= ok
+        block[ok] = size
+        kappa[ok] = np.where(flat[ok], 1.0, kap[ok])
+        sd[ok] = np.sqrt(safe_vj[ok] / size)
+        lrv[ok] = np.maximum(vmax[ok], safe_vj[ok])
+        if ready.all():
+            break
+    return BlockChoice(ready=ready, block=block, kappa=kappa, sd=sd, mean=bm.mean(), lrv=lrv)
+
+
+def inflate_delta(delta: float, kappa: float, log_width: float = math.log(1000.0)) -> float:
+    """ADWIN's δ for values whose window means vary ``kappa`` times more than independent ones.
+
+    ADWIN (Bifet & Gavaldà 2007) cuts when two sub-window means differ by more than
+    ``√(2 m σ²_W δ') + ⅔ m δ'`` with ``δ' = ln(2 ln W / δ)`` and ``σ²_W`` the values' own
+    variance. If the means vary ``κ`` times more (residual dependence, Bagshaw & Johnson
+    1975), the same false-alarm probability per cut needs ``δ'`` multiplied by ``κ``:
+    ``δ_κ = c · (δ / c)^κ`` with ``c = 2 ln W`` (taken at ``W = 1000`` values; the range term
+    grows too, which only makes the test more conservative).
+
+    >>> inflate_delta(1e-5, 1.0) == 1e-5
+    True
+    >>> f"{inflate_delta(1e-5, 1.5):.2g}"
+    '8.5e-09'
+    """
+    if not kappa >= 1.0:
+        raise ValueError("kappa must be >= 1")
+    c = 2.0 * log_width
+    return float(c * (delta / c) ** kappa)
