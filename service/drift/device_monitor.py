@@ -81,8 +81,8 @@ the calibrated band around the reference: "still drifted since the last update".
 the splits whose recent part ``W1`` lies within the last 32 block values (a ring buffer per
 stream, in int8 steps of 1/127 of the clip; 256 block means for the error stream). That
 maximum is ≥ 1 whenever river's crossing split is among them, which is the case for abrupt
-changes; a slow drift can cross at a longer ``W1``, and then the score is floored at 1.0. For HDDM_A (drift
-and warning) the score is 1.0: river does not expose its statistic.
+changes; a slow drift can cross at a longer ``W1``, and then the score is floored at 1.0. For
+HDDM_A (drift and warning) the score is 1.0: river does not expose its statistic.
 
 ``Detection.readings`` counts the readings of the current model version including the reference
 (the frame that triggered the detection is counted).
