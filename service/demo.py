@@ -38,11 +38,11 @@ readings, detections and the rollout state):
    parameter set per drifting device; ``POST /rollouts/{id}/approve`` starts it; canary, wave
    and the held-back control are gated on the labelled error and the rollout must finish with
    every member confirmed. A gain device left out of the first proposal (flagged too late, or
-   its candidate refused: the label-free quantization check on its 256 buffered readings
-   refuses roughly one healthy recalibration in seven by chance) gets a follow-up rollout, as
-   in ``tests/integration/test_rollout_e2e.py``; with too few devices to hold some back, each is
-   compared with itself before its update, so the operator waits 5 s before approving for that
-   "before" evidence to build up.
+   its candidate refused by a candidate check; the label-free quantization test refuses a
+   healthy recalibration at the allowed 1 % disagreement with probability ≤ 0.01) gets a
+   follow-up rollout, as in ``tests/integration/test_rollout_e2e.py``; with too few devices to
+   hold some back, each is compared with itself before its update, so the operator waits 5 s
+   before approving for that "before" evidence to build up.
 6. **recovered**: labelled accuracy of the recalibrated devices, from the registry's label
    buffer: before the drift, during it (factory model), after the update (their new versions).
 

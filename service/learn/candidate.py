@@ -3,10 +3,16 @@
 Decision rule (first failing check wins; the report records the reason):
 
 1. **Quantization.** With labelled held-out readings, the quantization loss is the candidate's
-   float accuracy minus its fixed-point accuracy, in percentage points; without labels it is
-   ``100 · (1 − agreement)`` of float and fixed-point predictions on the recent readings (an
-   upper bound on any accuracy loss). Refused if it exceeds ``max_quantization_loss_pp``
-   (default 1.0).
+   float accuracy minus its fixed-point accuracy, in percentage points, refused if it exceeds
+   ``max_quantization_loss_pp`` (default 1.0). Without labels the check is on the readings where
+   the float and fixed-point predictions *disagree* (their rate bounds any accuracy loss), and
+   it is a test, not a comparison of the raw share (:func:`quantization_disagreement_test`):
+   with ``k`` disagreements in ``n`` recent readings, refused only if the one-sided exact
+   binomial test of H0 "rate ≤ ``max_quantization_loss_pp``" gives ``p < quantization_alpha``
+   (default 0.01): the data show the rate is above the allowed one. (Comparing the raw share
+   would refuse 3 disagreements in 256, 1.17 %, yet a candidate at exactly 1 % shows 3 or more
+   in 256 readings 47 % of the time; the test refuses such a candidate with probability 0.46 %,
+   when it shows 8 or more.)
 2. **Not worse than deployed** (labelled held-out readings, never learnt from): both models
    predict the same readings with their integer kernels. Refused if the candidate's accuracy is
    below the deployed model's by more than ``margin_pp`` (default 0.0) **and** the paired
@@ -32,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from scipy.stats import binomtest
 
 from edge_agent.blob import ParameterSet, SigningKey, build_blob
 from edge_agent.blob.float_model import FloatLinearModel
@@ -57,6 +64,9 @@ class GateConfig:
     margin_pp: float = 0.0
     alpha: float = 0.05
     max_quantization_loss_pp: float = 1.0
+    """Allowed quantization cost (pp); label-free: the allowed float/fixed disagreement rate."""
+    quantization_alpha: float = 0.01
+    """Significance of the label-free quantization test (:func:`quantization_disagreement_test`)."""
     max_split_z: float = 1.0
 
 
@@ -81,6 +91,11 @@ class CandidateReport:
     """Share of evaluation readings where the candidate's float and fixed predictions agree."""
     quantization_loss_pp: float
     max_weight_error: float
+    quantization_p_value: float | None = None
+    """Label-free: one-sided exact binomial p-value of "disagreement rate ≤ allowed"."""
+    quantization_lower_bound_pp: float | None = None
+    """Label-free: one-sided ``1 − quantization_alpha`` Clopper–Pearson lower bound of the
+    disagreement rate, in percentage points (refused iff it exceeds the allowed rate)."""
     prequential_deployed_accuracy: float | None = None
     prequential_candidate_accuracy: float | None = None
     param_version: int | None = None
@@ -113,6 +128,77 @@ Candidate = RecalibrationCandidate | RetrainCandidate
 
 def _kind(candidate: Candidate) -> CandidateKind:
     return "recalibration" if isinstance(candidate, RecalibrationCandidate) else "retrain"
+
+
+@dataclass(frozen=True)
+class DisagreementTest:
+    """The label-free quantization check's figures (:func:`quantization_disagreement_test`)."""
+
+    disagreements: int
+    readings: int
+    allowed_pp: float
+    alpha: float
+    p_value: float
+    """``P(X ≥ disagreements)`` for ``X ~ Binomial(readings, allowed_pp / 100)``."""
+    lower_bound_pp: float
+    """One-sided ``1 − alpha`` Clopper–Pearson lower confidence bound of the rate, in pp."""
+
+    @property
+    def observed_pp(self) -> float:
+        """The raw disagreement share, in percentage points."""
+        return 100.0 * self.disagreements / self.readings
+
+    @property
+    def exceeds(self) -> bool:
+        """The data show the rate is above the allowed one (``p_value < alpha``)."""
+        return self.p_value < self.alpha
+
+
+def quantization_disagreement_test(
+    disagreements: int, readings: int, allowed_pp: float, alpha: float
+) -> DisagreementTest:
+    """One-sided exact binomial test of H0 "disagreement rate ≤ ``allowed_pp``".
+
+    ``disagreements`` of ``readings`` recent readings got different classes from the float and
+    the fixed-point model. The rate is judged too high only when the data show it: the p-value
+    ``P(X ≥ disagreements)``, ``X ~ Binomial(readings, allowed_pp / 100)``
+    (:func:`scipy.stats.binomtest`, ``alternative="greater"``), is below ``alpha``. Equivalently
+    (test/interval duality) the one-sided ``1 − alpha`` Clopper–Pearson lower confidence bound of
+    the rate exceeds ``allowed_pp``. Reference: C. J. Clopper and E. S. Pearson, "The use of
+    confidence or fiducial limits illustrated in the case of the binomial", *Biometrika* 26(4),
+    404–413 (1934). A candidate whose true rate is exactly the allowed one is refused with
+    probability at most ``alpha`` (the exact test is conservative).
+
+    With 256 readings, 1 pp allowed and ``alpha`` 0.01, up to 7 disagreements pass (p = 0.0154)
+    and 8 are refused (p = 0.0046):
+
+    >>> t = quantization_disagreement_test(3, 256, 1.0, 0.01)
+    >>> round(t.observed_pp, 2), round(t.p_value, 3), t.exceeds
+    (1.17, 0.472, False)
+    >>> [quantization_disagreement_test(k, 256, 1.0, 0.01).exceeds for k in (7, 8)]
+    [False, True]
+
+    Raises ``ValueError`` without readings, for counts outside ``0..readings``, for an allowed
+    rate outside 0–100 pp or ``alpha`` outside (0, 1).
+    """
+    if readings <= 0:
+        raise ValueError("no readings to judge the quantization on")
+    if not 0 <= disagreements <= readings:
+        raise ValueError(f"{disagreements} disagreements in {readings} readings")
+    if not 0.0 <= allowed_pp <= 100.0:
+        raise ValueError(f"allowed disagreement {allowed_pp} pp is not a rate")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"significance {alpha} is not in (0, 1)")
+    result = binomtest(disagreements, readings, allowed_pp / 100.0, alternative="greater")
+    low = result.proportion_ci(confidence_level=1.0 - alpha, method="exact").low
+    return DisagreementTest(
+        disagreements=disagreements,
+        readings=readings,
+        allowed_pp=allowed_pp,
+        alpha=alpha,
+        p_value=float(result.pvalue),
+        lower_bound_pp=100.0 * float(low),
+    )
 
 
 def _predict_both(
@@ -162,6 +248,7 @@ def build_candidate(
         diagnostics = {"prequential": asdict(candidate.prequential)}
 
     dep_acc = fl_acc = fx_acc = p_worse = None
+    q_test: DisagreementTest | None = None
     if labelled is not None:
         x = np.asarray(labelled[0], dtype=np.float64)
         y = np.asarray(labelled[1], dtype=np.int64)
@@ -181,22 +268,32 @@ def build_candidate(
             raise ValueError("a label-free recalibration needs its recent readings")
         x = np.atleast_2d(np.asarray(recent, dtype=np.float64))
         fl, fx = _predict_both(params, fm, x)
-        agreement = float(np.mean(fl == fx))
-        q_loss = 100.0 * (1.0 - agreement)
+        q_test = quantization_disagreement_test(
+            int(np.sum(fl != fx)), int(fl.size), g.max_quantization_loss_pp, g.quantization_alpha
+        )
+        agreement = 1.0 - q_test.disagreements / q_test.readings
+        q_loss = q_test.observed_pp
         n_eval = 0
 
-    reason = "passed: " + (
-        f"candidate {100 * fx_acc:.1f} % vs deployed {100 * dep_acc:.1f} % on {n_eval} held-out "
-        f"labels (p_worse {p_worse:.3g}), quantization loss {q_loss:.2f} pp"
-        if fx_acc is not None and dep_acc is not None and p_worse is not None
-        else f"label-free; quantization disagreement {q_loss:.2f} pp"
-    )
-    decision: Decision = "accepted"
-    if q_loss > g.max_quantization_loss_pp:
-        decision, reason = (
-            "refused",
-            (f"quantization costs {q_loss:.2f} pp > {g.max_quantization_loss_pp:g} pp allowed"),
+    if q_test is not None:  # label-free
+        reason = f"passed: label-free; quantization disagreement {_describe(q_test)}"
+        refused_q = q_test.exceeds
+        refusal = (
+            f"quantization disagreement significantly above {g.max_quantization_loss_pp:g} pp "
+            f"allowed: {_describe(q_test)}"
         )
+    else:
+        reason = "passed: " + (
+            f"candidate {100 * fx_acc:.1f} % vs deployed {100 * dep_acc:.1f} % on {n_eval} "
+            f"held-out labels (p_worse {p_worse:.3g}), quantization loss {q_loss:.2f} pp"
+            if fx_acc is not None and dep_acc is not None and p_worse is not None
+            else f"quantization loss {q_loss:.2f} pp"
+        )
+        refused_q = q_loss > g.max_quantization_loss_pp
+        refusal = f"quantization costs {q_loss:.2f} pp > {g.max_quantization_loss_pp:g} pp allowed"
+    decision: Decision = "accepted"
+    if refused_q:
+        decision, reason = "refused", refusal
     elif fx_acc is not None and dep_acc is not None and p_worse is not None:
         delta = 100.0 * (fx_acc - dep_acc)
         if delta < -g.margin_pp and p_worse < g.alpha:
@@ -241,6 +338,8 @@ def build_candidate(
         agreement=agreement,
         quantization_loss_pp=q_loss,
         max_weight_error=max_w_err,
+        quantization_p_value=q_test.p_value if q_test is not None else None,
+        quantization_lower_bound_pp=q_test.lower_bound_pp if q_test is not None else None,
         prequential_deployed_accuracy=preq_dep,
         prequential_candidate_accuracy=preq_cand,
         param_version=param_version if blob is not None else None,
@@ -250,6 +349,14 @@ def build_candidate(
         diagnostics=diagnostics,
     )
     return CandidateResult(report=report, blob=blob)
+
+
+def _describe(t: DisagreementTest) -> str:
+    return (
+        f"{t.disagreements}/{t.readings} readings ({t.observed_pp:.2f} pp), one-sided binomial "
+        f"p = {t.p_value:.3g} against ≤ {t.allowed_pp:g} pp (refused if < {t.alpha:g}), "
+        f"{100 * (1 - t.alpha):g} % lower bound {t.lower_bound_pp:.2f} pp"
+    )
 
 
 def next_free_version(registry: Registry, deployed: DeployedModel) -> int:

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+from scipy.stats import binom
 
+import service.learn.candidate as candidate_mod
 from edge_agent.blob import trusted_keys, verify_blob
 from edge_agent.device.simulator import DriftSpec, SensorSimulator, window_times
 from service.firmware_bundle import Bundle
-from service.learn.candidate import GateConfig, build_candidate, register_candidate
+from service.learn.candidate import (
+    GateConfig,
+    build_candidate,
+    quantization_disagreement_test,
+    register_candidate,
+)
+from service.learn.comparison import float_predict
 from service.learn.deployed import DeployedModel
-from service.learn.recalibration import RecalibrationError, fit_affine, recalibrate
+from service.learn.recalibration import (
+    RecalibrationCandidate,
+    RecalibrationError,
+    fit_affine,
+    recalibrate,
+)
 from service.learn.retrain import RetrainConfig, RetrainError, pipeline_from_float, retrain
 from service.learn.river_export import export_linear
 from service.registry.store import Registry
@@ -124,6 +138,165 @@ def test_quantization_loss_refused(deployed: DeployedModel, bundle: Bundle) -> N
     result = build_candidate(deployed, cand, key=bundle.release_key, param_version=3, gate=gate)
     assert result.blob is None
     assert "quantization costs" in result.report.reason
+
+
+# ---- the label-free quantization check: a one-sided exact binomial test -------------------
+
+RECENT = 256  # readings buffered per drifting device (RecentReadings' capacity)
+
+
+def test_disagreement_test_figures_and_boundary() -> None:
+    """256 readings, 1 pp allowed, alpha 0.01: 7 disagreements pass, 8 are refused."""
+    t3 = quantization_disagreement_test(3, RECENT, 1.0, 0.01)
+    assert round(t3.observed_pp, 2) == 1.17  # over 1 pp raw, which the old rule refused
+    assert t3.p_value == pytest.approx(binom.sf(2, RECENT, 0.01))  # P(X >= 3) = 0.472
+    assert t3.p_value == pytest.approx(0.4722, abs=1e-4)
+    assert not t3.exceeds
+    t7 = quantization_disagreement_test(7, RECENT, 1.0, 0.01)
+    t8 = quantization_disagreement_test(8, RECENT, 1.0, 0.01)
+    assert t7.p_value == pytest.approx(binom.sf(6, RECENT, 0.01))
+    assert t8.p_value == pytest.approx(binom.sf(7, RECENT, 0.01))
+    assert t7.p_value == pytest.approx(0.01541, abs=1e-5)
+    assert t8.p_value == pytest.approx(0.00463, abs=1e-5)
+    assert (t7.exceeds, t8.exceeds) == (False, True)
+    # the Clopper-Pearson lower bound crosses 1 pp between the same counts (test/CI duality)
+    assert t7.lower_bound_pp < 1.0 < t8.lower_bound_pp
+    for k in range(RECENT + 1):
+        t = quantization_disagreement_test(k, RECENT, 1.0, 0.01)
+        assert t.exceeds == (k >= 8) == (t.lower_bound_pp > 1.0), k
+    t20 = quantization_disagreement_test(20, RECENT, 1.0, 0.01)
+    assert t20.exceeds
+    assert t20.p_value < 1e-8
+    # the significance is the configured one: at 0.05 the boundary is 5 | 6
+    assert [quantization_disagreement_test(k, RECENT, 1.0, 0.05).exceeds for k in (5, 6)] == [
+        False,
+        True,
+    ]
+    assert quantization_disagreement_test(0, RECENT, 0.0, 0.01).exceeds is False
+    assert quantization_disagreement_test(1, RECENT, 0.0, 0.01).exceeds is True
+
+
+def test_disagreement_test_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="no readings"):
+        quantization_disagreement_test(0, 0, 1.0, 0.01)
+    with pytest.raises(ValueError, match="disagreements"):
+        quantization_disagreement_test(257, RECENT, 1.0, 0.01)
+    with pytest.raises(ValueError, match="not a rate"):
+        quantization_disagreement_test(1, RECENT, -1.0, 0.01)
+    with pytest.raises(ValueError, match="significance"):
+        quantization_disagreement_test(1, RECENT, 1.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def recal_256(deployed: DeployedModel) -> tuple[RecalibrationCandidate, np.ndarray]:
+    """A real gain-drift recalibration fitted on 256 readings, and those readings."""
+    x, _ = _stream(11, DriftSpec("gain", start_s=2.0 * 1024))
+    recent = x[1024 : 1024 + RECENT]
+    return recalibrate(deployed, (x[:512].mean(axis=0), x[:512].std(axis=0)), recent), recent
+
+
+def _with_disagreements(
+    monkeypatch: pytest.MonkeyPatch,
+    cand: RecalibrationCandidate,
+    recent: np.ndarray,
+    mask: npt.NDArray[np.bool_],
+) -> None:
+    """Make the fixed-point predictions differ from the float ones exactly where ``mask`` is."""
+    fl = float_predict(cand.float_model, recent)
+    fx = np.where(mask, fl + 1, fl)
+
+    def both(*_args: object) -> tuple[np.ndarray, np.ndarray]:
+        return fl, fx
+
+    monkeypatch.setattr(candidate_mod, "_predict_both", both)
+
+
+@pytest.mark.parametrize(
+    ("disagreements", "decision"),
+    [(0, "accepted"), (3, "accepted"), (7, "accepted"), (8, "refused"), (20, "refused")],
+)
+def test_label_free_recalibration_is_judged_by_the_binomial_test(
+    deployed: DeployedModel,
+    bundle: Bundle,
+    recal_256: tuple[RecalibrationCandidate, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    disagreements: int,
+    decision: str,
+) -> None:
+    cand, recent = recal_256
+    _with_disagreements(monkeypatch, cand, recent, np.arange(RECENT) < disagreements)
+    result = build_candidate(
+        deployed,
+        cand,
+        key=bundle.release_key,
+        param_version=2,
+        recent=recent,
+    )
+    r = result.report
+    assert r.decision == decision, r.reason
+    assert (result.blob is not None) == (decision == "accepted")
+    assert r.quantization_loss_pp == pytest.approx(100 * disagreements / RECENT)
+    assert r.agreement == pytest.approx(1 - disagreements / RECENT)
+    assert r.quantization_p_value == pytest.approx(
+        binom.sf(disagreements - 1, RECENT, 0.01) if disagreements else 1.0
+    )
+    assert r.quantization_lower_bound_pp is not None
+    assert f"{disagreements}/{RECENT} readings" in r.reason
+    if decision == "refused":
+        assert r.reason.startswith("quantization disagreement significantly above 1 pp allowed")
+        assert r.quantization_lower_bound_pp > 1.0
+    else:
+        assert r.reason.startswith("passed: label-free")
+        assert r.quantization_lower_bound_pp <= 1.0
+
+
+def _refusals(
+    deployed: DeployedModel,
+    bundle: Bundle,
+    recal_256: tuple[RecalibrationCandidate, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    rate: float,
+    seeds: range,
+) -> tuple[int, int]:
+    """Refusals of candidates whose true disagreement rate is ``rate``: (new rule, raw share)."""
+    cand, recent = recal_256
+    refused = raw_refused = 0
+    for seed in seeds:
+        mask = np.random.default_rng(seed).random(RECENT) < rate
+        _with_disagreements(monkeypatch, cand, recent, mask)
+        result = build_candidate(
+            deployed,
+            cand,
+            key=bundle.release_key,
+            param_version=2,
+            recent=recent,
+        )
+        refused += not result.report.accepted
+        raw_refused += 100 * int(mask.sum()) / RECENT > 1.0
+    return refused, raw_refused
+
+
+def test_healthy_candidate_at_the_allowed_rate_is_accepted_in_most_draws(
+    deployed: DeployedModel,
+    bundle: Bundle,
+    recal_256: tuple[RecalibrationCandidate, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """True disagreement rate exactly 1 %: refused with probability P(X >= 8) = 0.46 %."""
+    refused, raw_refused = _refusals(deployed, bundle, recal_256, monkeypatch, 0.01, range(1000))
+    assert refused <= 20, refused  # 1000 seeded draws: 2 refused (expected 4.6)
+    assert raw_refused >= 300, raw_refused  # the raw share refused 464 of the same draws
+
+
+def test_clearly_bad_candidate_is_refused_in_almost_every_draw(
+    deployed: DeployedModel,
+    bundle: Bundle,
+    recal_256: tuple[RecalibrationCandidate, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """True disagreement rate 8 %: refused with probability P(X >= 8) = 99.96 %."""
+    refused, _ = _refusals(deployed, bundle, recal_256, monkeypatch, 0.08, range(200))
+    assert refused >= 198, refused
 
 
 def test_pipeline_round_trip(deployed: DeployedModel) -> None:
