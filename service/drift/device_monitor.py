@@ -108,9 +108,11 @@ checkpoints the service wrote itself (the registry's ``detector_checkpoints``).
 ...     x = rng.standard_normal((16, 2)) + shift
 ...     pred = (x[:, 0] > 0).astype(np.int64)
 ...     return DeviceFrame("f", "d1", 0, seq, 1000 * seq, 0.0, 1, x, pred, np.full(16, 0.8))
->>> [d for s in range(100) for d in mon.update(frame(s))]
+>>> [d for s in range(1600) for d in mon.update(frame(s))]
 []
->>> hits = [d for s in range(100, 140) for d in mon.update(frame(s, shift=1.0))]
+>>> mon.calibration().state, mon.calibration().block_readings_max
+('monitoring', 16)
+>>> hits = [d for s in range(1600, 1640) for d in mon.update(frame(s, shift=1.0))]
 >>> sorted({(d.signal, d.feature) for d in hits})[:2]
 [('class_mix', 'no'), ('class_mix', 'yes')]
 """
@@ -148,6 +150,7 @@ from service.drift.long_run_variance import (
     DyadicBatchMeans,
     choose_blocks,
     inflate_delta,
+    new_level_complete,
 )
 from service.drift.signals import (
     DEFAULT_Z_CLIP,
@@ -317,9 +320,6 @@ _BANK_WINS: Final = ("_win", "_s_win")
 """Their count, sum and sum of squares since each ADWIN's reset (for the score)."""
 _SINGLE_ADWINS: Final = ("_err_adwin", "_s_err_adwin")
 """The error-stream ADWINs (strict, sensitive; ``None`` before the label reference)."""
-
-CALIBRATION_CHECK_STEPS: Final = 16
-"""A calibrating monitor asks its batch means which streams are ready every 16 frames/labels."""
 
 SCORE_SPLITS: Final = 32
 """Most recent values kept per stream to recompute ADWIN's statistic when it fires."""
@@ -803,7 +803,7 @@ class DeviceMonitor:
         bm = self._bm
         if bm is not None:
             bm.add(u)
-            if bm.steps % CALIBRATION_CHECK_STEPS == 0:
+            if new_level_complete(bm.steps, self.config.null_min_blocks):
                 self._start_streams()
         return strict, sensitive
 
@@ -982,7 +982,9 @@ class DeviceMonitor:
             if bm is not None:
                 bm.add(np.array([e]))
                 n = bm.steps
-                if n >= self.config.reference_labels and n % CALIBRATION_CHECK_STEPS == 0:
+                if n >= self.config.reference_labels and new_level_complete(
+                    n, self.config.null_min_blocks
+                ):
                     self._start_error_stream()
         return out
 

@@ -76,6 +76,7 @@ __all__ = [
     "DyadicBatchMeans",
     "choose_blocks",
     "inflate_delta",
+    "new_level_complete",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -92,6 +93,22 @@ DEFAULT_KAPPA_MAX: Final = 2.0
 """Largest variance inflation ``κ`` left to the threshold; more, and a longer block is taken."""
 DEFAULT_Z: Final = 1.64
 """One-sided 95 % normal quantile for the upper bound of a level's variance."""
+
+
+def new_level_complete(steps: int, min_blocks: int = DEFAULT_MIN_BLOCKS) -> bool:
+    """Whether ``steps`` just gave some level its ``min_blocks``-th block (``min_blocks · 2^j``).
+
+    The moments to ask :func:`choose_blocks`: each look brings a new level, and asking only
+    then (about log₂ of the stream's length looks in all, not one every few steps) keeps the
+    chance that noise passes for a plateau at some look small.
+
+    >>> [s for s in range(1, 400) if new_level_complete(s)]
+    [48, 96, 192, 384]
+    """
+    if steps < min_blocks or steps % min_blocks:
+        return False
+    q = steps // min_blocks
+    return q & (q - 1) == 0
 
 
 class DyadicBatchMeans:
@@ -186,7 +203,9 @@ def choose_blocks(
     ``κ_j = max(1, max_{j' > j} V̄_{j'} / V_j)`` over the counting levels above it, where
     ``V̄`` is the upper confidence bound ``V · (1 + z √(2 / (n − 1)))`` of a batch-means
     variance from ``n`` blocks (so that noise in the few long blocks does not pass for a
-    plateau). Series ``s`` is ready at the smallest ``j`` whose levels ``j … j + lookahead`` all
+    plateau), and over the Richardson extrapolations ``2 V_{j'+1} − V_{j'}`` (``j' ≥ j``),
+    which remove the ``1/b`` bias of batch means under short-range dependence (Song &
+    Schmeiser 1995: batch-means bias is ``−c/b``). Series ``s`` is ready at the smallest ``j`` whose levels ``j … j + lookahead`` all
     count and whose ``κ_j ≤ kappa_max``. A series with (near) zero variance at every counting
     level is ready at ``b = 1`` with the ``var_floor`` variance (a constant signal: any move is
     a change). ``var_floor`` is in the series' units; layer A's are standardised (variance ≈ 1
@@ -197,7 +216,11 @@ def choose_blocks(
     v = bm.variances()
     counting = bm.count >= min_blocks
     n = np.maximum(bm.count.astype(np.float64), 2.0)[:, None]
-    v_up = v * (1.0 + z * np.sqrt(2.0 / (n - 1.0)))
+    rel = np.sqrt(2.0 / (n - 1.0))  # relative standard error of a level's variance
+    v_up = v * (1.0 + z * rel)
+    # first-order bias removed: V_b ≈ L (1 − a / b) for short-range dependence, so
+    # 2 V_2b − V_b estimates L (Richardson extrapolation), with its own upper bound
+    rich_up = np.vstack([2.0 * v[1:] - v[:-1], np.full((1, bm.n_streams), -np.inf)])
     s = bm.n_streams
     ready = np.zeros(s, dtype=np.bool_)
     block = np.zeros(s, dtype=np.int64)
@@ -207,7 +230,7 @@ def choose_blocks(
     top = int(np.flatnonzero(counting)[-1]) if counting.any() else -1
     for j in range(0, top - lookahead + 1):
         vj = v[j]
-        vmax = np.max(v_up[j + 1 : top + 1], axis=0)
+        vmax = np.maximum(np.max(v_up[j + 1 : top + 1], axis=0), np.max(rich_up[j:top], axis=0))
         flat = vmax <= var_floor
         safe_vj = np.maximum(vj, var_floor)
         kap = np.maximum(1.0, vmax / safe_vj)

@@ -645,21 +645,21 @@ def test_a_revert_resumes_the_previous_versions_reference() -> None:
         pred = (x[:, 0] > 0).astype(np.int64)
         return DeviceFrame("f", "d", 0, seq, seq, 0.0, version, x, pred, np.full(16, 0.8))
 
-    cfg = DeviceMonitorConfig(64, null_min_blocks=8)  # learnt after 64-300 frames
+    cfg = DeviceMonitorConfig(64, null_min_blocks=8)  # learnt after 64-512 frames
     mon = DeviceMonitor("f", "d", ["a", "b"], ["no", "yes"], cfg)
-    for s in range(300):
+    for s in range(600):
         mon.update(frame(s, 1, 0.0))
     ref = mon.reference
     assert ref is not None
     assert not mon.calibrating
-    for s in range(300, 340):  # the sensor drifts on v1
+    for s in range(600, 640):  # the sensor drifts on v1
         mon.update(frame(s, 1, 1.5))
     assert any(st.signal == "feature" for st in mon.drifting)
-    for s in range(340, 350):  # a canary update to v2 ...
+    for s in range(640, 650):  # a canary update to v2 ...
         mon.update(frame(s, 2, 1.5))
     assert mon.model_version == 2
     assert not mon.reference_complete or mon.reference is not None
-    for s in range(350, 355):  # ... rolled back: v1 again, still drifted
+    for s in range(650, 655):  # ... rolled back: v1 again, still drifted
         mon.update(frame(s, 1, 1.5))
     assert mon.model_version == 1
     back = mon.reference

@@ -16,6 +16,9 @@ from service.registry.records import CheckpointRecord
 SCHEMA = ParameterSchema(features=("a", "b", "c"), classes=("x", "y", "z"), rows=3)
 K = 16
 WINDOW_S = 60  # one frame per device per second: 960 readings per device per window
+LEARN = 27 * WINDOW_S
+"""Frames until every device's monitor is past its reference and null learning (looks at 384,
+768 and 1536 frames after the 8-frame reference)."""
 
 
 def make_engine(devices: int, **kw) -> tuple[DriftEngine, list]:
@@ -66,8 +69,9 @@ def run(engine: DriftEngine, fleet: Fleet, t0: int, t1: int, shifted: int = 0) -
 def test_alarms_are_returned_and_suspicions_go_to_the_cohort_rule():
     engine, seen = make_engine(20)
     fleet = Fleet(20)
-    quiet = run(engine, fleet, 0, 3 * WINDOW_S)
+    quiet = run(engine, fleet, 0, LEARN + 3 * WINDOW_S)
     assert quiet == []
+    assert not any(m.calibrating for m in engine.monitors.values())
     assert engine.stats.suspicion_windows >= 2
     assert all(not r.alarm for r in engine.last_suspicion_reports)
     rep = engine.last_suspicion_reports[0]
@@ -75,7 +79,7 @@ def test_alarms_are_returned_and_suspicions_go_to_the_cohort_rule():
     assert rep.readings == 20 * WINDOW_S * K
     assert rep.mean_q == pytest.approx(1e-4 * WINDOW_S * K)
     # 12 of 20 devices shift: each suspects within a frame or two, the strict tier alarms too
-    dets = run(engine, fleet, 3 * WINDOW_S, 5 * WINDOW_S, shifted=12)
+    dets = run(engine, fleet, LEARN + 3 * WINDOW_S, LEARN + 5 * WINDOW_S, shifted=12)
     assert "adwin_sensitive" not in {d.detector for d in dets}
     device_alarms = {d.device for d in dets if d.scope == "device"}
     assert device_alarms <= {f"d{i}" for i in range(12)}
@@ -83,11 +87,12 @@ def test_alarms_are_returned_and_suspicions_go_to_the_cohort_rule():
     assert len(cohort) >= 1
     assert cohort[0].scope == "cohort"
     assert cohort[0].device is None
-    assert cohort[0].ts_ms == 4 * WINDOW_S * 1000  # the end of the window the shift began in
+    # the end of the window the shift began in
+    assert cohort[0].ts_ms == LEARN * 1000 + 4 * WINDOW_S * 1000
     assert engine.stats.suspicion_alarms == len(cohort)
     assert seen
     assert {d.detector for d in seen} == {"adwin_sensitive"}
-    assert {d.device for d in seen if d.ts_ms >= 3 * WINDOW_S * 1000} >= {
+    assert {d.device for d in seen if d.ts_ms >= (LEARN + 3 * WINDOW_S) * 1000} >= {
         f"d{i}" for i in range(12)
     }
     assert engine.stats.suspicions == len(seen)
@@ -99,8 +104,8 @@ def test_label_suspicions_are_not_returned():
     run(engine, fleet, 0, 20)
     rng = np.random.default_rng(4)
     out = []
-    for t in range(20, 80):
-        wrong = t >= 40  # the error rate goes from 0 to 1
+    for t in range(20, 100):
+        wrong = t >= 60  # the error rate goes from 0 to 1 (after 640 labels: learnt at 384)
         x = rng.standard_normal((K, 3))
         pred = np.zeros(K, np.int64)
         label = np.full(K, 1 if wrong else 0, np.int64)
@@ -115,7 +120,7 @@ def test_label_suspicions_are_not_returned():
 def test_checkpoints_carry_the_suspicion_cohorts():
     engine, _ = make_engine(5)
     fleet = Fleet(5)
-    run(engine, fleet, 0, WINDOW_S + 10)
+    run(engine, fleet, 0, LEARN + WINDOW_S + 10)
     records = engine.checkpoint()
     kinds = {r.kind for r in records}
     assert f"suspicion_cohort:{SCHEMA.schema_id_hex}:1" in kinds

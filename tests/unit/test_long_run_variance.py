@@ -1,0 +1,126 @@
+"""Dyadic batch means and the block choice of layer A's null learning (long_run_variance.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.signal import lfilter
+
+from service.drift.long_run_variance import (
+    DEFAULT_LOOKAHEAD,
+    DEFAULT_MIN_BLOCKS,
+    DyadicBatchMeans,
+    choose_blocks,
+    inflate_delta,
+    new_level_complete,
+)
+
+IID_READY = DEFAULT_MIN_BLOCKS << DEFAULT_LOOKAHEAD
+"""Steps after which an independent series can first be ready (384)."""
+
+
+def feed(values: np.ndarray, bm: DyadicBatchMeans | None = None) -> DyadicBatchMeans:
+    bm = bm or DyadicBatchMeans(values.shape[1])
+    for row in values:
+        bm.add(row)
+    return bm
+
+
+def ar1(rng: np.random.Generator, n: int, phi: float) -> np.ndarray:
+    e = rng.standard_normal(n) * math.sqrt(1.0 - phi * phi)
+    return lfilter([1.0], [1.0, -phi], e)
+
+
+def ready_after(series: np.ndarray) -> tuple[int | None, DyadicBatchMeans]:
+    """Steps until ready, looking when a level completes (as the device monitor does)."""
+    bm = DyadicBatchMeans(1)
+    for i, v in enumerate(series, start=1):
+        bm.add(np.array([v]))
+        if new_level_complete(i) and choose_blocks(bm).ready[0]:
+            return i, bm
+    return None, bm
+
+
+def test_streaming_batch_means_equal_the_direct_computation():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 3)) * [1.0, 2.0, 0.5] + [0.0, 5.0, -1.0]
+    bm = feed(x)
+    v = bm.variances()
+    for j in range(bm.levels):
+        b = 1 << j
+        n = x.shape[0] // b
+        assert bm.count[j] == n
+        if n < 2:
+            assert np.isnan(v[j]).all()
+            continue
+        means = x[: n * b].reshape(n, b, 3).mean(axis=1)
+        np.testing.assert_allclose(v[j], b * means.var(axis=0, ddof=1), rtol=1e-9)
+    np.testing.assert_allclose(bm.mean(), x.mean(axis=0), rtol=1e-12)
+
+
+def test_independent_values_are_ready_after_384_steps_with_blocks_of_one():
+    rng = np.random.default_rng(1)
+    when, bm = ready_after(rng.standard_normal(5000))
+    assert when == IID_READY
+    ch = choose_blocks(bm)
+    assert ch.block[0] == 1
+    assert 1.0 <= ch.kappa[0] <= 2.0
+    assert ch.sd[0] == pytest.approx(1.0, rel=0.15)
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_autocorrelated_values_wait_for_blocks_past_their_correlation_time(seed):
+    phi = 0.8  # long-run variance (1 + φ) / (1 − φ) = 9: about 9 steps make one independent
+    rng = np.random.default_rng(seed)
+    when, bm = ready_after(ar1(rng, 60_000, phi))
+    assert when is not None
+    assert when > 4 * IID_READY
+    ch = choose_blocks(bm)
+    assert ch.block[0] >= 4
+    assert 0.8 <= ch.lrv[0] / ((1 + phi) / (1 - phi)) <= 2.5  # an upper estimate
+    # what is left between the block means and the long run, κ covers (on fresh data)
+    x = ar1(np.random.default_rng(seed + 100), 400_000, phi)
+    b = int(ch.block[0])
+    means = x[: x.size // b * b].reshape(-1, b).mean(axis=1)
+    assert ch.kappa[0] * b * means.var() >= 0.85 * (1 + phi) / (1 - phi)
+
+
+def test_a_cycle_is_averaged_out_by_blocks_of_its_period():
+    rng = np.random.default_rng(5)
+    t = np.arange(40_000)
+    x = 2.0 * np.sin(2 * np.pi * t / 64) + rng.standard_normal(t.size)
+    when, bm = ready_after(x)
+    assert when is not None
+    assert choose_blocks(bm).block[0] >= 32
+
+
+def test_a_random_walk_is_never_ready():
+    rng = np.random.default_rng(6)
+    when, bm = ready_after(np.cumsum(rng.standard_normal(30_000)))
+    assert when is None
+    assert not choose_blocks(bm).ready[0]
+
+
+def test_a_constant_is_ready_with_blocks_of_one():
+    when, bm = ready_after(np.full(2000, 0.8))
+    assert when == IID_READY
+    ch = choose_blocks(bm)
+    assert ch.block[0] == 1
+    assert ch.kappa[0] == 1.0
+
+
+def test_nothing_is_ready_before_enough_blocks():
+    rng = np.random.default_rng(7)
+    bm = feed(rng.standard_normal((IID_READY - 1, 2)))
+    assert not choose_blocks(bm).ready.any()
+    with pytest.raises(ValueError, match="min_blocks"):
+        choose_blocks(bm, min_blocks=1)
+
+
+def test_inflated_delta_is_smaller_and_identity_at_kappa_one():
+    assert inflate_delta(1e-5, 1.0) == pytest.approx(1e-5)
+    assert inflate_delta(1e-5, 2.0) < inflate_delta(1e-5, 1.5) < 1e-5
+    with pytest.raises(ValueError, match="kappa"):
+        inflate_delta(1e-5, 0.5)
