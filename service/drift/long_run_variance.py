@@ -200,16 +200,17 @@ def choose_blocks(
     """The smallest block size per series past which the batch-means variance stops growing.
 
     A level counts once it holds ``min_blocks`` blocks. For level ``j`` the inflation is
-    ``κ_j = max(1, max_{j' > j} V̄_{j'} / V_j)`` over the counting levels above it, where
-    ``V̄`` is the upper confidence bound ``V · (1 + z √(2 / (n − 1)))`` of a batch-means
-    variance from ``n`` blocks (so that noise in the few long blocks does not pass for a
-    plateau), and over the Richardson extrapolations ``2 V_{j'+1} − V_{j'}`` (``j' ≥ j``),
-    which remove the ``1/b`` bias of batch means under short-range dependence (Song &
-    Schmeiser 1995: batch-means bias is ``−c/b``). Series ``s`` is ready at the smallest ``j`` whose levels ``j … j + lookahead`` all
-    count and whose ``κ_j ≤ kappa_max``. A series with (near) zero variance at every counting
-    level is ready at ``b = 1`` with the ``var_floor`` variance (a constant signal: any move is
-    a change). ``var_floor`` is in the series' units; layer A's are standardised (variance ≈ 1
-    for an independent stream), so 1e-6 is a constant up to rounding.
+    ``κ_j = max(1, max V̄ / V_j)`` over the counting levels ``j < j' ≤ j + lookahead + 1``
+    (further up, the few long blocks are mostly noise), where ``V̄`` is the upper confidence
+    bound ``V · (1 + z √(2 / (n − 1)))`` of a batch-means variance from ``n`` blocks (so that
+    noise does not pass for a plateau), and over the Richardson extrapolations
+    ``2 V_{j'+1} − V_{j'}`` (``j ≤ j'``), which remove the ``1/b`` bias of batch means under
+    short-range dependence (Song & Schmeiser 1995: the bias is ``−c/b``). Series ``s`` is
+    ready at the smallest ``j`` whose levels ``j … j + lookahead`` all count and whose
+    ``κ_j ≤ kappa_max``. A series with (near) zero variance at every counting level is ready
+    at ``b = 1`` with the ``var_floor`` variance (a constant signal: any move is a change).
+    ``var_floor`` is in the series' units; layer A's are standardised (variance ≈ 1 for an
+    independent stream), so 1e-6 is a constant up to rounding.
     """
     if min_blocks < 2 or lookahead < 1 or not kappa_max >= 1.0:
         raise ValueError("need min_blocks >= 2, lookahead >= 1 and kappa_max >= 1")
