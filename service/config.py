@@ -63,6 +63,11 @@ class ServiceSettings(BaseSettings):
     checkpoint_interval_s: float = Field(60.0, gt=0)
     reference_readings: int = Field(512, ge=32)
     """Readings per (device, model version) that form the fixed reference of layer A."""
+    null_min_blocks: int = Field(48, ge=8)
+    """Blocks per batch-means level before layer A takes a stream's null as learnt: an
+    independent stream is monitored after 8× this many frames, a dependent one after
+    proportionally more (``service/drift/long_run_variance.py``). Lower learns sooner from
+    noisier estimates, which the thresholds absorb by being stricter."""
     false_alarm_budget: float = Field(1e-7, gt=0, lt=1)
     """Fleet-level false drift alarms per device-reading on stationary data."""
     label_cap_per_device: int = Field(2_000, ge=0)

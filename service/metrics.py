@@ -180,6 +180,13 @@ class ServiceMetrics:
             ["fleet", "signal"],
             registry=r,
         )
+        self.layer_a_devices = Gauge(
+            "tinydrift_layer_a_devices",
+            "Devices by layer-A calibration state: reference, calibrating (learning the "
+            "null of its signals; not alarmed on yet) or monitoring.",
+            ["fleet", "state"],
+            registry=r,
+        )
         self.drifting_devices = Gauge(
             "tinydrift_drifting_devices",
             "Devices whose signals are outside their reference.",

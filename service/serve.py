@@ -9,12 +9,13 @@ checkpoints every monitor and flushes the registry, so a restart resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ from service.api.server import ApiServer
 from service.config import ServiceSettings
 from service.drift.cohort_monitor import CohortReport
 from service.drift.detection import Detection
-from service.drift.device_monitor import DeviceMonitorConfig
-from service.drift.engine import DriftEngine
+from service.drift.device_monitor import CalibrationState, DeviceMonitorConfig
+from service.drift.engine import DriftEngine, LayerAStatus
 from service.ingest.batcher import Batcher
 from service.ingest.device_directory import DeviceDirectory, DeviceInfo
 from service.ingest.frames import DeviceFrame, DeviceLabels
@@ -154,6 +155,7 @@ class Service:
             or DeviceMonitorConfig(
                 reference_readings=settings.reference_readings,
                 budget_per_device_reading=settings.false_alarm_budget,
+                null_min_blocks=settings.null_min_blocks,
             ),
             on_suspicions=self._count_suspicions,
         )
@@ -281,7 +283,12 @@ class Service:
 
     def _start_api(self) -> None:
         """Serve the operator API (``service/api``) over this service's registry."""
-        app = create_app(self.registry, self.status, operations=self.operations)
+        app = create_app(
+            self.registry,
+            self.status,
+            operations=self.operations,
+            calibration=self._calibration_of,
+        )
         self._api = ApiServer(app, self.settings.api_host, self.settings.api_port)
         self.api_port = self._api.start()
         log.info("operator API on http://%s:%d/docs", self.settings.api_host, self.api_port)
@@ -424,15 +431,16 @@ class Service:
                     self.evaluate()
                 gauges_due, devices_due = now >= next_gauges, now >= next_devices
                 # one pass over the monitors (under the engine lock) serves both tasks
-                drifting = self.engine.drifting() if gauges_due or devices_due else {}
+                layer_a = self.engine.status() if gauges_due or devices_due else LayerAStatus()
+                drifting = layer_a.drifting
                 if gauges_due or devices_due:
                     self._drifting = drifting  # the update policy reads this snapshot
                 if gauges_due:
                     next_gauges = now + GAUGE_INTERVAL_S
-                    self._refresh_gauges(drifting)
+                    self._refresh_gauges(drifting, layer_a.calibration)
                 if devices_due:
                     next_devices = now + DEVICE_FLUSH_INTERVAL_S
-                    self._flush_devices(drifting)
+                    self._flush_devices(drifting, layer_a.calibration)
                 if now >= next_ckpt:
                     next_ckpt = now + self.settings.checkpoint_interval_s
                     self.checkpoint()
@@ -511,8 +519,18 @@ class Service:
         self._last_window_detections, self._window_detections = self._window_detections, set()
         return reports
 
-    def _refresh_gauges(self, drifting: dict[tuple[str, str], tuple[str, ...]]) -> None:
+    def _refresh_gauges(
+        self,
+        drifting: dict[tuple[str, str], tuple[str, ...]],
+        calibration: Mapping[tuple[str, str], CalibrationState] | None = None,
+    ) -> None:
         m = self.metrics
+        by_calibration: Counter[tuple[str, str]] = Counter(
+            (fleet, state) for (fleet, _dev), state in (calibration or {}).items()
+        )
+        m.layer_a_devices.clear()
+        for (fleet, state), n in by_calibration.items():
+            m.layer_a_devices.labels(fleet=fleet, state=state).set(n)
         m.queue_depth.set(self.queue.qsize())
         m.registry_queue.set(self.writer.queue_depth)
         m.registry_retries.set(self.writer.retries)
@@ -542,14 +560,21 @@ class Service:
             m.drifting_devices.labels(fleet=fleet, signal=sig).set(n)
 
     def _flush_devices(
-        self, drifting: dict[tuple[str, str], tuple[str, ...]] | None = None
+        self,
+        drifting: dict[tuple[str, str], tuple[str, ...]] | None = None,
+        calibration: Mapping[tuple[str, str], CalibrationState] | None = None,
     ) -> None:
-        if drifting is None:
-            drifting = self.engine.drifting()
+        if drifting is None or calibration is None:
+            layer_a = self.engine.status()
+            drifting, calibration = layer_a.drifting, layer_a.calibration
         recs = []
         now = time.time()
         for info in self.directory.all():
-            state = (",".join(drifting.get(info.key, ())) or "ok")[:255]
+            # drifting signals win; a device still learning its null is "calibrating"
+            learning = calibration.get(info.key) in ("reference", "calibrating")
+            state = (",".join(drifting.get(info.key, ())) or ("calibrating" if learning else "ok"))[
+                :255
+            ]
             seen_since = info.last_seen > info.written
             stale = seen_since and now - info.written >= DEVICE_REFRESH_S
             if not (info.dirty or state != info.drift_state or stale):
@@ -597,6 +622,11 @@ class Service:
             return 0
         self.metrics.checkpoints.labels(outcome="ok").inc()
         return len(records)
+
+    def _calibration_of(self, fleet: str, device: str) -> dict[str, Any] | None:
+        """Layer A's calibration of one device, for the API (``None``: no monitor)."""
+        status = self.engine.calibration(fleet, device)
+        return None if status is None else dataclasses.asdict(status)
 
     def status(self) -> ServiceStatus:
         """A snapshot of the main figures."""

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import ApiContext
 from service.api.routes import ROUTERS
-from service.api.state import RolloutOperations, ServiceStateProvider
+from service.api.state import CalibrationProvider, RolloutOperations, ServiceStateProvider
 from service.registry.errors import (
     RegistryConflictError,
     RegistryError,
@@ -47,11 +47,13 @@ def create_app(
     service_state_provider: ServiceStateProvider | None = None,
     *,
     operations: RolloutOperations | None = None,
+    calibration: CalibrationProvider | None = None,
 ) -> FastAPI:
     """The operator API over ``registry``; ``service_state_provider`` gives live service figures.
 
     ``operations`` (the service's proposer and reconciler) enables the update actions; without
     it (no signing keys configured, or a read-only deployment) they answer 503.
+    ``calibration`` (the drift engine's) adds layer A's calibration to a device's detail.
 
     The caller owns ``registry`` (the app never closes it). Docs at ``/docs``, the OpenAPI
     document at ``/openapi.json``.
@@ -65,7 +67,10 @@ def create_app(
         redoc_url=None,
     )
     app.state.ctx = ApiContext(
-        registry=registry, state_provider=service_state_provider, operations=operations
+        registry=registry,
+        state_provider=service_state_provider,
+        operations=operations,
+        calibration_provider=calibration,
     )
     for router in ROUTERS:
         app.include_router(router, prefix=API_PREFIX)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.api.state import RolloutOperations, ServiceStateProvider
+from service.api.state import CalibrationProvider, RolloutOperations, ServiceStateProvider
 from service.registry.store import Registry
 
 TOUCH_INTERVAL_S = 60.0
@@ -24,6 +24,8 @@ class ApiContext:
     state_provider: ServiceStateProvider | None = None
     operations: RolloutOperations | None = None
     """The update actions (``None``: the service has no signing keys; actions answer 503)."""
+    calibration_provider: CalibrationProvider | None = None
+    """Layer A's calibration of a device (``None``: no live service in this process)."""
     _touched: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

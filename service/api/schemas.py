@@ -72,7 +72,11 @@ class DeviceOut(BaseModel):
     model_version: int | None = Field(description="The parameter version the device runs.")
     previous_version: int | None
     update_state: str | None = Field(description="The device's update state from its last ack.")
-    drift_state: str = Field(description="ok, unknown, or the drifting signals, comma-separated.")
+    drift_state: str = Field(
+        description="ok, unknown, calibrating (layer A is still learning the device's normal "
+        "variation: its reference, or the null of its signals), or the drifting signals, "
+        "comma-separated."
+    )
     drifting: bool
     online: bool
     fw: str | None
@@ -91,7 +95,7 @@ class DeviceOut(BaseModel):
             "previous_version": rec.previous_version,
             "update_state": rec.update_state,
             "drift_state": drift_state,
-            "drifting": drift_state not in ("ok", "unknown"),
+            "drifting": drift_state not in ("ok", "unknown", "calibrating"),
             "online": bool(rec.online),
             "fw": rec.fw,
             "first_seen": rec.first_seen,
@@ -156,6 +160,28 @@ class DriftEventList(BaseModel):
     items: list[DriftEventOut]
 
 
+class CalibrationOut(BaseModel):
+    """What layer A learnt of a device's normal variation (live, from the running service)."""
+
+    state: str = Field(
+        description="reference (learning its fixed reference), calibrating (learning the null "
+        "of its signals: how much they vary and how long that variation lasts; not alarmed on "
+        "yet) or monitoring."
+    )
+    readings: int = Field(description="Readings of the current model version.")
+    streams_ready: int = Field(description="Signal streams whose null is learnt (monitored).")
+    streams: int
+    block_readings_max: int = Field(
+        description="Readings per monitored value of the slowest signal: how long its readings "
+        "stay dependent (one frame for independent readings)."
+    )
+    block_readings_median: float
+    kappa_max: float = Field(description="Largest residual variance inflation absorbed (≥ 1).")
+    labels: int = Field(description="Labels of the current model version.")
+    error_ready: bool = Field(description="Whether the labelled error stream is monitored.")
+    error_block_labels: int
+
+
 class DeviceDetail(DeviceOut):
     """A device with its sequence position, capabilities and most recent drift events."""
 
@@ -165,11 +191,20 @@ class DeviceDetail(DeviceOut):
     n_features: int | None
     n_classes: int | None
     recent_drift_events: list[DriftEventOut]
+    calibration: CalibrationOut | None = Field(
+        None, description="Layer A's calibration, when the API runs inside the service."
+    )
 
     @classmethod
-    def detail(cls, rec: DeviceRecord, events: list[DriftEventRecord]) -> DeviceDetail:
-        """From a device record and its recent events."""
+    def detail(
+        cls,
+        rec: DeviceRecord,
+        events: list[DriftEventRecord],
+        calibration: Mapping[str, Any] | None = None,
+    ) -> DeviceDetail:
+        """From a device record, its recent events and its live calibration."""
         return cls(
+            calibration=None if calibration is None else CalibrationOut(**calibration),
             **DeviceOut.fields_of(rec),
             boot=rec.boot,
             last_seq=rec.last_seq,

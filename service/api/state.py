@@ -42,6 +42,11 @@ class ServiceStateLike(Protocol):
 ServiceStateProvider = Callable[[], ServiceStateLike | None]
 """Returns the service's live state, or ``None`` when there is no service in this process."""
 
+CalibrationProvider = Callable[[str, str], Mapping[str, Any] | None]
+"""``(fleet, device)`` → what layer A learnt of the device's normal variation (the fields of
+``service.drift.device_monitor.CalibrationStatus``), or ``None`` for a device it has no
+monitor of."""
+
 
 class RolloutOperations(Protocol):
     """The update actions the API triggers (the service's proposer and reconciler).

@@ -39,6 +39,8 @@ from service.drift.device_monitor import (
     STATE_FORMAT as DEVICE_STATE_FORMAT,
 )
 from service.drift.device_monitor import (
+    CalibrationState,
+    CalibrationStatus,
     CheckpointFormatError,
     DeviceMonitor,
     DeviceMonitorConfig,
@@ -63,6 +65,16 @@ KIND_SUSPICION = "suspicion_cohort"
 
 class CheckpointRefusedError(RuntimeError):
     """Stored detector state is of a format this version cannot read (one-line message)."""
+
+
+@dataclass
+class LayerAStatus:
+    """:meth:`DriftEngine.status`: per ``(fleet, device)``."""
+
+    drifting: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    """Signals still outside their fixed reference (devices with none are absent)."""
+    calibration: dict[tuple[str, str], CalibrationState] = field(default_factory=dict)
+    """Where each device's monitor stands (reference, calibrating, monitoring)."""
 
 
 @dataclass
@@ -275,13 +287,24 @@ class DriftEngine:
 
     def drifting(self) -> dict[tuple[str, str], tuple[str, ...]]:
         """``(fleet, device) → signals`` still outside their fixed reference (layer A)."""
+        return self.status().drifting
+
+    def status(self) -> LayerAStatus:
+        """One pass over the layer-A monitors: drifting signals and calibration states."""
         with self.lock:
-            out: dict[tuple[str, str], tuple[str, ...]] = {}
+            out = LayerAStatus()
             for key, mon in self.monitors.items():
                 streams = mon.drifting
                 if streams:
-                    out[key] = tuple(sorted({s.signal for s in streams}))
+                    out.drifting[key] = tuple(sorted({s.signal for s in streams}))
+                out.calibration[key] = mon.calibration().state
             return out
+
+    def calibration(self, fleet: str, device: str) -> CalibrationStatus | None:
+        """What layer A learnt of one device's normal variation (``None``: no monitor)."""
+        with self.lock:
+            mon = self.monitors.get((fleet, device))
+            return None if mon is None else mon.calibration()
 
     # -- checkpoints ------------------------------------------------------------------------
 

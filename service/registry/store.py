@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_CHARS: Final = 256
 """Longer bearer strings are refused without hashing (ours are 43 characters)."""
 
-_NOT_DRIFTING: Final = ("ok", "unknown")
+_NOT_DRIFTING: Final = ("ok", "unknown", "calibrating")
 
 
 class Registry:

@@ -46,6 +46,25 @@ class FakeState:
     queue_depth: int = 0
 
 
+CALIBRATION = {
+    "state": "calibrating",
+    "readings": 3200,
+    "streams_ready": 20,
+    "streams": 22,
+    "block_readings_max": 64,
+    "block_readings_median": 16.0,
+    "kappa_max": 1.7,
+    "labels": 320,
+    "error_ready": False,
+    "error_block_labels": 0,
+}
+
+
+def fake_calibration(fleet: str, device: str) -> dict[str, Any] | None:
+    """What ``Service._calibration_of`` gives: the drift engine knows ``plant/dev-2`` only."""
+    return CALIBRATION if (fleet, device) == ("plant", "dev-2") else None
+
+
 @dataclass
 class Api:
     """A client over a seeded registry, with one token per role."""
@@ -81,7 +100,8 @@ class Api:
 
 
 def seed(reg: Registry) -> None:
-    """Fleet ``plant`` (3 devices, one drifting, one offline) and ``lab`` (none), events, a set."""
+    """Fleet ``plant`` (3 devices, one drifting, one offline and calibrating) and ``lab``
+    (none), events, a set."""
     reg.upsert_devices(
         [
             DeviceRecord(
@@ -98,7 +118,7 @@ def seed(reg: Registry) -> None:
                 first_seen=T0,
                 last_seen=T0 + timedelta(minutes=i),
                 caps={"max_blob": 4096},
-                drift_state="feature,confidence" if i == 1 else "ok",
+                drift_state={1: "feature,confidence", 2: "calibrating"}.get(i, "ok"),
                 n_features=8,
                 n_classes=4,
             )
@@ -136,7 +156,7 @@ def api(db_url: str) -> Iterator[Api]:
     tokens = {role: reg.create_token(f"{role}-1", role, actor="test")[1] for role in
               ("viewer", "operator", "admin")}  # fmt: skip
     engine = create_registry_engine(db_url)
-    with TestClient(create_app(reg, FakeState)) as client:
+    with TestClient(create_app(reg, FakeState, calibration=fake_calibration)) as client:
         yield Api(client, reg, engine, tokens)
     engine.dispose()
     reg.close()
@@ -190,6 +210,13 @@ def test_device_detail_with_recent_events(api: Api):
     )
     assert [e["score"] for e in d["recent_drift_events"]] == [2.5, 1.5]  # newest first
     assert api.get("/devices/plant/dev-9").status_code == 404
+
+
+def test_a_calibrating_device_is_not_drifting_and_shows_what_layer_a_learnt(api: Api):
+    d = api.get("/devices/plant/dev-2").json()
+    assert (d["drift_state"], d["drifting"]) == ("calibrating", False)
+    assert d["calibration"] == CALIBRATION
+    assert api.get("/devices/plant/dev-1").json()["calibration"] is None  # no live monitor
 
 
 def test_drift_events_filtered(api: Api):

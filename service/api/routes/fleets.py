@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 
 from service.api.auth import Viewer
-from service.api.deps import RegistryDep
+from service.api.deps import ContextDep, RegistryDep
 from service.api.params import DevicePath, FleetPath, Limit, Offset
 from service.api.schemas import DeviceDetail, DeviceOut, DevicePage, FleetList, FleetOut
 
@@ -47,11 +47,14 @@ def list_devices(
     responses={404: {"description": "No such device."}},
 )
 def get_device(
-    _: Viewer, registry: RegistryDep, fleet: FleetPath, device: DevicePath
+    _: Viewer, ctx: ContextDep, registry: RegistryDep, fleet: FleetPath, device: DevicePath
 ) -> DeviceDetail:
-    """One device with its most recent drift events."""
+    """One device with its most recent drift events and, from the running service, what layer
+    A learnt of its normal variation (``calibration``)."""
     record = registry.get_device(fleet, device)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no device {device!r} in {fleet!r}")
     events = registry.list_drift_events(fleet=fleet, device=device, limit=RECENT_EVENTS)
-    return DeviceDetail.detail(record, events)
+    provider = ctx.calibration_provider
+    calibration = None if provider is None else provider(fleet, device)
+    return DeviceDetail.detail(record, events, calibration)
