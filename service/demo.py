@@ -22,7 +22,9 @@ What runs is what ``tinydrift serve`` and ``tinydrift device`` run, wired as in 
 The scenario, phase by phase (the progress display shows the phase, elapsed time, devices,
 readings, detections and the rollout state):
 
-1. **stable**: every device learns its layer-A reference (512 readings, 100 labels).
+1. **stable**: every device learns its layer-A reference (512 readings) and the null of every
+   signal stream and of its labelled error (``DeviceMonitor.calibration``: about 6,700
+   readings and 400 labels for the demo's independent readings, about a minute).
 2. **drift**: sensor aging on 20 % of the devices (gain ×1.6 on every axis, abrupt) and a label
    (concept) change on another 10 % (walk ↔ run swapped in the labels; inputs untouched). The
    devices are drawn from ``--seed``; the drift starts when phase 1 is complete.
@@ -659,23 +661,32 @@ class DemoRun:
         assert self.fleet is not None
         assert self.svc is not None
         fleet, svc = self.fleet, self.svc
-        with self.phase(1, "stable operation: references learnt"):
+        with self.phase(1, "stable operation: references and nulls learnt"):
             self.wait_for(lambda: fleet.loop.connected == self.n, 30, "every device online")
             self.say(f"{self.n} devices online, {BATCH} readings every {PERIOD_S:g} s each")
 
             def ready() -> bool:
-                mons = svc.engine.monitors
-                refs = sum(
-                    1 for a in fleet.agents
-                    if (m := mons.get((FLEET, a.config.device_id))) is not None
-                    and m.reference_complete
-                )  # fmt: skip
-                labels = min(a.stats.labels for a in fleet.agents)
-                self.board.note = f"references {refs}/{self.n}, labels/device ≥ {labels}"
-                return refs == self.n and labels >= 150
+                with svc.engine.lock:
+                    mons = svc.engine.monitors
+                    status = [
+                        m.calibration()
+                        for a in fleet.agents
+                        if (m := mons.get((FLEET, a.config.device_id))) is not None
+                    ]
+                learnt = sum(1 for c in status if c.state == "monitoring" and c.error_ready)
+                streams = sum(c.streams_ready for c in status)
+                total = self.n * (status[0].streams if status else 1)
+                self.board.note = (
+                    f"calibrated {learnt}/{self.n} devices ({streams}/{total} signal streams)"
+                )
+                return learnt == self.n
 
-            self.wait_for(ready, 60, "every device's layer-A reference")
-            self.say("every device has its reference (512 readings) and ≥ 150 labels")
+            self.wait_for(ready, 300, "every device's layer-A calibration")
+            self.say(
+                "every device is calibrated: its reference (512 readings) and the null of every "
+                "signal and of its labelled error (about a minute of independent readings; "
+                "longer where readings depend on each other)"
+            )
 
     def _inject(self) -> None:
         assert self.fleet is not None
