@@ -34,7 +34,8 @@ the cohort rule (5e-8 each per device-reading: 0.05 per 10⁶). A kind PASSes wh
 rates are within 2× their budgets. At the default size (4·10⁶ device-readings per kind) a single
 alarm already exceeds 2× (0.25 per 10⁶): the run is sized to tell rates of the order of the
 budget from rates far above it; "(sig.)" marks a FAIL whose 95 % Poisson lower bound is above
-2× the budget too.
+2× the budget too, "NO DATA" a kind none of whose devices finished calibrating (counted as a
+failure in the exit code).
 """
 
 from __future__ import annotations
@@ -377,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             _per_1e6(1, s.cohort_readings) * _poisson_lower(s.cohort) > c_lim
         )
         verdict = "PASS" if s.passed else ("FAIL (sig.)" if sig else "FAIL")
+        if s.monitored == 0:
+            verdict = "NO DATA (never monitored)"
         ok &= s.passed
         print(
             f"{s.kind:<13}{s.monitored:>12,}{s.strict:>8,}{s_rate:>9.3g}{s_up:>9.3g}"
