@@ -18,14 +18,17 @@ Lifecycle per (device, model version)
    the reference frames on, every stream's ``u`` feeds dyadic batch means
    (:mod:`service.drift.long_run_variance`) until they show the block size ``b`` (frames)
    from which block means are nearly independent, the residual variance inflation
-   ``κ ≤ 2`` and the stream's long-run centre and spread. Until then the stream is
+   ``κ ≤ 2`` and the stream's long-run centre, spread and block-mean skewness. The batch means
+   are asked each time a level completes, and a stream starts only when two successive looks
+   (the second on twice the data) both found a plateau, at the larger of their two blocks. Until then the stream is
    *calibrating*: nothing is detected on it (:attr:`DeviceMonitor.calibrating`,
    :meth:`DeviceMonitor.calibration`). An independent stream is ready after
    ``8 · null_min_blocks`` = 384 frames; a stream whose dependence lasts ``τ`` frames after
    about ``8 · 48 · τ``; a stream that never settles (a random walk, a cycle longer than the
    largest block) stays calibrating.
 3. **Monitoring.** A calibrated stream adds ``u`` to its open block; each completed block's
-   mean, centred and divided by the learnt block standard deviation, is fed as
+   mean, centred, divided by the learnt block standard deviation and skew-corrected with the
+   learnt block skewness (dependence keeps block means of ``z²`` far from normal), is fed as
    ``clip(v, ±6) · 4`` to one river ``ADWIN(delta=δ, clock=1, min_window_length=2)`` per
    stream and tier (:data:`service.drift.calibration.FRAME_ADWIN`). δ comes from the
    false-alarm budget for ``b · k_nom`` readings per value (:mod:`service.drift.calibration`;
@@ -448,6 +451,8 @@ class DeviceMonitor:
         self._kappa = np.ones(s, dtype=np.float64)
         self._center = np.zeros(s, dtype=np.float64)  # mean of u over the learning stretch
         self._bsd = np.ones(s, dtype=np.float64)  # sd of a block mean of u
+        self._bskew = np.zeros(s, dtype=np.float64)  # skewness of a block mean of u
+        self._candidate = np.zeros(s, dtype=np.int64)  # block chosen at the last look
         self._ref_var = np.zeros(s, dtype=np.float64)  # var of the centre, in block-sd units
         self._delta = np.zeros(s, dtype=np.float64)
         self._s_delta = np.zeros(s, dtype=np.float64)
@@ -473,6 +478,7 @@ class DeviceMonitor:
         self._err_kappa = 1.0
         self._err_p = math.nan  # reference error rate
         self._err_bsd = math.nan  # sd of a block mean of errors
+        self._err_candidate = 0  # block chosen at the last look
         self._err_ref_var = 0.0  # var of the reference rate, in block-sd units
         self._err_bsum = 0.0
         self._err_bn = 0
@@ -725,8 +731,17 @@ class DeviceMonitor:
         bm = self._bm
         assert bm is not None
         assert self._thr is not None
-        choice = choose_blocks(bm, min_blocks=self.config.null_min_blocks)
-        new = choice.ready & ~self._ready
+        mb = self.config.null_min_blocks
+        looked = choose_blocks(bm, min_blocks=mb)
+        # a stream starts when two successive looks (the second on twice the data) both found a
+        # plateau, at the larger of their two blocks: one look's noise passing for a plateau
+        # does not start it
+        previous = self._candidate
+        self._candidate = np.where(looked.ready, looked.block, 0)
+        if not (looked.ready & (previous > 0) & ~self._ready).any():
+            return
+        choice = choose_blocks(bm, min_blocks=mb, min_block=np.maximum(previous, looked.block))
+        new = choice.ready & looked.ready & (previous > 0) & ~self._ready
         if not new.any():
             return
         steps = float(bm.steps)
@@ -744,6 +759,7 @@ class DeviceMonitor:
             self._kappa[i] = kap
             self._center[i] = choice.mean[i]
             self._bsd[i] = choice.sd[i]
+            self._bskew[i] = choice.skew[i]
             # variance of the centre (a mean of ``steps`` frames), in units of a block mean's
             self._ref_var[i] = choice.lrv[i] / steps / (choice.sd[i] ** 2)
             self._delta[i] = inflate_delta(d, kap)
@@ -797,6 +813,7 @@ class DeviceMonitor:
             if done.any():
                 idx = np.flatnonzero(done)
                 v = (self._bsum[idx] / self._bn[idx] - self._center[idx]) / self._bsd[idx]
+                v = skew_normalise(v, self._bskew[idx])
                 self._bsum[idx] = 0.0
                 self._bn[idx] = 0
                 strict, sensitive = self._feed_banks(idx, v)
@@ -936,7 +953,13 @@ class DeviceMonitor:
         one step per label; at least ``reference_labels`` labels)."""
         bm = self._lbl_bm
         assert bm is not None
-        choice = choose_blocks(bm, min_blocks=self.config.null_min_blocks)
+        mb = self.config.null_min_blocks
+        looked = choose_blocks(bm, min_blocks=mb)
+        previous, self._err_candidate = self._err_candidate, int(looked.block[0])
+        if not looked.ready[0] or previous == 0:
+            return  # not yet, or not confirmed by a second look (as for frames)
+        floor = np.array([max(previous, int(looked.block[0]))])
+        choice = choose_blocks(bm, min_blocks=mb, min_block=floor)
         if not choice.ready[0]:
             return
         b = int(choice.block[0])

@@ -87,8 +87,8 @@ DEFAULT_LEVELS: Final = 12
 """Block sizes ``1 … 2¹¹`` steps (frames): a cycle or session of up to ~500 frames is seen."""
 DEFAULT_MIN_BLOCKS: Final = 48
 """Blocks a level needs before its variance counts (relative standard error ≈ √(2/47) = 21 %)."""
-DEFAULT_LOOKAHEAD: Final = 3
-"""Levels above the chosen block size that must be seen (``b`` … ``8b``)."""
+DEFAULT_LOOKAHEAD: Final = 2
+"""Levels above the chosen block size that must be seen (``b`` … ``4b``)."""
 DEFAULT_KAPPA_MAX: Final = 2.0
 """Largest variance inflation ``κ`` left to the threshold; more, and a longer block is taken."""
 DEFAULT_Z: Final = 1.64
@@ -131,6 +131,8 @@ class DyadicBatchMeans:
         """Sum of the completed block means per level."""
         self.total_sq: FloatArray = np.zeros((levels, n_streams), dtype=np.float64)
         """Sum of their squares."""
+        self.total_cu: FloatArray = np.zeros((levels, n_streams), dtype=np.float64)
+        """Sum of their cubes (for the skewness of block means)."""
         self._pending: FloatArray = np.zeros((levels, n_streams), dtype=np.float64)
         """A completed block mean per level waiting for its twin (valid where ``steps`` says)."""
 
@@ -147,7 +149,9 @@ class DyadicBatchMeans:
         for j in range(self.levels):
             self.count[j] += 1
             self.total[j] += mean
-            self.total_sq[j] += mean * mean
+            sq = mean * mean
+            self.total_sq[j] += sq
+            self.total_cu[j] += sq * mean
             if not (steps >> j) & 1:  # the first of a pair: wait for its twin
                 self._pending[j] = mean
                 return
@@ -159,6 +163,17 @@ class DyadicBatchMeans:
         if n == 0:
             return np.full(self.n_streams, math.nan)
         return np.asarray(self.total[0] / n, dtype=np.float64)
+
+    def skewness(self) -> FloatArray:
+        """Skewness of the block means per level and series (0 below 3 blocks or no spread)."""
+        n = self.count.astype(np.float64)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = self.total / n
+            var = self.total_sq / n - m * m
+            third = self.total_cu / n - 3.0 * m * self.total_sq / n + 2.0 * m**3
+            g = third / np.power(np.maximum(var, 0.0), 1.5)
+        out: FloatArray = np.where((n >= 3.0) & (var > 1e-12) & np.isfinite(g), g, 0.0)
+        return out
 
     def variances(self) -> FloatArray:
         """``V_b = b · Var(block means)`` per level and series (NaN below 2 blocks)."""
@@ -186,6 +201,9 @@ class BlockChoice:
     """Mean of the series over the whole learning stretch."""
     lrv: FloatArray
     """Long-run variance per step: the largest ``V_b'`` at ``b' ≥ b`` (NaN if not ready)."""
+    skew: FloatArray
+    """Skewness of a block mean at the chosen size (0 if not ready): dependence keeps block
+    means of a skewed signal (``z²`` of a slow sensor) far from normal."""
 
 
 def choose_blocks(
@@ -196,6 +214,7 @@ def choose_blocks(
     kappa_max: float = DEFAULT_KAPPA_MAX,
     z: float = DEFAULT_Z,
     var_floor: float = 1e-6,
+    min_block: IntArray | None = None,
 ) -> BlockChoice:
     """The smallest block size per series past which the batch-means variance stops growing.
 
@@ -210,7 +229,8 @@ def choose_blocks(
     ``κ_j ≤ kappa_max``. A series with (near) zero variance at every counting level is ready
     at ``b = 1`` with the ``var_floor`` variance (a constant signal: any move is a change).
     ``var_floor`` is in the series' units; layer A's are standardised (variance ≈ 1 for an
-    independent stream), so 1e-6 is a constant up to rounding.
+    independent stream), so 1e-6 is a constant up to rounding. ``min_block`` (per series)
+    rules out smaller blocks.
     """
     if min_blocks < 2 or lookahead < 1 or not kappa_max >= 1.0:
         raise ValueError("need min_blocks >= 2, lookahead >= 1 and kappa_max >= 1")
@@ -228,14 +248,17 @@ def choose_blocks(
     kappa = np.full(s, math.nan)
     sd = np.full(s, math.nan)
     lrv = np.full(s, math.nan)
+    skew = np.zeros(s)
+    g = bm.skewness()
     top = int(np.flatnonzero(counting)[-1]) if counting.any() else -1
+    floor = np.zeros(s, dtype=np.int64) if min_block is None else np.asarray(min_block)
     for j in range(0, top - lookahead + 1):
         vj = v[j]
         vmax = np.maximum(np.max(v_up[j + 1 : top + 1], axis=0), np.max(rich_up[j:top], axis=0))
         flat = vmax <= var_floor
         safe_vj = np.maximum(vj, var_floor)
         kap = np.maximum(1.0, vmax / safe_vj)
-        ok = ~ready & ((kap <= kappa_max) | flat)
+        ok = ~ready & ((kap <= kappa_max) | flat) & ((1 << j) >= floor)
         if not ok.any():
             continue
         size = 1 << j
@@ -244,9 +267,12 @@ def choose_blocks(
         kappa[ok] = np.where(flat[ok], 1.0, kap[ok])
         sd[ok] = np.sqrt(safe_vj[ok] / size)
         lrv[ok] = np.maximum(vmax[ok], safe_vj[ok])
+        skew[ok] = np.where(flat[ok], 0.0, g[j][ok])
         if ready.all():
             break
-    return BlockChoice(ready=ready, block=block, kappa=kappa, sd=sd, mean=bm.mean(), lrv=lrv)
+    return BlockChoice(
+        ready=ready, block=block, kappa=kappa, sd=sd, mean=bm.mean(), lrv=lrv, skew=skew
+    )
 
 
 def inflate_delta(delta: float, kappa: float, log_width: float = math.log(1000.0)) -> float:

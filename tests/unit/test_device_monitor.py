@@ -43,7 +43,8 @@ FRAC_BITS = 11
 K = 16
 CHANGE = 8000
 """Reading index at which drift starts in the drift scenarios (after the reference and the
-null learning: every stream of an independent device is monitored after 6,144 readings)."""
+null learning: every stream of an independent device is monitored after 6,656 readings, a
+few later)."""
 HORIZON = 3000
 """Readings after the change within which a drift must be detected."""
 STD_FEATURES = {"std_x", "std_y", "std_z"}
@@ -308,7 +309,7 @@ def test_variance_only_change_is_caught_by_the_square_stream():
     dets = []
     for seq in range(900):
         x = rng.standard_normal((K, 2))
-        if seq >= 700:  # after the reference (32 frames) and the null learning (384)
+        if seq >= 700:  # after the reference (32 frames) and the null learning (384+)
             x[:, 1] *= 2.0
         pred = (rng.random(K) < 0.3).astype(np.int64)
         fr = DeviceFrame("fleet", "v", 0, seq, seq, 0.0, 1, x, pred, rng.uniform(0.5, 1, K))
@@ -645,21 +646,21 @@ def test_a_revert_resumes_the_previous_versions_reference() -> None:
         pred = (x[:, 0] > 0).astype(np.int64)
         return DeviceFrame("f", "d", 0, seq, seq, 0.0, version, x, pred, np.full(16, 0.8))
 
-    cfg = DeviceMonitorConfig(64, null_min_blocks=8)  # learnt after 64-512 frames
+    cfg = DeviceMonitorConfig(64, null_min_blocks=8)  # learnt after 128-1024 frames
     mon = DeviceMonitor("f", "d", ["a", "b"], ["no", "yes"], cfg)
-    for s in range(600):
+    for s in range(1100):
         mon.update(frame(s, 1, 0.0))
     ref = mon.reference
     assert ref is not None
     assert not mon.calibrating
-    for s in range(600, 640):  # the sensor drifts on v1
+    for s in range(1100, 1140):  # the sensor drifts on v1
         mon.update(frame(s, 1, 1.5))
     assert any(st.signal == "feature" for st in mon.drifting)
-    for s in range(640, 650):  # a canary update to v2 ...
+    for s in range(1140, 1150):  # a canary update to v2 ...
         mon.update(frame(s, 2, 1.5))
     assert mon.model_version == 2
     assert not mon.reference_complete or mon.reference is not None
-    for s in range(650, 655):  # ... rolled back: v1 again, still drifted
+    for s in range(1150, 1155):  # ... rolled back: v1 again, still drifted
         mon.update(frame(s, 1, 1.5))
     assert mon.model_version == 1
     back = mon.reference

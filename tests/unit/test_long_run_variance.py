@@ -18,7 +18,7 @@ from service.drift.long_run_variance import (
 )
 
 IID_READY = DEFAULT_MIN_BLOCKS << DEFAULT_LOOKAHEAD
-"""Steps after which an independent series can first be ready (384)."""
+"""Steps after which an independent series can first be ready (192)."""
 
 
 def feed(values: np.ndarray, bm: DyadicBatchMeans | None = None) -> DyadicBatchMeans:
@@ -60,7 +60,7 @@ def test_streaming_batch_means_equal_the_direct_computation():
     np.testing.assert_allclose(bm.mean(), x.mean(axis=0), rtol=1e-12)
 
 
-def test_independent_values_are_ready_after_384_steps_with_blocks_of_one():
+def test_independent_values_are_ready_after_192_steps_with_blocks_of_one():
     rng = np.random.default_rng(1)
     when, bm = ready_after(rng.standard_normal(5000))
     assert when == IID_READY
@@ -79,12 +79,12 @@ def test_autocorrelated_values_wait_for_blocks_past_their_correlation_time(seed)
     assert when > 4 * IID_READY
     ch = choose_blocks(bm)
     assert ch.block[0] >= 4
-    assert 0.8 <= ch.lrv[0] / ((1 + phi) / (1 - phi)) <= 2.5  # an upper estimate
+    assert 0.5 <= ch.lrv[0] / ((1 + phi) / (1 - phi)) <= 2.5  # from 48 blocks: ±25 %
     # what is left between the block means and the long run, κ covers (on fresh data)
     x = ar1(np.random.default_rng(seed + 100), 400_000, phi)
     b = int(ch.block[0])
     means = x[: x.size // b * b].reshape(-1, b).mean(axis=1)
-    assert ch.kappa[0] * b * means.var() >= 0.85 * (1 + phi) / (1 - phi)
+    assert ch.kappa[0] * b * means.var() >= 0.7 * (1 + phi) / (1 - phi)
 
 
 def test_a_cycle_is_averaged_out_by_blocks_of_its_period():
