@@ -177,6 +177,7 @@ def rig(mosquitto, bundle, tmp_path_factory) -> Iterator[DashboardRig]:
             checkpoint_interval_s=2.0,
             fleets=[FLEET],
             mqtt_client_id="tinydrift-dashboards-test",
+            null_min_blocks=16,  # calibrated within 5-15 s (production: 48); drift at 20 s
             # updates on: the updates dashboard needs candidates, gates, pushes and a rollback
             release_key=bundle.keys_dir / "release.key",
             deploy_key=bundle.keys_dir / "deploy.key",
@@ -207,7 +208,7 @@ def rig(mosquitto, bundle, tmp_path_factory) -> Iterator[DashboardRig]:
             label_rate=0.1,
         ),
         fw,
-        plan_drift(10, "gain", 0.3, after_s=4.0, seed=3),
+        plan_drift(10, "gain", 0.3, after_s=20.0, seed=3),
     )
     sim.start()
     prom = start_prometheus([f"127.0.0.1:{svc.metrics_port}"], interval="1s")

@@ -34,6 +34,8 @@ from tests.integration.polling import wait
 from tests.integration.rollout_rig import Rig, accuracy, running_rig, seed_registry
 
 pytestmark = pytest.mark.integration
+DRIFT_AFTER_S = 20.0
+"""Drift starts once layer A is calibrated (``null_min_blocks=16`` at 320 readings/s: 5-15 s)."""
 
 
 @pytest.fixture
@@ -103,7 +105,7 @@ def test_gain_drift_is_recalibrated_and_accuracy_recovers(
     mosquitto: EmbeddedBroker, bundle: Bundle, db: str, request: pytest.FixtureRequest
 ) -> None:
     name = fleet_name(request)
-    plan = plan_drift(14, "gain", 0.5, after_s=6.0, seed=3, magnitude=0.6)
+    plan = plan_drift(14, "gain", 0.5, after_s=DRIFT_AFTER_S, seed=3, magnitude=0.6)
     drifting = set(plan)
     with running_rig(
         mosquitto,
@@ -115,7 +117,7 @@ def test_gain_drift_is_recalibrated_and_accuracy_recovers(
         update_policy="propose",
         policy_settle_s=10.0,
     ) as rig:
-        t_drift = rig.started + 6.0
+        t_drift = rig.started + DRIFT_AFTER_S
         svc = rig.service
         assert svc.reconciler is not None
         assert svc.operations is not None
