@@ -20,8 +20,9 @@ Lifecycle per (device, model version)
    from which block means are nearly independent, the residual variance inflation
    ``κ ≤ 2`` and the stream's long-run centre, spread and block-mean skewness. The batch means
    are asked each time a level completes, and a stream starts only when two successive looks
-   (the second on twice the data) both found a plateau, at the larger of their two blocks. Until then the stream is
-   *calibrating*: nothing is detected on it (:attr:`DeviceMonitor.calibrating`,
+   (the second on twice the data) both found a plateau, at the larger of their two blocks.
+   Until then the stream is *calibrating*: nothing is detected on it
+   (:attr:`DeviceMonitor.calibrating`,
    :meth:`DeviceMonitor.calibration`). An independent stream is ready after
    ``8 · null_min_blocks`` = 384 frames; a stream whose dependence lasts ``τ`` frames after
    about ``8 · 48 · τ``; a stream that never settles (a random walk, a cycle longer than the

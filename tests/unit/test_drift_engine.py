@@ -17,8 +17,8 @@ SCHEMA = ParameterSchema(features=("a", "b", "c"), classes=("x", "y", "z"), rows
 K = 16
 WINDOW_S = 60  # one frame per device per second: 960 readings per device per window
 LEARN = 27 * WINDOW_S
-"""Frames until every device's monitor is past its reference and null learning (looks at 384,
-768 and 1536 frames after the 8-frame reference)."""
+"""Frames until every device's monitor is past its reference and null learning (looks at 192,
+384, 768 and 1536 frames after the 8-frame reference)."""
 
 
 def make_engine(devices: int, **kw) -> tuple[DriftEngine, list]:
@@ -105,7 +105,7 @@ def test_label_suspicions_are_not_returned():
     rng = np.random.default_rng(4)
     out = []
     for t in range(20, 100):
-        wrong = t >= 60  # the error rate goes from 0 to 1 (after 640 labels: learnt at 384)
+        wrong = t >= 60  # the error rate goes from 0 to 1 (after 640 labels: learnt at 192-384)
         x = rng.standard_normal((K, 3))
         pred = np.zeros(K, np.int64)
         label = np.full(K, 1 if wrong else 0, np.int64)
