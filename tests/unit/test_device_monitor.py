@@ -136,6 +136,77 @@ def test_no_detections_on_stationary_device(model):
     assert 0 < mon.memory_bytes() <= 40 * 1024
 
 
+def held_device(model: QuantizedLinear, name: str, x: np.ndarray, labels: np.ndarray) -> Device:
+    """A device sending features ``x`` (held in Q4.11, classified by the integer model)."""
+    scale = float(1 << FRAC_BITS)
+    held = np.clip(round_half_away(x * scale), -32768, 32767) / scale
+    logits = model.logits(held)
+    return Device(
+        name=name,
+        features=held,
+        pred=model.decide(logits),
+        conf=model.confidence(logits).astype(np.float64) / 256.0,
+        labels=labels,
+        label_rng=np.random.default_rng(7),
+    )
+
+
+def in_sessions(model: QuantizedLinear, n: int, dwell: float, seed: int) -> Device:
+    """Stationary, but the activity comes in sessions of ``dwell`` readings on average (a user
+    walks for minutes, then sits): readings of the session's class, drawn from a pool."""
+    pool = simulate(model, seed, 20_000)
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(pool.labels == c) for c in range(len(CLASSES))]
+    by_class = [ix for ix in by_class if ix.size]
+    order = np.empty(n, dtype=np.int64)
+    pos = 0
+    while pos < n:
+        length = int(rng.geometric(1.0 / dwell))
+        ix = by_class[rng.integers(len(by_class))]
+        take = min(length, n - pos)
+        order[pos : pos + take] = rng.choice(ix, take)
+        pos += take
+    return held_device(model, f"sessions{seed}", pool.features[order], pool.labels[order])
+
+
+def slow_sensor(model: QuantizedLinear, n: int, phi: float, seed: int) -> Device:
+    """Stationary readings plus sensor noise autocorrelated from reading to reading (AR(1))."""
+    from scipy.signal import lfilter
+
+    dev = simulate(model, seed, n)
+    rng = np.random.default_rng(seed)
+    sd = 0.5 * dev.features.std(axis=0)
+    e = rng.standard_normal(dev.features.shape) * np.sqrt(1.0 - phi * phi)
+    noise = lfilter([1.0], [1.0, -phi], e, axis=0)
+    return held_device(model, f"slow{seed}", dev.features + noise * sd, dev.labels)
+
+
+@pytest.mark.parametrize(("kind", "readings"), [("sessions", 400_000), ("slow sensor", 300_000)])
+def test_dependent_stationary_data_calibrates_longer_and_raises_no_alarm(model, kind, readings):
+    """Readings that depend on each other (sessions of ~300 readings, a φ = 0.99 sensor): the
+    monitor takes longer to learn its null, then stays quiet. Per-frame thresholds as if frames
+    were independent raised thousands of alarms per 10⁶ readings on such data."""
+    if kind == "sessions":
+        dev = in_sessions(model, readings, dwell=300.0, seed=121)
+    else:
+        dev = slow_sensor(model, readings, phi=0.99, seed=122)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    alarms, half_from = [], None
+    for fr in dev.frames():
+        alarms += mon.update(fr)
+        lb = dev.label_batch(fr)
+        if lb is not None:
+            alarms += mon.update_labels(lb)
+        status = mon.calibration()
+        if half_from is None and status.streams_ready >= status.streams // 2:
+            half_from = mon.readings
+    assert half_from is not None
+    assert half_from > 2 * 6_656  # an independent device is monitored after 6,656
+    assert status.block_readings_median >= 4 * K
+    assert [a for a in alarms if a.detector != "hddm_a_warning"] == []
+    assert 0 < mon.memory_bytes() <= 40 * 1024
+
+
 # ------------------------------------------------------------------------------------------------
 # the sensitive tier
 # ------------------------------------------------------------------------------------------------
