@@ -154,6 +154,7 @@ from service.drift.long_run_variance import (
     DyadicBatchMeans,
     choose_blocks,
     inflate_delta,
+    inflation_at,
     new_level_complete,
 )
 from service.drift.signals import (
@@ -454,6 +455,7 @@ class DeviceMonitor:
         self._bsd = np.ones(s, dtype=np.float64)  # sd of a block mean of u
         self._bskew = np.zeros(s, dtype=np.float64)  # skewness of a block mean of u
         self._candidate = np.zeros(s, dtype=np.int64)  # block chosen at the last look
+        self._alarmed = np.zeros(s, dtype=np.bool_)  # strict alarm since the stream started
         self._ref_var = np.zeros(s, dtype=np.float64)  # var of the centre, in block-sd units
         self._delta = np.zeros(s, dtype=np.float64)
         self._s_delta = np.zeros(s, dtype=np.float64)
@@ -771,8 +773,41 @@ class DeviceMonitor:
         self._ready |= new
         self._bsum[new] = 0.0
         self._bn[new] = 0
-        if self._ready.all():
-            self._bm = None  # learnt: its memory is released
+
+    def _retighten(self) -> None:
+        """Check the monitored streams against the longer blocks completed since they started.
+
+        A slow component of the noise shows only in long blocks, so a stream may have started
+        with too small a ``κ``. Until its first strict alarm (after which the data may hold a
+        drift, which must not be learnt as normal), a stream whose ``κ`` at its block has grown
+        by more than 5 % gets the stricter δ and fresh ADWINs. Thresholds only ever tighten.
+        """
+        bm = self._bm
+        assert bm is not None
+        live = self._ready & ~self._alarmed
+        if not live.any():
+            return
+        block = np.where(live, self._block, 0)
+        kap = inflation_at(bm, block, min_blocks=self.config.null_min_blocks)
+        grown = live & (kap > 1.05 * self._kappa)
+        if not grown.any():
+            return
+        steps = float(bm.steps)
+        for i in np.flatnonzero(grown).tolist():
+            b = int(self._block[i])
+            strict = self._tier_thresholds(b * self._k_nom, sensitive=False)
+            sens = self._tier_thresholds(b * self._k_nom, sensitive=True)
+            assert strict is not None
+            k = float(kap[i])
+            self._kappa[i] = k
+            self._ref_var[i] = k * b / steps
+            self._delta[i] = inflate_delta(strict.frame_delta, k)
+            self._adwins[i] = make_adwin(self._delta[i], self._settings)
+            self._win[:, i] = 0.0
+            if sens is not None:
+                self._s_delta[i] = inflate_delta(sens.frame_delta, k)
+                self._s_adwins[i] = make_adwin(self._s_delta[i], self._s_settings)
+                self._s_win[:, i] = 0.0
 
     def _tier_thresholds(
         self, frame_readings: int, *, sensitive: bool, budget_scale: int = 1
@@ -823,6 +858,11 @@ class DeviceMonitor:
             bm.add(u)
             if new_level_complete(bm.steps, self.config.null_min_blocks):
                 self._start_streams()
+                self._retighten()
+                if bm.count[-1] >= self.config.null_min_blocks and self._ready.all():
+                    self._bm = None  # every level seen: nothing more to learn
+        if strict:
+            self._alarmed[[i for i, _ in strict]] = True
         return strict, sensitive
 
     def _feed_banks(

@@ -76,6 +76,7 @@ __all__ = [
     "DyadicBatchMeans",
     "choose_blocks",
     "inflate_delta",
+    "inflation_at",
     "new_level_complete",
 ]
 
@@ -234,14 +235,7 @@ def choose_blocks(
     """
     if min_blocks < 2 or lookahead < 1 or not kappa_max >= 1.0:
         raise ValueError("need min_blocks >= 2, lookahead >= 1 and kappa_max >= 1")
-    v = bm.variances()
-    counting = bm.count >= min_blocks
-    n = np.maximum(bm.count.astype(np.float64), 2.0)[:, None]
-    rel = np.sqrt(2.0 / (n - 1.0))  # relative standard error of a level's variance
-    v_up = v * (1.0 + z * rel)
-    # first-order bias removed: V_b ≈ L (1 − a / b) for short-range dependence, so
-    # 2 V_2b − V_b estimates L (Richardson extrapolation), with its own upper bound
-    rich_up = np.vstack([2.0 * v[1:] - v[:-1], np.full((1, bm.n_streams), -np.inf)])
+    levels = _Levels(bm, min_blocks, z)
     s = bm.n_streams
     ready = np.zeros(s, dtype=np.bool_)
     block = np.zeros(s, dtype=np.int64)
@@ -250,11 +244,9 @@ def choose_blocks(
     lrv = np.full(s, math.nan)
     skew = np.zeros(s)
     g = bm.skewness()
-    top = int(np.flatnonzero(counting)[-1]) if counting.any() else -1
     floor = np.zeros(s, dtype=np.int64) if min_block is None else np.asarray(min_block)
-    for j in range(0, top - lookahead + 1):
-        vj = v[j]
-        vmax = np.maximum(np.max(v_up[j + 1 : top + 1], axis=0), np.max(rich_up[j:top], axis=0))
+    for j in range(0, levels.top - lookahead + 1):
+        vj, vmax = levels.v[j], levels.above(j)
         flat = vmax <= var_floor
         safe_vj = np.maximum(vj, var_floor)
         kap = np.maximum(1.0, vmax / safe_vj)
@@ -273,6 +265,59 @@ def choose_blocks(
     return BlockChoice(
         ready=ready, block=block, kappa=kappa, sd=sd, mean=bm.mean(), lrv=lrv, skew=skew
     )
+
+
+def inflation_at(
+    bm: DyadicBatchMeans,
+    block: IntArray,
+    *,
+    min_blocks: int = DEFAULT_MIN_BLOCKS,
+    z: float = DEFAULT_Z,
+    var_floor: float = 1e-6,
+) -> FloatArray:
+    """``κ`` of each series at its given block size (a power of two) on everything seen so far,
+    by :func:`choose_blocks`' rule (unbounded; 1 where no counting level lies above the block).
+
+    A series monitored since an earlier look can be checked against the longer blocks that have
+    completed since: a slow component only shows in long blocks.
+    """
+    levels = _Levels(bm, min_blocks, z)
+    out = np.ones(bm.n_streams)
+    for j in np.unique(np.asarray(block)).tolist():
+        if j < 1:
+            continue
+        lv = int(j).bit_length() - 1
+        if lv >= levels.top:
+            continue
+        mask = np.asarray(block) == j
+        vmax = levels.above(lv)[mask]
+        vj = np.maximum(levels.v[lv][mask], var_floor)
+        out[mask] = np.where(vmax <= var_floor, 1.0, np.maximum(1.0, vmax / vj))
+    return out
+
+
+class _Levels:
+    """The batch-means variances of every counting level, and what bounds them from above."""
+
+    def __init__(self, bm: DyadicBatchMeans, min_blocks: int, z: float) -> None:
+        self.v = bm.variances()
+        counting = bm.count >= min_blocks
+        self.top = int(np.flatnonzero(counting)[-1]) if counting.any() else -1
+        n = np.maximum(bm.count.astype(np.float64), 2.0)[:, None]
+        # upper confidence bound of each level (relative standard error √(2 / (n − 1)))
+        self.v_up = self.v * (1.0 + z * np.sqrt(2.0 / (n - 1.0)))
+        # first-order bias removed: V_b ≈ L (1 − a / b) for short-range dependence, so
+        # 2 V_2b − V_b estimates L (Richardson extrapolation)
+        fill = np.full((1, bm.n_streams), -np.inf)
+        self.rich = np.vstack([2.0 * self.v[1:] - self.v[:-1], fill])
+
+    def above(self, j: int) -> FloatArray:
+        """The largest bound on the long-run variance from the counting levels above ``j``."""
+        top = self.top
+        out: FloatArray = np.maximum(
+            np.max(self.v_up[j + 1 : top + 1], axis=0), np.max(self.rich[j:top], axis=0)
+        )
+        return out
 
 
 def inflate_delta(delta: float, kappa: float, log_width: float = math.log(1000.0)) -> float:
