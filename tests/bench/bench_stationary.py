@@ -17,9 +17,11 @@ after that frame.
 
 Counted per kind:
 
-- **monitored device-readings**: the readings of frames that arrive while the device is
-  monitoring, i.e. not calibrating: ``not mon.calibrating`` if the monitor has that property,
-  else ``mon.reference_complete`` (checked before each frame and each label batch);
+- **monitored device-readings**: the readings of frames that arrive once the device can alarm
+  at all, i.e. once any of its streams (or its error stream) is calibrated
+  (``mon.calibration()``; a device is *calibrating* until every stream is, but its calibrated
+  streams already alarm, and an operator sees those alarms, so they count), else
+  ``mon.reference_complete`` (checked before each frame and each label batch);
 - **strict device alarms**: every Detection of ``BatchResult.detections`` and
   ``observe_labels(...).alarms`` except ``hddm_a_warning`` (warnings counted apart), while
   monitoring; per 10⁶ monitored device-readings with the exact 95 % Poisson upper bound;
@@ -74,17 +76,15 @@ def _init_worker() -> None:
 
 
 def is_monitoring(mon: Any) -> bool:
-    """Whether the monitor is past its reference / calibrating phase.
+    """Whether the monitor can alarm: any stream (or the error stream) calibrated.
 
-    Uses ``mon.calibrating`` when the monitor has it (False: monitoring), else
-    ``mon.reference_complete``.
+    Uses ``mon.calibration()`` when the monitor has it, else ``mon.reference_complete``.
     """
-    cal = getattr(mon, "calibrating", None)
-    if cal is None:
+    calibration = getattr(mon, "calibration", None)
+    if calibration is None:
         return bool(mon.reference_complete)
-    if callable(cal):
-        cal = cal()
-    return not bool(cal)
+    status = calibration()
+    return bool(status.streams_ready > 0 or status.error_ready)
 
 
 @dataclass
@@ -201,7 +201,7 @@ def run_task(args: tuple[str, tuple[int, ...], int]) -> TaskResult:
             if out.alarms or out.suspicions:
                 record(j, out.alarms, out.suspicions, st)
     for r, m in zip(res, mons, strict=True):
-        r.calibrating_at_end = not is_monitoring(m)
+        r.calibrating_at_end = bool(getattr(m, "calibrating", not is_monitoring(m)))
         rate = m.suspicion_rate
         r.suspicion_rate = math.nan if rate is None else float(rate)
     return TaskResult(kind, res, pool_s, gen_s, time.perf_counter() - t0)
@@ -398,9 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{_per_1e6(s.suspicions, s.monitored):>10.4g}{s.gen_us:>9.2f}{s.mon_us:>9.2f}  {top}"
         )
     print(
-        "  (calib. at end: devices still calibrating after their last reading; median start: "
-        "readings until monitoring started; in calib.: detections and suspicions while "
-        "calibrating, not counted; warnings: hddm_a_warning, not alarms; susp.: suspicions per "
+        "  (calib. at end: devices with a stream still calibrating after their last reading; "
+        "median start: readings until the first stream was monitored; in calib.: detections "
+        "and suspicions before that (none can fire: a check), not counted; "
+        "warnings: hddm_a_warning, not alarms; susp.: suspicions per "
         "1e6 monitored readings; µs per reading of data generation (pools apart) and of the "
         "monitor, per worker)"
     )
