@@ -79,12 +79,14 @@ Settings (:func:`demo_settings`) are tuned for a run of about a minute at 50 dev
 - ``label_cap_per_device=8000`` (2000): the label buffer keeps every label of the run, so the
   before-drift accuracy can still be measured at the end.
 - ``update_policy="off"`` (``propose``): the demo is the operator.
-- Drift detection keeps its production calibration (512-reading references, a fleet budget of
-  1e-7 false alarms per device-reading).
+- Drift detection keeps its production calibration (512-reading references, the null of every
+  signal learnt from 48 blocks a level, a fleet budget of 1e-7 false alarms per
+  device-reading): phase 1 lasts about a minute because of it.
 
 Besides the API the demo reads only what an operator could not ask the service for: the
 simulated devices (which devices drift, their reading counters at the drift start), whether
-layer A has completed every device's reference (the engine's monitors, to end phase 1), and the
+layer A has calibrated every device (the engine's monitors, to end phase 1; the API shows it
+per device too), and the
 registry's label buffer for the accuracies (as the rollout tests do).
 
 Detection delay: ``Detection.readings`` is the number of readings the device had sent on its
