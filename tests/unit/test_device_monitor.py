@@ -420,6 +420,28 @@ def test_concept_change_is_caught_by_labels_only(model, seed):
     assert unlabelled == []
 
 
+def test_a_rise_of_a_few_points_in_the_error_rate_is_alarmed():
+    """Labels only (the inputs stay as they are): the error rate goes from 10 % to 15 %. The
+    information limit at this budget (Lorden: ``ln(ARL) / KL``) is about 1,600 labels."""
+    rng = np.random.default_rng(5)
+    mon = DeviceMonitor("fleet", "c", ["a", "b"], ["n", "p"])
+    alarms, change = [], 30_000
+    for seq in range(4_000):  # frames of 16, every reading labelled: 64,000 labels
+        x = rng.standard_normal((K, 2))
+        pred = (rng.random(K) < 0.3).astype(np.int64)
+        fr = DeviceFrame("fleet", "c", 0, seq, seq, 0.0, 1, x, pred, rng.uniform(0.5, 1, K))
+        alarms += mon.update(fr)
+        rate = 0.10 if seq * K < change else 0.15
+        wrong = rng.random(K) < rate
+        label = np.where(wrong, 1 - pred, pred)
+        alarms += mon.update_labels(DeviceLabels("fleet", "c", 0, seq, seq, 0.0, 1, x, pred, label))
+    assert mon.calibration().error_ready
+    assert [a for a in alarms if a.readings <= change] == []
+    after = [a.readings - change for a in alarms if a.signal == "error" and a.detector == "adwin"]
+    assert after
+    assert min(after) <= 6_000  # labels after the change
+
+
 def test_hddm_a_warning_is_reported_once_per_entry(model):
     dev = simulate(model, 254, CHANGE + 2 * HORIZON, drift_at("concept"))
     mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
