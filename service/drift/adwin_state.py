@@ -45,7 +45,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["PackedAdwins", "pack_adwins", "unpack_adwins"]
+__all__ = ["PackedAdwins", "pack_adwins", "retune_delta", "unpack_adwins"]
 
 _HEAD: Final = struct.Struct("<dIQddddddiiiiQ")
 """Fixed part of the serialisation up to and including the bucket-list length."""
@@ -211,3 +211,29 @@ def unpack_adwins(packed: PackedAdwins) -> list[Any]:
         det._helper = helper
         out.append(det)
     return out
+
+
+def retune_delta(det: Any, delta: float) -> None:
+    """Give a river ``ADWIN`` a new δ and keep its window (river builds δ into its state).
+
+    The serialised state starts with δ (module docstring), so δ is rewritten there and the
+    state loaded back. ``ValueError`` if the state does not start with the detector's δ
+    (another river version).
+
+    >>> from river import drift
+    >>> d = drift.ADWIN(delta=0.01, clock=1)
+    >>> for i in range(500):
+    ...     _ = d.update(float(i % 5))
+    >>> w = d.width
+    >>> retune_delta(d, 1e-6)
+    >>> d.delta, d.width == w, d._helper.__getstate__()[:8] == struct.pack("<d", 1e-6)
+    (1e-06, True, True)
+    """
+    state = det._helper.__getstate__()
+    if not isinstance(state, bytes) or len(state) < _HEAD.size:
+        raise ValueError("ADWIN state of an unknown layout")
+    head = _HEAD.unpack_from(state, 0)
+    if head[0] != det.delta:
+        raise ValueError("ADWIN state of an unknown layout")
+    det._helper.__setstate__(struct.pack("<d", delta) + state[8:])
+    det.delta = delta

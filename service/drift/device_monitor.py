@@ -135,7 +135,7 @@ import numpy.typing as npt
 from river import drift as _river_drift
 
 from service.drift import calibration
-from service.drift.adwin_state import pack_adwins, unpack_adwins
+from service.drift.adwin_state import pack_adwins, retune_delta, unpack_adwins
 from service.drift.calibration import (
     DEFAULT_BUDGET,
     DEFAULT_DRIFTING_ALPHA,
@@ -482,6 +482,7 @@ class DeviceMonitor:
         self._err_p = math.nan  # reference error rate
         self._err_bsd = math.nan  # sd of a block mean of errors
         self._err_candidate = 0  # block chosen at the last look
+        self._err_alarmed = False  # an alarm on the error stream since it started
         self._err_ref_var = 0.0  # var of the reference rate, in block-sd units
         self._err_bsum = 0.0
         self._err_bn = 0
@@ -778,9 +779,10 @@ class DeviceMonitor:
         """Check the monitored streams against the longer blocks completed since they started.
 
         A slow component of the noise shows only in long blocks, so a stream may have started
-        with too small a ``κ``. Until its first strict alarm (after which the data may hold a
-        drift, which must not be learnt as normal), a stream whose ``κ`` at its block has grown
-        by more than 5 % gets the stricter δ and fresh ADWINs. Thresholds only ever tighten.
+        with too small a ``κ``. Until its first strict alarm, a stream whose ``κ`` at its block
+        has grown by more than 5 % gets the stricter δ, its ADWINs keep their windows
+        (:func:`service.drift.adwin_state.retune_delta`): a drift under way is still contrasted
+        with what came before it. Thresholds only ever tighten.
         """
         bm = self._bm
         assert bm is not None
@@ -792,22 +794,19 @@ class DeviceMonitor:
         grown = live & (kap > 1.05 * self._kappa)
         if not grown.any():
             return
-        steps = float(bm.steps)
         for i in np.flatnonzero(grown).tolist():
             b = int(self._block[i])
             strict = self._tier_thresholds(b * self._k_nom, sensitive=False)
             sens = self._tier_thresholds(b * self._k_nom, sensitive=True)
             assert strict is not None
             k = float(kap[i])
+            self._ref_var[i] *= k / self._kappa[i]  # the centre's variance grows with κ too
             self._kappa[i] = k
-            self._ref_var[i] = k * b / steps
             self._delta[i] = inflate_delta(strict.frame_delta, k)
-            self._adwins[i] = make_adwin(self._delta[i], self._settings)
-            self._win[:, i] = 0.0
-            if sens is not None:
+            retune_delta(self._adwins[i], float(self._delta[i]))
+            if sens is not None and self._s_adwins[i] is not None:
                 self._s_delta[i] = inflate_delta(sens.frame_delta, k)
-                self._s_adwins[i] = make_adwin(self._s_delta[i], self._s_settings)
-                self._s_win[:, i] = 0.0
+                retune_delta(self._s_adwins[i], float(self._s_delta[i]))
 
     def _tier_thresholds(
         self, frame_readings: int, *, sensitive: bool, budget_scale: int = 1
@@ -1003,31 +1002,56 @@ class DeviceMonitor:
         choice = choose_blocks(bm, min_blocks=mb, min_block=floor)
         if not choice.ready[0]:
             return
-        b = int(choice.block[0])
-        kap = float(choice.kappa[0])
-        self._err_block = b
-        self._err_kappa = kap
+        self._err_block = int(choice.block[0])
         self._err_p = float(choice.mean[0])
         self._err_bsd = float(choice.sd[0])
-        self._err_ref_var = float(choice.lrv[0] / bm.steps / choice.sd[0] ** 2)
-        self._lbl_bm = None
+        kap = float(choice.kappa[0])
+        self._err_kappa = kap
+        self._err_ref_var = kap * self._err_block / bm.steps
+        self._set_error_detectors(kap)
+
+    def _retighten_errors(self) -> None:
+        """The error stream's κ against the longer blocks completed since it started (as
+        :meth:`_retighten` for frames): until its first alarm, a grown κ tightens it."""
+        bm = self._lbl_bm
+        assert bm is not None
+        if self._err_block == 0 or self._err_alarmed:
+            return
+        kap = inflation_at(bm, np.array([self._err_block]), min_blocks=self.config.null_min_blocks)
+        if kap[0] > 1.05 * self._err_kappa:
+            self._err_ref_var *= float(kap[0]) / self._err_kappa
+            self._err_kappa = float(kap[0])
+            self._set_error_detectors(self._err_kappa)
+
+    def _set_error_detectors(self, kap: float) -> None:
+        """Error detectors for blocks of ``_err_block`` labels and inflation ``kap``: new ones,
+        or the running ones retuned with their windows kept (as in :meth:`_retighten`)."""
+        b = self._err_block
         # a block of b labels may spend b labels' budget; residual dependence tightens it
         thr = self._tier_thresholds(self._k_nom, sensitive=False, budget_scale=b)
         assert thr is not None
         self._label_thr = thr
-        self._err_adwin = make_adwin(inflate_delta(thr.error_delta, kap), ERROR_ADWIN)
-        self._err_win = [0.0, 0.0, 0.0]
         self._s_label_thr = self._tier_thresholds(self._k_nom, sensitive=True, budget_scale=b)
-        if self._s_label_thr is not None:
-            self._s_err_adwin = make_adwin(
-                inflate_delta(self._s_label_thr.error_delta, kap), ERROR_ADWIN
-            )
-            self._s_err_win = [0.0, 0.0, 0.0]
+        delta = inflate_delta(thr.error_delta, kap)
+        s_thr = self._s_label_thr
+        s_delta = None if s_thr is None else inflate_delta(s_thr.error_delta, kap)
         # HDDM_A's Hoeffding bound with n/κ effective values: confidence^κ
+        drift_conf = thr.hddm_drift_confidence**kap
+        warn_conf = thr.hddm_warning_confidence**kap
+        if self._err_adwin is not None:
+            retune_delta(self._err_adwin, delta)
+            if self._s_err_adwin is not None and s_delta is not None:
+                retune_delta(self._s_err_adwin, s_delta)
+            self._hddm.drift_confidence = drift_conf
+            self._hddm.warning_confidence = warn_conf
+            return
+        self._err_adwin = make_adwin(delta, ERROR_ADWIN)
+        self._err_win = [0.0, 0.0, 0.0]
+        if s_delta is not None:
+            self._s_err_adwin = make_adwin(s_delta, ERROR_ADWIN)
+            self._s_err_win = [0.0, 0.0, 0.0]
         self._hddm = drift.binary.HDDMA(
-            drift_confidence=thr.hddm_drift_confidence**kap,
-            warning_confidence=thr.hddm_warning_confidence**kap,
-            two_sided_test=False,
+            drift_confidence=drift_conf, warning_confidence=warn_conf, two_sided_test=False
         )
 
     def _monitor_errors(self, errors: list[float], ts_ms: int) -> Outcome:
@@ -1049,7 +1073,12 @@ class DeviceMonitor:
                 if n >= self.config.reference_labels and new_level_complete(
                     n, self.config.null_min_blocks
                 ):
-                    self._start_error_stream()
+                    if self._err_block:
+                        self._retighten_errors()
+                    else:
+                        self._start_error_stream()
+                    if bm.count[-1] >= self.config.null_min_blocks and self._err_block:
+                        self._lbl_bm = None  # every level seen: nothing more to learn
         return out
 
     def _feed_error(self, m: float, ts_ms: int, out: Outcome) -> None:
@@ -1069,6 +1098,7 @@ class DeviceMonitor:
         win[2] += mm
         adw.update(m)
         if adw.drift_detected:
+            self._err_alarmed = True
             score = self._error_score(win, adw.delta)
             out.alarms.append(self._detection("error", None, "adwin", score, ts_ms))
         if s_adw is not None:
@@ -1083,6 +1113,7 @@ class DeviceMonitor:
                 )
         hddm.update(m)
         if hddm.drift_detected:
+            self._err_alarmed = True
             self._warning = False
             out.alarms.append(self._detection("error", None, "hddm_a", 1.0, ts_ms))
         elif hddm.warning_detected:
