@@ -332,6 +332,21 @@ ERROR_SCORE_SPLITS: Final = 256
 """The same for the error stream (one value per label)."""
 
 
+RELEARN_LEVELS: Final = 4
+"""Levels (doublings) past a stream's block over which its κ keeps being checked."""
+
+
+def _learnt(bm: DyadicBatchMeans, block: npt.NDArray[np.int64], min_blocks: int) -> bool:
+    """Whether null learning is over: blocks ``2^RELEARN_LEVELS`` times the longest monitored
+    block (or the longest the batch means keep) have been seen ``min_blocks`` times."""
+    counting = np.flatnonzero(bm.count >= min_blocks)
+    if counting.size == 0:
+        return False
+    top = int(counting[-1])
+    longest = int(np.max(block)).bit_length() - 1
+    return top >= min(longest + RELEARN_LEVELS, bm.levels - 1)
+
+
 def _adwin_score(
     recent: FloatArray,
     width: float,
@@ -782,7 +797,9 @@ class DeviceMonitor:
         with too small a ``κ``. Until its first strict alarm, a stream whose ``κ`` at its block
         has grown by more than 5 % gets the stricter δ, its ADWINs keep their windows
         (:func:`service.drift.adwin_state.retune_delta`): a drift under way is still contrasted
-        with what came before it. Thresholds only ever tighten.
+        with what came before it. Thresholds only ever tighten. Learning stops, and the batch
+        means are released, once blocks :data:`RELEARN_LEVELS` doublings longer than the
+        longest monitored block have been seen.
         """
         bm = self._bm
         assert bm is not None
@@ -858,8 +875,8 @@ class DeviceMonitor:
             if new_level_complete(bm.steps, self.config.null_min_blocks):
                 self._start_streams()
                 self._retighten()
-                if bm.count[-1] >= self.config.null_min_blocks and self._ready.all():
-                    self._bm = None  # every level seen: nothing more to learn
+                if self._ready.all() and _learnt(bm, self._block, self.config.null_min_blocks):
+                    self._bm = None  # its memory is released
         if strict:
             self._alarmed[[i for i, _ in strict]] = True
         return strict, sensitive
@@ -1077,8 +1094,9 @@ class DeviceMonitor:
                         self._retighten_errors()
                     else:
                         self._start_error_stream()
-                    if bm.count[-1] >= self.config.null_min_blocks and self._err_block:
-                        self._lbl_bm = None  # every level seen: nothing more to learn
+                    block = np.array([self._err_block])
+                    if self._err_block and _learnt(bm, block, self.config.null_min_blocks):
+                        self._lbl_bm = None  # its memory is released
         return out
 
     def _feed_error(self, m: float, ts_ms: int, out: Outcome) -> None:
