@@ -204,6 +204,8 @@ def test_dependent_stationary_data_calibrates_longer_and_raises_no_alarm(model, 
     assert half_from > 2 * 6_656  # an independent device is monitored after 6,656
     assert status.block_readings_median >= 4 * K
     assert [a for a in alarms if a.detector != "hddm_a_warning"] == []
+    # nor does it look drifted, so the update policy proposes no recalibration for a pattern
+    assert mon.drifting == ()
     assert 0 < mon.memory_bytes() <= 40 * 1024
 
 
