@@ -750,6 +750,8 @@ class DeviceMonitor:
         bm = self._bm
         assert bm is not None
         assert self._thr is not None
+        if self._ready.all():
+            return
         mb = self.config.null_min_blocks
         looked = choose_blocks(bm, min_blocks=mb)
         # a stream starts when two successive looks (the second on twice the data) both found a
