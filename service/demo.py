@@ -82,8 +82,8 @@ Settings (:func:`demo_settings`) are tuned for a run of about a minute at 50 dev
 - Drift detection keeps its production calibration (512-reading references, the null of every
   signal learnt from 48 blocks a level, a fleet budget of 1e-7 false alarms per
   device-reading). Phase 1 ends when every device's labelled error and signal streams are
-  calibrated, or, after 3 minutes (a loaded machine), 90 % of each device's signal streams (a
-  stream whose two looks disagree waits for the next level, twice as long).
+  calibrated, or, after 3 minutes (a loaded machine), 90 % of each device's streams, the error
+  counted as one (a stream whose two looks disagree waits for the next level, twice as long).
 
 Besides the API the demo reads only what an operator could not ask the service for: the
 simulated devices (which devices drift, their reading counters at the drift start), whether
@@ -677,11 +677,11 @@ class DemoRun:
                         for a in fleet.agents
                         if (m := mons.get((FLEET, a.config.device_id))) is not None
                     ]
-                # every stream, or after 3 minutes (a loaded machine) 90 % of them: a drift on a
-                # stream still learning its null would be learnt as its normal
+                # every stream and the labelled error, or after 3 minutes (a loaded machine)
+                # 90 % of them: a drift on a stream still learning its null is learnt as normal
                 share = 1.0 if time.monotonic() - started < 180.0 else 0.9
                 learnt = sum(
-                    1 for c in status if c.error_ready and c.streams_ready >= share * c.streams
+                    1 for c in status if c.streams_ready + c.error_ready >= share * (c.streams + 1)
                 )
                 streams = sum(c.streams_ready for c in status)
                 total = self.n * (status[0].streams if status else 1)
