@@ -83,7 +83,9 @@ Settings (:func:`demo_settings`) are tuned for a run of about a minute at 50 dev
   signal learnt from 48 blocks a level, a fleet budget of 1e-7 false alarms per
   device-reading). Phase 1 ends when every device's labelled error and signal streams are
   calibrated, or, after 3 minutes (a loaded machine), 90 % of each device's streams, the error
-  counted as one (a stream whose two looks disagree waits for the next level, twice as long).
+  counted as one (a stream whose two looks disagree waits for the next level, twice as long),
+  and after 5 minutes in any case (the streams still calibrating learn the drift as normal;
+  the checks at the end say whether the loop still closed).
 
 Besides the API the demo reads only what an operator could not ask the service for: the
 simulated devices (which devices drift, their reading counters at the drift start), whether
@@ -691,7 +693,13 @@ class DemoRun:
                 return learnt == self.n
 
             started = time.monotonic()
-            self.wait_for(ready, 300, "every device's layer-A calibration")
+            try:
+                self.wait_for(ready, 300, "every device's layer-A calibration")
+            except DemoError:
+                # a stream whose looks keep disagreeing can take another doubling: the drift
+                # goes on; it is learnt as normal on the streams still calibrating
+                self.say(f"after 300 s, {self.board.note}: injecting the drift anyway")
+                return
             self.say(
                 "every device is calibrated: its reference (512 readings), the null of its "
                 "labelled error and of its signals (about a minute of independent readings; "
