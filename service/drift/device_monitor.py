@@ -152,7 +152,7 @@ from service.drift.detection import Detection, DetectorName, Signal
 from service.drift.long_run_variance import (
     DEFAULT_MIN_BLOCKS,
     DyadicBatchMeans,
-    choose_blocks,
+    confirm_blocks,
     inflate_delta,
     inflation_at,
     new_level_complete,
@@ -752,17 +752,10 @@ class DeviceMonitor:
         assert self._thr is not None
         if self._ready.all():
             return
-        mb = self.config.null_min_blocks
-        looked = choose_blocks(bm, min_blocks=mb)
-        # a stream starts when two successive looks (the second on twice the data) both found a
-        # plateau, at the larger of their two blocks: one look's noise passing for a plateau
-        # does not start it
-        previous = self._candidate
-        self._candidate = np.where(looked.ready, looked.block, 0)
-        if not (looked.ready & (previous > 0) & ~self._ready).any():
-            return
-        choice = choose_blocks(bm, min_blocks=mb, min_block=np.maximum(previous, looked.block))
-        new = choice.ready & looked.ready & (previous > 0) & ~self._ready
+        choice, self._candidate = confirm_blocks(
+            bm, self._candidate, min_blocks=self.config.null_min_blocks
+        )
+        new = choice.ready & ~self._ready
         if not new.any():
             return
         steps = float(bm.steps)
@@ -1012,15 +1005,12 @@ class DeviceMonitor:
         one step per label; at least ``reference_labels`` labels)."""
         bm = self._lbl_bm
         assert bm is not None
-        mb = self.config.null_min_blocks
-        looked = choose_blocks(bm, min_blocks=mb)
-        previous, self._err_candidate = self._err_candidate, int(looked.block[0])
-        if not looked.ready[0] or previous == 0:
-            return  # not yet, or not confirmed by a second look (as for frames)
-        floor = np.array([max(previous, int(looked.block[0]))])
-        choice = choose_blocks(bm, min_blocks=mb, min_block=floor)
+        choice, candidate = confirm_blocks(
+            bm, np.array([self._err_candidate]), min_blocks=self.config.null_min_blocks
+        )
+        self._err_candidate = int(candidate[0])
         if not choice.ready[0]:
-            return
+            return  # not yet, or not confirmed by a second look (as for frames)
         self._err_block = int(choice.block[0])
         self._err_p = float(choice.mean[0])
         self._err_bsd = float(choice.sd[0])

@@ -59,6 +59,7 @@ variance for CUSUM tests under dependence). H. Dehling, R. Fried, I. Garcia & M.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Final
@@ -75,6 +76,7 @@ __all__ = [
     "BlockChoice",
     "DyadicBatchMeans",
     "choose_blocks",
+    "confirm_blocks",
     "inflate_delta",
     "inflation_at",
     "new_level_complete",
@@ -265,6 +267,23 @@ def choose_blocks(
     return BlockChoice(
         ready=ready, block=block, kappa=kappa, sd=sd, mean=bm.mean(), lrv=lrv, skew=skew
     )
+
+
+def confirm_blocks(
+    bm: DyadicBatchMeans, previous: IntArray, *, min_blocks: int = DEFAULT_MIN_BLOCKS
+) -> tuple[BlockChoice, IntArray]:
+    """:func:`choose_blocks` confirmed by the previous look: a series is ready only when this
+    look and the previous one (``previous``: its block then, 0 if none) both found a plateau,
+    at the larger of their two blocks, so that one look's noise passing for a plateau starts
+    nothing. Returns the confirmed choice and the blocks to pass as ``previous`` next time.
+    """
+    looked = choose_blocks(bm, min_blocks=min_blocks)
+    candidate = np.where(looked.ready, looked.block, 0)
+    confirmed = looked.ready & (previous > 0)
+    if not confirmed.any():
+        return dataclasses.replace(looked, ready=confirmed), candidate
+    choice = choose_blocks(bm, min_blocks=min_blocks, min_block=np.maximum(previous, looked.block))
+    return dataclasses.replace(choice, ready=choice.ready & confirmed), candidate
 
 
 def inflation_at(
