@@ -68,6 +68,11 @@ class ServiceSettings(BaseSettings):
     independent stream is monitored after 8× this many frames, a dependent one after
     proportionally more (``service/drift/long_run_variance.py``). Lower learns sooner from
     noisier estimates, which the thresholds absorb by being stricter."""
+    null_horizon_readings: int | None = Field(None, ge=16)
+    """Shortest span of dependence (readings) layer A checks every signal stream for before
+    monitoring it: blocks this long must have been seen ``null_min_blocks`` times. Default
+    (unset): ``reference_readings``. Lower starts independent streams sooner and may miss a
+    slow component of the noise (a slow sensor) until the learning that follows finds it."""
     false_alarm_budget: float = Field(1e-7, gt=0, lt=1)
     """Fleet-level false drift alarms per device-reading on stationary data."""
     label_cap_per_device: int = Field(2_000, ge=0)

@@ -156,6 +156,7 @@ class Service:
                 reference_readings=settings.reference_readings,
                 budget_per_device_reading=settings.false_alarm_budget,
                 null_min_blocks=settings.null_min_blocks,
+                null_horizon_readings=settings.null_horizon_readings,
             ),
             on_suspicions=self._count_suspicions,
         )

@@ -23,10 +23,13 @@ Lifecycle per (device, model version)
    (the second on twice the data) both found a plateau, at the larger of their two blocks.
    Until then the stream is *calibrating*: nothing is detected on it
    (:attr:`DeviceMonitor.calibrating`,
-   :meth:`DeviceMonitor.calibration`). An independent stream is ready after
-   ``8 · null_min_blocks`` = 384 frames; a stream whose dependence lasts ``τ`` frames after
-   about ``8 · 48 · τ``; a stream that never settles (a random walk, a cycle longer than the
-   largest block) stays calibrating.
+   :meth:`DeviceMonitor.calibration`). Nothing starts before blocks of the **horizon**
+   (``null_horizon_readings``, default the reference's 512 readings: 32 frames of 16) have been
+   seen ``null_min_blocks`` times, so a weak slow component that short blocks cannot show is
+   measured first: an independent stream is ready after ``48 · 32`` = 1,536 frames; a stream
+   whose dependence lasts ``τ`` frames after about ``8 · 48 · τ`` if that is longer; a stream
+   that never settles (a random walk, a cycle longer than the largest block) stays
+   calibrating.
 3. **Monitoring.** A calibrated stream adds ``u`` to its open block; each completed block's
    mean, centred, divided by the learnt block standard deviation and skew-corrected with the
    learnt block skewness (dependence keeps block means of ``z²`` far from normal), is fed as
@@ -153,6 +156,7 @@ from service.drift.long_run_variance import (
     DEFAULT_MIN_BLOCKS,
     DyadicBatchMeans,
     confirm_blocks,
+    horizon_level,
     inflate_delta,
     inflation_at,
     new_level_complete,
@@ -280,7 +284,14 @@ class DeviceMonitorConfig:
     null_min_blocks: int = DEFAULT_MIN_BLOCKS
     """Blocks each batch-means level needs before a stream's null counts as learnt
     (:func:`service.drift.long_run_variance.choose_blocks`): an independent stream is
-    monitored after ``8 · null_min_blocks`` frames (labels for the error stream)."""
+    monitored after ``8 · null_min_blocks`` frames (labels for the error stream) at the
+    soonest, and no sooner than the horizon below allows."""
+    null_horizon_readings: int | None = None
+    """Shortest span of dependence (readings) every signal stream is checked for before it is
+    monitored: blocks of at least this many readings must have been seen ``null_min_blocks``
+    times (:func:`service.drift.long_run_variance.choose_blocks`' ``horizon``), so a slow
+    component too weak to show in short blocks is still measured. ``None``: the reference's
+    length (``reference_readings``). The error stream has no horizon (one step per label)."""
     calibration_table: calibration.CalibrationTable | None = None
     """``None``: the shipped table (``calibration_table.json``)."""
 
@@ -295,6 +306,8 @@ class DeviceMonitorConfig:
             raise ValueError("z_clip must be positive")
         if self.null_min_blocks < 2:
             raise ValueError("null_min_blocks must be >= 2")
+        if self.null_horizon_readings is not None and self.null_horizon_readings < 1:
+            raise ValueError("null_horizon_readings must be >= 1")
         if not self.budget_per_device_reading > 0.0:
             raise ValueError("budget_per_device_reading must be positive")
         if not 0.0 < self.strict_share < 1.0:
@@ -304,6 +317,12 @@ class DeviceMonitorConfig:
             raise ValueError(
                 f"sensitive_budget_per_device_reading must be in (0, {MAX_SENSITIVE_BUDGET:g}]"
             )
+
+    @property
+    def horizon_readings(self) -> int:
+        """:attr:`null_horizon_readings`, or the reference's length."""
+        h = self.null_horizon_readings
+        return self.reference_readings if h is None else h
 
     @property
     def strict_budget(self) -> float:
@@ -332,18 +351,24 @@ ERROR_SCORE_SPLITS: Final = 256
 """The same for the error stream (one value per label)."""
 
 
+_KAPPA_STEP: Final = 1.05
+"""A stream's thresholds follow its re-estimated ``κ`` when it moves by more than this factor."""
+
 RELEARN_LEVELS: Final = 4
 """Levels (doublings) past a stream's block over which its κ keeps being checked."""
 
 
-def _learnt(bm: DyadicBatchMeans, block: npt.NDArray[np.int64], min_blocks: int) -> bool:
+def _learnt(
+    bm: DyadicBatchMeans, block: npt.NDArray[np.int64], min_blocks: int, horizon: int = 1
+) -> bool:
     """Whether null learning is over: blocks ``2^RELEARN_LEVELS`` times the longest monitored
-    block (or the longest the batch means keep) have been seen ``min_blocks`` times."""
+    block or the horizon (or the longest the batch means keep) have been seen ``min_blocks``
+    times."""
     counting = np.flatnonzero(bm.count >= min_blocks)
     if counting.size == 0:
         return False
     top = int(counting[-1])
-    longest = int(np.max(block)).bit_length() - 1
+    longest = max(int(np.max(block)).bit_length() - 1, horizon_level(horizon))
     return top >= min(longest + RELEARN_LEVELS, bm.levels - 1)
 
 
@@ -457,6 +482,7 @@ class DeviceMonitor:
         self._inv_sd: FloatArray | None = None
         self._skew: FloatArray | None = None  # per-reading skewness of each stream
         self._k_nom = 1
+        self._horizon = 1  # frames of dependence checked before a stream starts
         self._settings = AdwinSettings()
         self._s_settings = AdwinSettings()
         self._thr: Thresholds | None = None  # strict tier
@@ -707,6 +733,7 @@ class DeviceMonitor:
         skew[lay.class_slice] = (1.0 - 2.0 * p) / np.sqrt(p * (1.0 - p))
         k_nom = cfg.frame_readings or max(1, int(np.median(self._ref_ks)))
         self._k_nom = k_nom
+        self._horizon = -(-cfg.horizon_readings // k_nom)  # in frames
         table = cfg.calibration_table or calibration.load_table()
         self._settings = table.frame_settings
         self._s_settings = table.sensitive_settings  # fed the same values (checked by the table)
@@ -753,7 +780,7 @@ class DeviceMonitor:
         if self._ready.all():
             return
         choice, self._candidate = confirm_blocks(
-            bm, self._candidate, min_blocks=self.config.null_min_blocks
+            bm, self._candidate, min_blocks=self.config.null_min_blocks, horizon=self._horizon
         )
         new = choice.ready & ~self._ready
         if not new.any():
@@ -789,12 +816,14 @@ class DeviceMonitor:
         """Check the monitored streams against the longer blocks completed since they started.
 
         A slow component of the noise shows only in long blocks, so a stream may have started
-        with too small a ``κ``. Until its first strict alarm, a stream whose ``κ`` at its block
-        has grown by more than 5 % gets the stricter δ, its ADWINs keep their windows
-        (:func:`service.drift.adwin_state.retune_delta`): a drift under way is still contrasted
-        with what came before it. Thresholds only ever tighten. Learning stops, and the batch
-        means are released, once blocks :data:`RELEARN_LEVELS` doublings longer than the
-        longest monitored block have been seen.
+        with too small a ``κ``; and ``κ`` estimated from more data is more precise (its upper
+        bound comes down). Until its first strict alarm, a stream whose ``κ`` at its block has
+        moved by more than 5 % either way gets the δ for the new ``κ``, its ADWINs keep their
+        windows (:func:`service.drift.adwin_state.retune_delta`): a drift under way is still
+        contrasted with what came before it. After the first alarm thresholds stay (a drift
+        must not be learnt as noise). Learning stops, and the batch means are released, once
+        blocks :data:`RELEARN_LEVELS` doublings longer than the longest monitored block (or the
+        horizon) have been seen.
         """
         bm = self._bm
         assert bm is not None
@@ -803,10 +832,11 @@ class DeviceMonitor:
             return
         block = np.where(live, self._block, 0)
         kap = inflation_at(bm, block, min_blocks=self.config.null_min_blocks)
-        grown = live & (kap > 1.05 * self._kappa)
-        if not grown.any():
+        ratio = kap / self._kappa
+        moved = live & ((ratio > _KAPPA_STEP) | (ratio < 1.0 / _KAPPA_STEP))
+        if not moved.any():
             return
-        for i in np.flatnonzero(grown).tolist():
+        for i in np.flatnonzero(moved).tolist():
             b = int(self._block[i])
             strict = self._tier_thresholds(b * self._k_nom, sensitive=False)
             sens = self._tier_thresholds(b * self._k_nom, sensitive=True)
@@ -870,7 +900,9 @@ class DeviceMonitor:
             if new_level_complete(bm.steps, self.config.null_min_blocks):
                 self._start_streams()
                 self._retighten()
-                if self._ready.all() and _learnt(bm, self._block, self.config.null_min_blocks):
+                if self._ready.all() and _learnt(
+                    bm, self._block, self.config.null_min_blocks, self._horizon
+                ):
                     self._bm = None  # its memory is released
         if strict:
             self._alarmed[[i for i, _ in strict]] = True
@@ -1021,13 +1053,13 @@ class DeviceMonitor:
 
     def _retighten_errors(self) -> None:
         """The error stream's κ against the longer blocks completed since it started (as
-        :meth:`_retighten` for frames): until its first alarm, a grown κ tightens it."""
+        :meth:`_retighten` for frames): until its first alarm, its thresholds follow κ."""
         bm = self._lbl_bm
         assert bm is not None
         if self._err_block == 0 or self._err_alarmed:
             return
         kap = inflation_at(bm, np.array([self._err_block]), min_blocks=self.config.null_min_blocks)
-        if kap[0] > 1.05 * self._err_kappa:
+        if not 1.0 / _KAPPA_STEP <= kap[0] / self._err_kappa <= _KAPPA_STEP:
             self._err_ref_var *= float(kap[0]) / self._err_kappa
             self._err_kappa = float(kap[0])
             self._set_error_detectors(self._err_kappa)
@@ -1234,6 +1266,7 @@ class DeviceMonitor:
                     win[0, i] = det.width
                     win[1, i] = det.total
             state[name] = win
+        state.setdefault("_horizon", 1)  # written before the horizon existed: none checked
         return state
 
     def state_bytes(self) -> bytes:

@@ -77,6 +77,7 @@ __all__ = [
     "DyadicBatchMeans",
     "choose_blocks",
     "confirm_blocks",
+    "horizon_level",
     "inflate_delta",
     "inflation_at",
     "new_level_complete",
@@ -218,6 +219,7 @@ def choose_blocks(
     z: float = DEFAULT_Z,
     var_floor: float = 1e-6,
     min_block: IntArray | None = None,
+    horizon: int = 1,
 ) -> BlockChoice:
     """The smallest block size per series past which the batch-means variance stops growing.
 
@@ -233,10 +235,13 @@ def choose_blocks(
     at ``b = 1`` with the ``var_floor`` variance (a constant signal: any move is a change).
     ``var_floor`` is in the series' units; layer A's are standardised (variance ≈ 1 for an
     independent stream), so 1e-6 is a constant up to rounding. ``min_block`` (per series)
-    rules out smaller blocks.
+    rules out smaller blocks. ``horizon`` (steps) is the shortest span of dependence every series
+    is checked for: nothing is ready before blocks of at least ``horizon`` steps count, however
+    small its block (a slow component of small amplitude adds little variance to short blocks
+    and shows only in long ones; :func:`horizon_level`).
     """
-    if min_blocks < 2 or lookahead < 1 or not kappa_max >= 1.0:
-        raise ValueError("need min_blocks >= 2, lookahead >= 1 and kappa_max >= 1")
+    if min_blocks < 2 or lookahead < 1 or not kappa_max >= 1.0 or horizon < 1:
+        raise ValueError("need min_blocks >= 2, lookahead >= 1, kappa_max >= 1 and horizon >= 1")
     levels = _Levels(bm, min_blocks, z)
     s = bm.n_streams
     ready = np.zeros(s, dtype=np.bool_)
@@ -247,12 +252,17 @@ def choose_blocks(
     skew = np.zeros(s)
     g = bm.skewness()
     floor = np.zeros(s, dtype=np.int64) if min_block is None else np.asarray(min_block)
+    if levels.top < horizon_level(horizon):
+        return BlockChoice(
+            ready=ready, block=block, kappa=kappa, sd=sd, mean=bm.mean(), lrv=lrv, skew=skew
+        )
     for j in range(0, levels.top - lookahead + 1):
         vj, vmax = levels.v[j], levels.above(j)
         flat = vmax <= var_floor
         safe_vj = np.maximum(vj, var_floor)
         kap = np.maximum(1.0, vmax / safe_vj)
         ok = ~ready & ((kap <= kappa_max) | flat) & ((1 << j) >= floor)
+        kap = np.maximum(1.0, levels.for_threshold(j) / safe_vj)
         if not ok.any():
             continue
         size = 1 << j
@@ -270,20 +280,39 @@ def choose_blocks(
 
 
 def confirm_blocks(
-    bm: DyadicBatchMeans, previous: IntArray, *, min_blocks: int = DEFAULT_MIN_BLOCKS
+    bm: DyadicBatchMeans,
+    previous: IntArray,
+    *,
+    min_blocks: int = DEFAULT_MIN_BLOCKS,
+    horizon: int = 1,
 ) -> tuple[BlockChoice, IntArray]:
     """:func:`choose_blocks` confirmed by the previous look: a series is ready only when this
     look and the previous one (``previous``: its block then, 0 if none) both found a plateau,
     at the larger of their two blocks, so that one look's noise passing for a plateau starts
-    nothing. Returns the confirmed choice and the blocks to pass as ``previous`` next time.
+    nothing, and only once blocks of ``horizon`` steps count (:func:`choose_blocks`; the earlier
+    look need not reach it). Returns the confirmed choice and the blocks to pass as
+    ``previous`` next time.
     """
     looked = choose_blocks(bm, min_blocks=min_blocks)
     candidate = np.where(looked.ready, looked.block, 0)
     confirmed = looked.ready & (previous > 0)
     if not confirmed.any():
         return dataclasses.replace(looked, ready=confirmed), candidate
-    choice = choose_blocks(bm, min_blocks=min_blocks, min_block=np.maximum(previous, looked.block))
+    choice = choose_blocks(
+        bm, min_blocks=min_blocks, min_block=np.maximum(previous, looked.block), horizon=horizon
+    )
     return dataclasses.replace(choice, ready=choice.ready & confirmed), candidate
+
+
+def horizon_level(horizon: int) -> int:
+    """The batch-means level of the shortest block of at least ``horizon`` steps.
+
+    >>> horizon_level(1), horizon_level(32), horizon_level(33)
+    (0, 5, 6)
+    """
+    if horizon < 1:
+        raise ValueError("horizon must be >= 1")
+    return (horizon - 1).bit_length()
 
 
 def inflation_at(
@@ -295,7 +324,8 @@ def inflation_at(
     var_floor: float = 1e-6,
 ) -> FloatArray:
     """``κ`` of each series at its given block size (a power of two) on everything seen so far,
-    by :func:`choose_blocks`' rule (unbounded; 1 where no counting level lies above the block).
+    as :func:`choose_blocks` reports it (unbounded; 1 where no counting level lies above the
+    block).
 
     A series monitored since an earlier look can be checked against the longer blocks that have
     completed since: a slow component only shows in long blocks.
@@ -311,7 +341,8 @@ def inflation_at(
         mask = np.asarray(block) == j
         vmax = levels.above(lv)[mask]
         vj = np.maximum(levels.v[lv][mask], var_floor)
-        out[mask] = np.where(vmax <= var_floor, 1.0, np.maximum(1.0, vmax / vj))
+        kap = np.maximum(1.0, levels.for_threshold(lv)[mask] / vj)
+        out[mask] = np.where(vmax <= var_floor, 1.0, kap)
     return out
 
 
@@ -322,6 +353,7 @@ class _Levels:
         self.v = bm.variances()
         counting = bm.count >= min_blocks
         self.top = int(np.flatnonzero(counting)[-1]) if counting.any() else -1
+        self.firm = (bm.count >= 2 * min_blocks).tolist()
         n = np.maximum(bm.count.astype(np.float64), 2.0)[:, None]
         # upper confidence bound of each level (relative standard error √(2 / (n − 1)))
         self.v_up = self.v * (1.0 + z * np.sqrt(2.0 / (n - 1.0)))
@@ -329,6 +361,24 @@ class _Levels:
         # 2 V_2b − V_b estimates L (Richardson extrapolation)
         fill = np.full((1, bm.n_streams), -np.inf)
         self.rich = np.vstack([2.0 * self.v[1:] - self.v[:-1], fill])
+
+    def for_threshold(self, j: int) -> FloatArray:
+        """The long-run variance a threshold at level ``j`` absorbs (the plateau from ``j`` on
+        shown by :meth:`above`): the larger of the longest counting level's estimate and the
+        upper bound of the longest level holding ``2 · min_blocks`` blocks.
+
+        :meth:`above` takes the largest of several noisy bounds, which is the right test of a
+        plateau, but as the variance itself it is biased upwards (on independent data by
+        a third to a half), and every unit of ``κ`` multiplies ADWIN's ``ln(1/δ)``. One bound
+        from the longest well-counted level keeps the margin against sampling error without
+        the selection bias, and the longest level's point estimate keeps any growth seen.
+        """
+        top = self.top
+        firm = [jj for jj in range(j + 1, top + 1) if self.firm[jj]]
+        if not firm:
+            out: FloatArray = np.maximum(self.v[top], self.v_up[top])
+            return out
+        return np.asarray(np.maximum(self.v[top], self.v_up[firm[-1]]), dtype=np.float64)
 
     def above(self, j: int) -> FloatArray:
         """The largest bound on the long-run variance from the counting levels above ``j``."""

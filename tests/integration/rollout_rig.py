@@ -54,6 +54,7 @@ def rig_settings(
         # 5-15 s at the rig's 320 readings/s (production: 48, noisier estimates here are
         # absorbed by stricter thresholds)
         "null_min_blocks": 16,
+        "null_horizon_readings": 128,
         "release_key": bundle.keys_dir / "release.key",
         "deploy_key": bundle.keys_dir / "deploy.key",
         "update_policy": "off",

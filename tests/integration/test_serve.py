@@ -79,6 +79,7 @@ def service(mosquitto, db_url) -> Iterator[Service]:
         checkpoint_interval_s=2.0,
         mqtt_client_id=SERVICE_ID,
         null_min_blocks=16,  # calibrated within 5-15 s at 320 readings/s (production: 48)
+        null_horizon_readings=128,  # dependence over 8 frames (production: 512 readings)
     )
     svc = Service(s)
     svc.start()

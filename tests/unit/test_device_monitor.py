@@ -43,10 +43,14 @@ FRAC_BITS = 11
 K = 16
 CHANGE = 8000
 """Reading index at which drift starts in the drift scenarios (after the reference and the
-null learning: every stream of an independent device is monitored after 6,656 readings, a
-few later)."""
+null learning: with :data:`FAST`'s horizon every stream of an independent device is monitored
+after 6,144 readings, a few later)."""
 HORIZON = 3000
 """Readings after the change within which a drift must be detected."""
+FAST = DeviceMonitorConfig(null_horizon_readings=128)
+"""The detection tests check dependence over 8 frames before a stream starts (production: the
+reference's 512 readings, 32 frames; tested on its own below), so that the simulated devices
+are calibrated by ``CHANGE``."""
 STD_FEATURES = {"std_x", "std_y", "std_z"}
 
 
@@ -102,7 +106,7 @@ def simulate(model: QuantizedLinear, seed: int, n: int, drift: DriftSpec | None 
 
 
 def run(dev: Device, mon: DeviceMonitor | None = None, labels: bool = True, **kw):
-    mon = mon or DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = mon or DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     out = []
     for fr in dev.frames(**kw):
         out += mon.update(fr)
@@ -201,7 +205,7 @@ def test_dependent_stationary_data_calibrates_longer_and_raises_no_alarm(model, 
         if half_from is None and status.streams_ready >= status.streams // 2:
             half_from = mon.readings
     assert half_from is not None
-    assert half_from > 2 * 6_656  # an independent device is monitored after 6,656
+    assert half_from > 24_576  # an independent device is monitored after 24,576
     assert status.block_readings_median >= 4 * K
     assert [a for a in alarms if a.detector != "hddm_a_warning"] == []
     # nor does it look drifted, so the update policy proposes no recalibration for a pattern
@@ -215,7 +219,7 @@ def test_dependent_stationary_data_calibrates_longer_and_raises_no_alarm(model, 
 
 
 def observe_all(dev: Device, mon: DeviceMonitor | None = None) -> tuple[DeviceMonitor, Outcome]:
-    mon = mon or DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = mon or DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     out = Outcome([], [])
     for fr in dev.frames():
         res = mon.observe(fr)
@@ -264,8 +268,8 @@ def test_labels_feed_the_sensitive_error_detector(model):
 
 def test_batches_return_the_suspicions_separately(model):
     dev = simulate(model, 263, CHANGE + 2000, drift_at("offset", axis=1, magnitude=0.4))
-    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
-    single = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
+    single = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     frames = list(dev.frames())
     want = Outcome([], [])
     for fr in frames:
@@ -280,7 +284,7 @@ def test_batches_return_the_suspicions_separately(model):
 
 
 def test_the_sensitive_tier_can_be_turned_off(model):
-    cfg = DeviceMonitorConfig(sensitive_budget_per_device_reading=None)
+    cfg = replace(FAST, sensitive_budget_per_device_reading=None)
     assert cfg.strict_budget == cfg.budget_per_device_reading  # the strict tier gets it all
     assert cfg.cohort_budget == 0.0
     dev = simulate(model, 264, CHANGE + 1000, drift_at("offset", axis=2))
@@ -380,17 +384,17 @@ def test_variance_only_change_is_caught_by_the_square_stream():
     rng = np.random.default_rng(7)
     mon = DeviceMonitor("fleet", "v", ["a", "b"], ["n", "p"])
     dets = []
-    for seq in range(900):
+    for seq in range(1900):
         x = rng.standard_normal((K, 2))
-        if seq >= 700:  # after the reference (32 frames) and the null learning (384+)
+        if seq >= 1700:  # after the reference (32 frames) and the null learning (1,536+)
             x[:, 1] *= 2.0
         pred = (rng.random(K) < 0.3).astype(np.int64)
         fr = DeviceFrame("fleet", "v", 0, seq, seq, 0.0, 1, x, pred, rng.uniform(0.5, 1, K))
         dets += mon.update(fr)
     assert dets
-    assert min(d.readings for d in dets) > 700 * K
+    assert min(d.readings for d in dets) > 1700 * K
     first = min(d.readings for d in dets)
-    assert first - 700 * K <= 300
+    assert first - 1700 * K <= 300
     assert {(d.signal, d.feature) for d in dets if d.readings == first} == {("feature_sq", "b")}
     assert Stream("feature_sq", "b") in mon.drifting
     assert Stream("feature", "b") not in mon.drifting
@@ -446,7 +450,7 @@ def test_a_rise_of_a_few_points_in_the_error_rate_is_alarmed():
 
 def test_hddm_a_warning_is_reported_once_per_entry(model):
     dev = simulate(model, 254, CHANGE + 2 * HORIZON, drift_at("concept"))
-    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     dets, entries, in_zone = [], 0, False
     for fr in dev.frames():
         dets += mon.update(fr)
@@ -476,7 +480,7 @@ def test_hddm_a_warning_is_reported_once_per_entry(model):
 
 def test_model_version_change_resets_the_reference(model):
     dev = simulate(model, 301, CHANGE + 1000, drift_at("offset", magnitude=0.5))
-    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     frames = list(dev.frames())
     for fr in frames[:100]:
         assert mon.update(fr) == []
@@ -527,7 +531,7 @@ def test_readings_count_the_model_version_including_the_reference(model):
 
 def test_frame_sizes_from_1_to_4096_and_a_straddling_reference(model):
     dev = simulate(model, 321, 9000)
-    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     sizes = [1, 7, 300, 4096, 1, 4096, 499]  # the 4th frame completes the reference mid-frame
     lo = 0
     for seq, k in enumerate(sizes):
@@ -545,7 +549,7 @@ def test_frame_sizes_from_1_to_4096_and_a_straddling_reference(model):
 
 def test_invalid_frames_are_refused(model):
     dev = simulate(model, 331, 64)
-    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     fr = next(dev.frames())
     bad_f = DeviceFrame("fleet", dev.name, 0, 0, 0, 0.0, 1, fr.features[:, :7], fr.pred, fr.conf)
     with pytest.raises(ValueError, match="8 features"):
@@ -579,7 +583,7 @@ def test_state_round_trip_gives_the_same_detections(model, cut):
     _, expected = run(fresh())
     assert expected
     dev = fresh()
-    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     got = []
     frames = list(dev.frames())
     for i, fr in enumerate(frames):
@@ -604,7 +608,7 @@ def test_state_round_trip_keeps_both_tiers_exactly(model):
     assert expected.suspicions
     assert expected.alarms
     dev = fresh()
-    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES)
+    mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
     got = Outcome([], [])
     for i, fr in enumerate(dev.frames()):
         if i in (100, 180, 195, 300):  # during the reference, before, at and after the change
@@ -658,8 +662,12 @@ def test_update_frames_equals_per_frame_updates(model):
         simulate(model, 501, CHANGE + 1000, drift_at("offset", magnitude=0.5)),
         simulate(model, 502, CHANGE + 1000),
     ]
-    seq_mons = {("fleet", d.name): DeviceMonitor("fleet", d.name, FEATURES, CLASSES) for d in devs}
-    bat_mons = {("fleet", d.name): DeviceMonitor("fleet", d.name, FEATURES, CLASSES) for d in devs}
+    seq_mons = {
+        ("fleet", d.name): DeviceMonitor("fleet", d.name, FEATURES, CLASSES, FAST) for d in devs
+    }
+    bat_mons = {
+        ("fleet", d.name): DeviceMonitor("fleet", d.name, FEATURES, CLASSES, FAST) for d in devs
+    }
     per_dev = [list(d.frames()) for d in devs]
     # device 1 switches to version 2 in the middle
     per_dev[1] = per_dev[1][:120] + [replace_version(f, 2) for f in per_dev[1][120:]]

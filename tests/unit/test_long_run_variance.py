@@ -13,7 +13,10 @@ from service.drift.long_run_variance import (
     DEFAULT_MIN_BLOCKS,
     DyadicBatchMeans,
     choose_blocks,
+    confirm_blocks,
+    horizon_level,
     inflate_delta,
+    inflation_at,
     new_level_complete,
 )
 
@@ -124,3 +127,66 @@ def test_inflated_delta_is_smaller_and_identity_at_kappa_one():
     assert inflate_delta(1e-5, 2.0) < inflate_delta(1e-5, 1.5) < 1e-5
     with pytest.raises(ValueError, match="kappa"):
         inflate_delta(1e-5, 0.5)
+
+
+def confirmed_start(series: np.ndarray, horizon: int) -> tuple[int, int, float, float] | None:
+    """(steps, block, κ, implied long-run variance κ·b·sd²) when confirm_blocks first starts
+    the series, looking when a level completes (as the device monitor does)."""
+    bm = DyadicBatchMeans(1)
+    prev = np.zeros(1, dtype=np.int64)
+    for i, v in enumerate(series, start=1):
+        bm.add(np.array([v]))
+        if new_level_complete(i):
+            ch, prev = confirm_blocks(bm, prev, horizon=horizon)
+            if ch.ready[0]:
+                b, kap, sd = int(ch.block[0]), float(ch.kappa[0]), float(ch.sd[0])
+                return i, b, kap, kap * b * sd * sd
+    return None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 7])
+def test_a_weak_slow_component_is_measured_when_the_horizon_covers_it(seed):
+    """Independent noise plus a weak AR(0.9) component (correlation time ~19 steps) whose
+    long-run variance is twice the noise's: short blocks hardly show it. Looking only as far as
+    the lookahead, the series starts at block 1-2 with about half the true long-run variance
+    (3.0) in its threshold; checking blocks up to 64 steps first, it starts past the component
+    with most of it."""
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    slow = 0.32 * ar1(rng, n, 0.9)
+    x = rng.standard_normal(n) + slow
+    true_lrv = 1.0 + 0.32**2 * (1.9 / 0.1)
+    early = confirmed_start(x, horizon=1)
+    late = confirmed_start(x, horizon=64)
+    assert early is not None
+    assert late is not None
+    assert early[0] == 384
+    assert early[1] <= 2
+    assert early[3] < 0.6 * true_lrv
+    assert late[0] >= DEFAULT_MIN_BLOCKS * 64
+    assert late[1] >= 8
+    assert late[3] >= 0.75 * true_lrv
+
+
+def test_nothing_starts_before_blocks_of_the_horizon_count():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4000, 2))
+    bm = feed(x)
+    assert choose_blocks(bm).ready.all()
+    assert not choose_blocks(bm, horizon=128).ready.any()  # 4000 < 48 * 128
+    assert choose_blocks(bm, horizon=64).ready.all()  # 3072 <= 4000
+    assert horizon_level(64) == 6
+    with pytest.raises(ValueError, match="horizon"):
+        choose_blocks(bm, horizon=0)
+
+
+def test_kappa_of_independent_values_comes_down_as_the_levels_fill():
+    """The threshold's κ on independent values: the upper bound of one well-counted level, not
+    the largest of every level's bound, so it is near 1 and shrinks with more data."""
+    rng = np.random.default_rng(7)
+    kaps = []
+    bm = DyadicBatchMeans(50)
+    for n in (3072, 3072 * 7):
+        bm = feed(rng.standard_normal((n, 50)), bm)
+        kaps.append(float(np.median(inflation_at(bm, np.ones(50, dtype=np.int64)))))
+    assert 1.0 < kaps[1] < kaps[0] < 1.35
