@@ -270,14 +270,20 @@ def choose_blocks(
 
 
 def confirm_blocks(
-    bm: DyadicBatchMeans, previous: IntArray, *, min_blocks: int = DEFAULT_MIN_BLOCKS
+    bm: DyadicBatchMeans,
+    previous: IntArray,
+    *,
+    min_blocks: int = DEFAULT_MIN_BLOCKS,
+    min_block: IntArray | None = None,
 ) -> tuple[BlockChoice, IntArray]:
     """:func:`choose_blocks` confirmed by the previous look: a series is ready only when this
     look and the previous one (``previous``: its block then, 0 if none) both found a plateau,
     at the larger of their two blocks, so that one look's noise passing for a plateau starts
     nothing. Returns the confirmed choice and the blocks to pass as ``previous`` next time.
+    ``min_block`` (per series, as for :func:`choose_blocks`) rules out smaller blocks at this
+    look (a declared time scale; the confirmed block is at least this look's).
     """
-    looked = choose_blocks(bm, min_blocks=min_blocks)
+    looked = choose_blocks(bm, min_blocks=min_blocks, min_block=min_block)
     candidate = np.where(looked.ready, looked.block, 0)
     confirmed = looked.ready & (previous > 0)
     if not confirmed.any():
