@@ -12,11 +12,21 @@ service.config.SettingsError: setting broker: expected mqtt://HOST[:PORT], got '
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +37,56 @@ from pydantic_settings import (
 
 class SettingsError(ValueError):
     """A setting is invalid; the message is one line naming the setting and the problem."""
+
+
+_FLEET_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+"""A fleet id (as in the topics: ``edge_agent.wire.topics``)."""
+
+
+class FleetNormal(BaseModel):
+    """What is normal for a fleet, declared by its operator (``fleet_normal``), in seconds.
+
+    Layer A takes it as a floor on every signal stream's block: a block spans at least one
+    ``period_s`` and two ``session_s`` (``service/drift/declared_normal.py``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    period_s: float | None = None
+    """A cycle present in normal operation (a daily temperature: 86400; a duty cycle)."""
+    session_s: float | None = None
+    """The longest normal session or dwell (a user walks for minutes: e.g. 600)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown key {', '.join(map(repr, unknown))}: a fleet declares period_s "
+                    "and/or session_s (seconds)"
+                )
+        return data
+
+    @field_validator("period_s", "session_s")
+    @classmethod
+    def _seconds(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v > 0.0):
+            raise ValueError(
+                f"must be a positive, finite number of seconds (e.g. 86400 for a daily cycle, "
+                f"600 for sessions of up to 10 minutes), got {v}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> FleetNormal:
+        if self.period_s is None and self.session_s is None:
+            raise ValueError(
+                "declares nothing: give period_s and/or session_s in seconds, or remove the "
+                "fleet from fleet_normal"
+            )
+        return self
 
 
 class ServiceSettings(BaseSettings):
@@ -73,6 +133,11 @@ class ServiceSettings(BaseSettings):
     monitoring it: blocks this long must have been seen ``null_min_blocks`` times. Default
     (unset): ``reference_readings``. Lower starts independent streams sooner and may miss a
     slow component of the noise (a slow sensor) until the learning that follows finds it."""
+    fleet_normal: dict[str, FleetNormal] = Field(default_factory=dict)
+    """Per fleet, what is normal (``period_s``, ``session_s``): a floor on layer A's blocks
+    for that fleet's devices; fleets not listed are learnt from their data alone. In TOML
+    ``[fleet_normal.NAME]``, in the environment JSON (``TINYDRIFT_FLEET_NORMAL``); the sources
+    merge per fleet and key (environment over file)."""
     false_alarm_budget: float = Field(1e-7, gt=0, lt=1)
     """Fleet-level false drift alarms per device-reading on stationary data."""
     label_cap_per_device: int = Field(2_000, ge=0)
@@ -121,6 +186,26 @@ class ServiceSettings(BaseSettings):
             _ = p.port
         except ValueError:
             raise ValueError(f"bad port in {v!r}") from None
+        return v
+
+    @field_validator("fleet_normal")
+    @classmethod
+    def _declared_fleets(
+        cls, v: dict[str, FleetNormal], info: ValidationInfo
+    ) -> dict[str, FleetNormal]:
+        for name in v:
+            if _FLEET_ID.fullmatch(name) is None:
+                raise ValueError(
+                    f"{name!r} is not a fleet id (1-64 characters of A-Z a-z 0-9 _ . -): "
+                    "key each declaration by the fleet's name"
+                )
+        fleets = info.data.get("fleets", ["+"])
+        unwatched = sorted(set(v) - set(fleets)) if "+" not in fleets else []
+        if unwatched:
+            raise ValueError(
+                f"declares {', '.join(unwatched)}, which fleets does not subscribe to: add "
+                "them to fleets or remove them from fleet_normal"
+            )
         return v
 
     @property

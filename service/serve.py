@@ -36,6 +36,7 @@ from service.api import create_app
 from service.api.server import ApiServer
 from service.config import ServiceSettings
 from service.drift.cohort_monitor import CohortReport
+from service.drift.declared_normal import DeclaredNormal
 from service.drift.detection import Detection
 from service.drift.device_monitor import CalibrationState, DeviceMonitorConfig
 from service.drift.engine import DriftEngine, LayerAStatus
@@ -159,7 +160,13 @@ class Service:
                 null_horizon_readings=settings.null_horizon_readings,
             ),
             on_suspicions=self._count_suspicions,
+            fleet_normal={
+                fleet: DeclaredNormal(period_s=n.period_s, session_s=n.session_s)
+                for fleet, n in settings.fleet_normal.items()
+            },
         )
+        for fleet, normal in self.engine.fleet_normal.items():
+            log.info("fleet %s declares its normal: %s", fleet, normal.describe())
         if discard_checkpoints:
             log.warning("discarding stored detector checkpoints: references are relearned")
         else:
@@ -289,6 +296,7 @@ class Service:
             self.status,
             operations=self.operations,
             calibration=self._calibration_of,
+            fleet_calibration=self._fleet_calibration_of,
         )
         self._api = ApiServer(app, self.settings.api_host, self.settings.api_port)
         self.api_port = self._api.start()
@@ -628,6 +636,10 @@ class Service:
         """Layer A's calibration of one device, for the API (``None``: no monitor)."""
         status = self.engine.calibration(fleet, device)
         return None if status is None else dataclasses.asdict(status)
+
+    def _fleet_calibration_of(self, fleet: str) -> dict[str, Any]:
+        """What layer A learnt of one fleet, with its declaration, for the API."""
+        return dataclasses.asdict(self.engine.fleet_calibration(fleet))
 
     def status(self) -> ServiceStatus:
         """A snapshot of the main figures."""

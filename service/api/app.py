@@ -10,7 +10,12 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import ApiContext
 from service.api.routes import ROUTERS
-from service.api.state import CalibrationProvider, RolloutOperations, ServiceStateProvider
+from service.api.state import (
+    CalibrationProvider,
+    FleetCalibrationProvider,
+    RolloutOperations,
+    ServiceStateProvider,
+)
 from service.registry.errors import (
     RegistryConflictError,
     RegistryError,
@@ -48,12 +53,15 @@ def create_app(
     *,
     operations: RolloutOperations | None = None,
     calibration: CalibrationProvider | None = None,
+    fleet_calibration: FleetCalibrationProvider | None = None,
 ) -> FastAPI:
     """The operator API over ``registry``; ``service_state_provider`` gives live service figures.
 
     ``operations`` (the service's proposer and reconciler) enables the update actions; without
     it (no signing keys configured, or a read-only deployment) they answer 503.
-    ``calibration`` (the drift engine's) adds layer A's calibration to a device's detail.
+    ``calibration`` (the drift engine's) adds layer A's calibration to a device's detail;
+    ``fleet_calibration`` serves a fleet's declared normal and what layer A learnt of it
+    (without it that endpoint answers 503).
 
     The caller owns ``registry`` (the app never closes it). Docs at ``/docs``, the OpenAPI
     document at ``/openapi.json``.
@@ -71,6 +79,7 @@ def create_app(
         state_provider=service_state_provider,
         operations=operations,
         calibration_provider=calibration,
+        fleet_calibration_provider=fleet_calibration,
     )
     for router in ROUTERS:
         app.include_router(router, prefix=API_PREFIX)

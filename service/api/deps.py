@@ -9,7 +9,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.api.state import CalibrationProvider, RolloutOperations, ServiceStateProvider
+from service.api.state import (
+    CalibrationProvider,
+    FleetCalibrationProvider,
+    RolloutOperations,
+    ServiceStateProvider,
+)
 from service.registry.store import Registry
 
 TOUCH_INTERVAL_S = 60.0
@@ -26,6 +31,8 @@ class ApiContext:
     """The update actions (``None``: the service has no signing keys; actions answer 503)."""
     calibration_provider: CalibrationProvider | None = None
     """Layer A's calibration of a device (``None``: no live service in this process)."""
+    fleet_calibration_provider: FleetCalibrationProvider | None = None
+    """Layer A's calibration of a fleet (``None``: no live service in this process)."""
     _touched: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -160,6 +160,13 @@ class DriftEventList(BaseModel):
     items: list[DriftEventOut]
 
 
+class DeclaredNormalOut(BaseModel):
+    """What an operator declared normal for a fleet (settings ``fleet_normal``), in seconds."""
+
+    period_s: float | None = Field(description="A cycle present in normal operation.")
+    session_s: float | None = Field(description="The longest normal session or dwell.")
+
+
 class CalibrationOut(BaseModel):
     """What layer A learnt of a device's normal variation (live, from the running service)."""
 
@@ -180,6 +187,65 @@ class CalibrationOut(BaseModel):
     labels: int = Field(description="Labels of the current model version.")
     error_ready: bool = Field(description="Whether the labelled error stream is monitored.")
     error_block_labels: int
+    frame_interval_s: float | None = Field(
+        None,
+        description="The device's interval between frames, measured from their timestamps "
+        "(null until known).",
+    )
+    block_seconds_max: float | None = Field(
+        None, description="block_readings_max in seconds (null while the interval is unknown)."
+    )
+    block_seconds_median: float | None = None
+    declared: DeclaredNormalOut | None = Field(
+        None, description="The fleet's declared normal (null: nothing declared)."
+    )
+    declared_block_frames: int = Field(
+        0,
+        description="The smallest block, in frames, the declaration allows a signal stream: "
+        "one period, two sessions (0: nothing declared, or the interval is not known yet).",
+    )
+    declared_too_long: bool = Field(
+        False,
+        description="The declaration needs longer blocks than layer A can learn at this "
+        "device's frame interval: its signals cannot be monitored (see reason).",
+    )
+    reason: str | None = Field(
+        None, description="Why the declaration holds the signals back, in words."
+    )
+
+
+class FleetCalibrationOut(BaseModel):
+    """A fleet's declared normal and what layer A learnt of its devices (live)."""
+
+    fleet: str
+    declared: DeclaredNormalOut | None = Field(
+        description="What the operator declared normal (null: nothing; learnt from data alone)."
+    )
+    devices: int = Field(description="Devices with a layer-A monitor.")
+    states: dict[str, int] = Field(
+        description="Devices per calibration state: reference, calibrating, monitoring."
+    )
+    declared_too_long: int = Field(
+        description="Devices whose signals cannot be monitored: the declaration needs longer "
+        "blocks than layer A can learn at their frame interval."
+    )
+    streams_ready: int = Field(description="Signal streams monitored, all devices.")
+    streams: int
+    frame_interval_s_median: float | None = Field(
+        description="Median over devices of their measured interval between frames."
+    )
+    declared_block_frames_max: int = Field(
+        description="The largest block floor, in frames, the declaration sets on a device."
+    )
+    block_readings_median: float | None = Field(
+        description="Median over devices (with a monitored signal) of their median block, "
+        "in readings."
+    )
+    block_readings_max: int
+    block_seconds_median: float | None = Field(description="The same in seconds.")
+    block_seconds_max: float | None
+    kappa_max: float = Field(description="Largest residual variance inflation absorbed (≥ 1).")
+    error_ready: int = Field(description="Devices whose labelled error stream is monitored.")
 
 
 class DeviceDetail(DeviceOut):

@@ -47,6 +47,10 @@ CalibrationProvider = Callable[[str, str], Mapping[str, Any] | None]
 ``service.drift.device_monitor.CalibrationStatus``), or ``None`` for a device it has no
 monitor of."""
 
+FleetCalibrationProvider = Callable[[str], Mapping[str, Any]]
+"""``fleet`` → the fleet's declared normal and what layer A learnt of its devices (the fields of
+``service.drift.engine.FleetCalibration``)."""
+
 
 class RolloutOperations(Protocol):
     """The update actions the API triggers (the service's proposer and reconciler).

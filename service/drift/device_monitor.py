@@ -30,6 +30,16 @@ Lifecycle per (device, model version)
    whose dependence lasts ``τ`` frames after about ``8 · 48 · τ`` if that is longer; a stream
    that never settles (a random walk, a cycle longer than the largest block) stays
    calibrating.
+   A fleet's **declared normal** (``normal``:
+   :class:`~service.drift.declared_normal.DeclaredNormal`, a period and/or the longest session,
+   in seconds) puts a floor under every signal stream's block: at least one period and two
+   sessions, converted to frames with the device's own frame interval (the median interval
+   between frame timestamps, :class:`~service.drift.declared_normal.FrameClock`); no stream
+   starts before that interval is known, and a floor above the largest block the batch means
+   can choose is reported by :meth:`DeviceMonitor.calibration` (``declared_too_long``,
+   ``reason``). The error stream is not floored: labels come at the labeller's pace, not the
+   device's (one timestamp per label batch), so seconds do not convert to labels; it learns
+   its blocks from the labels alone.
 3. **Monitoring.** A calibrated stream adds ``u`` to its open block; each completed block's
    mean, centred, divided by the learnt block standard deviation and skew-corrected with the
    learnt block skewness (dependence keeps block means of ``z²`` far from normal), is fed as
@@ -151,6 +161,7 @@ from service.drift.calibration import (
     make_adwin,
 )
 from service.drift.checkpoint_format import CheckpointFormatError, add_header, check_header
+from service.drift.declared_normal import LARGEST_BLOCK, DeclaredNormal, FrameClock
 from service.drift.detection import Detection, DetectorName, Signal
 from service.drift.long_run_variance import (
     DEFAULT_MIN_BLOCKS,
@@ -197,7 +208,9 @@ STATE_FORMAT: Final = 3
 """Version of :meth:`DeviceMonitor.state_bytes`; bump it when the pickled layout changes.
 
 3: dependence-aware monitoring (the batch-means learner, per-stream blocks, κ and δ, ADWINs
-created per stream when it is calibrated).
+created per stream when it is calibrated). Later added, without a bump (absent in older
+checkpoints, filled in on load): ``normal`` (the engine sets it from the settings) and the
+frame clock (measuring anew from the next frame).
 
 2: the sensitive tier (a second ADWIN bank and error ADWIN), every ADWIN packed by
 :mod:`service.drift.adwin_state`, the score rings as int8 steps and bits, the window counts and
@@ -252,6 +265,21 @@ class CalibrationStatus:
     """Whether the labelled error stream is calibrated (monitored)."""
     error_block_labels: int
     """Labels per monitored value of the error stream (0 while calibrating)."""
+    frame_interval_s: float | None = None
+    """The device's interval between frames, from their timestamps (``None``: not known yet)."""
+    block_seconds_max: float | None = None
+    """:attr:`block_readings_max` in seconds (frames × :attr:`frame_interval_s`)."""
+    block_seconds_median: float | None = None
+    declared: DeclaredNormal | None = None
+    """The fleet's declared normal time scales (``None``: nothing declared)."""
+    declared_block_frames: int = 0
+    """The smallest block (frames) the declaration allows a signal stream (0: none, or the
+    frame interval is not known yet)."""
+    declared_too_long: bool = False
+    """The declaration needs blocks longer than the null learning can choose: the signal
+    streams cannot be monitored on this device (see :attr:`reason`)."""
+    reason: str | None = None
+    """Why the declaration holds the signal streams back, in words (``None``: it does not)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,10 +446,14 @@ class DeviceMonitor:
         feature_names: Sequence[str],
         class_names: Sequence[str],
         config: DeviceMonitorConfig | None = None,
+        normal: DeclaredNormal | None = None,
     ) -> None:
         self.fleet = fleet
         self.device = device
         self.config = config if config is not None else DeviceMonitorConfig()
+        self.normal = normal
+        """The fleet's declared normal: a floor on every signal stream's block (the error
+        stream learns its blocks from the labels alone; :mod:`service.drift.declared_normal`)."""
         self.layout = SignalLayout.create(feature_names, class_names)
         self.labels_ignored = 0
         """Labelled readings dropped because they were for another model version."""
@@ -438,6 +470,7 @@ class DeviceMonitor:
 
     _KEPT_ACROSS_VERSIONS: Final = (
         "fleet", "device", "config", "layout", "labels_ignored", "last_frame", "last_labels",
+        "normal",
     )  # fmt: skip
 
     def _switch_version(self, version: int) -> None:
@@ -496,6 +529,7 @@ class DeviceMonitor:
         self._bsd = np.ones(s, dtype=np.float64)  # sd of a block mean of u
         self._bskew = np.zeros(s, dtype=np.float64)  # skewness of a block mean of u
         self._candidate = np.zeros(s, dtype=np.int64)  # block chosen at the last look
+        self._clock = FrameClock()  # the interval between frames (declared seconds → frames)
         self._alarmed = np.zeros(s, dtype=np.bool_)  # strict alarm since the stream started
         self._ref_var = np.zeros(s, dtype=np.float64)  # var of the centre, in block-sd units
         self._delta = np.zeros(s, dtype=np.float64)
@@ -604,6 +638,10 @@ class DeviceMonitor:
         ready = self._ready
         k = self._k_nom
         blocks = self._block[ready] * k
+        interval = self._clock.interval_s
+        secs = self._block[ready] * interval if interval is not None else None
+        floor = self._declared_block() or 0
+        too_long = floor > LARGEST_BLOCK
         return CalibrationStatus(
             state=state,
             readings=self._readings,
@@ -615,7 +653,41 @@ class DeviceMonitor:
             labels=self._lbl_ref_n,
             error_ready=self._err_block > 0,
             error_block_labels=self._err_block,
+            frame_interval_s=interval,
+            block_seconds_max=float(secs.max()) if secs is not None and secs.size else None,
+            block_seconds_median=float(np.median(secs)) if secs is not None and secs.size else None,
+            declared=self.normal,
+            declared_block_frames=floor,
+            declared_too_long=too_long,
+            reason=self._declared_reason(state, floor) if self.normal is not None else None,
         )
+
+    def _declared_block(self) -> int | None:
+        """Frames per block the declared normal needs (``None``: nothing declared; 0: the frame
+        interval is not known yet)."""
+        if self.normal is None:
+            return None
+        interval = self._clock.interval_s
+        return 0 if interval is None else self.normal.block_frames(interval)
+
+    def _declared_reason(self, state: CalibrationState, floor: int) -> str | None:
+        normal, interval = self.normal, self._clock.interval_s
+        assert normal is not None
+        if floor > LARGEST_BLOCK and interval is not None:
+            return (
+                f"the declared {normal.describe()} needs blocks of {floor} frames at "
+                f"{interval:g} s per frame, more than the {LARGEST_BLOCK} frames "
+                f"({LARGEST_BLOCK * interval:g} s) the null learning can choose: the signal "
+                "streams cannot be monitored; declare a shorter time scale for the fleet, or "
+                "have its devices send fewer, larger frames"
+            )
+        if floor == 0 and state in ("reference", "calibrating"):
+            return (
+                f"measuring the interval between frames to turn the declared "
+                f"{normal.describe()} into frames ({self._clock.missing} more frames with "
+                "increasing timestamps needed)"
+            )
+        return None
 
     @property
     def streams(self) -> tuple[Stream, ...]:
@@ -663,6 +735,7 @@ class DeviceMonitor:
         if frame.param_version != self._version:
             self._switch_version(frame.param_version)
         self.last_frame = (frame.boot, frame.seq)
+        self._clock.note(frame.boot, frame.ts_ms)
         k = frame.k
         self._readings += k
         if self._mu is not None:
@@ -779,8 +852,15 @@ class DeviceMonitor:
         assert self._thr is not None
         if self._ready.all():
             return
+        floor = self._declared_block()
+        if floor is not None and not 0 < floor <= LARGEST_BLOCK:
+            return  # the declared scale is not convertible to frames yet, or too long
         choice, self._candidate = confirm_blocks(
-            bm, self._candidate, min_blocks=self.config.null_min_blocks, horizon=self._horizon
+            bm,
+            self._candidate,
+            min_blocks=self.config.null_min_blocks,
+            horizon=self._horizon,
+            min_block=None if floor is None else np.full(self.layout.n_streams, floor),
         )
         new = choice.ready & ~self._ready
         if not new.any():
@@ -904,6 +984,7 @@ class DeviceMonitor:
                     bm, self._block, self.config.null_min_blocks, self._horizon
                 ):
                     self._bm = None  # its memory is released
+                    self._clock.stop()
         if strict:
             self._alarmed[[i for i, _ in strict]] = True
         return strict, sensitive
@@ -1288,6 +1369,11 @@ class DeviceMonitor:
             state = cls._setstate(state)
         except Exception as exc:  # a damaged ADWIN pack
             raise CheckpointFormatError(f"corrupt device monitor checkpoint: {exc}") from exc
+        if "_clock" not in state:  # written before declared normals: measure from now on
+            state["_clock"] = FrameClock()
+            if state.get("_bm") is None and state.get("_mu") is not None:
+                state["_clock"].stop()
+        state.setdefault("normal", None)
         obj = cls.__new__(cls)
         obj.__dict__.update(state)
         return obj
@@ -1384,6 +1470,7 @@ def update_frames(
             res = mon.observe(fr)
         else:
             mon.last_frame = (fr.boot, fr.seq)
+            mon._clock.note(fr.boot, fr.ts_ms)
             mon._readings += fr.k
             res = mon._monitor_means(row, fr.k, fr)
         out += res.alarms

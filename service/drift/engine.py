@@ -14,6 +14,11 @@ A suspicion cohort's window is evaluated by the first batch (frames or labels) r
 it ends, on the service's clock (``recv_ts``); its alarm (``cohort_suspicions``) is returned
 with that batch's detections. So everything returned is an alarm, to be recorded.
 
+Each fleet's declared normal (``fleet_normal``: a period, the longest session) goes to the
+monitors of that fleet's devices, as a floor on their blocks
+(:mod:`service.drift.declared_normal`); a fleet without one is monitored as learnt from its
+data alone. :meth:`DriftEngine.fleet_calibration` sums up, per fleet, what layer A learnt.
+
 The engine is called from the batcher thread and from the service's timers; one lock serialises
 them (monitors are not thread-safe).
 
@@ -26,14 +31,16 @@ a message that names the fix.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edge_agent.blob import ParameterSchema
 from service.drift.cohort_monitor import STATE_VERSION as COHORT_STATE_FORMAT
 from service.drift.cohort_monitor import CohortConfig, CohortMonitor, CohortReport
+from service.drift.declared_normal import DeclaredNormal
 from service.drift.detection import Detection
 from service.drift.device_monitor import (
     STATE_FORMAT as DEVICE_STATE_FORMAT,
@@ -77,6 +84,70 @@ class LayerAStatus:
     """Where each device's monitor stands (reference, calibrating, monitoring)."""
 
 
+@dataclass(frozen=True, slots=True)
+class FleetCalibration:
+    """:meth:`DriftEngine.fleet_calibration`: what layer A learnt of one fleet's devices."""
+
+    fleet: str
+    declared: DeclaredNormal | None
+    """The fleet's declared normal (``None``: nothing declared)."""
+    devices: int
+    """Devices with a layer-A monitor."""
+    states: dict[str, int]
+    """Devices per calibration state (unknown, reference, calibrating, monitoring)."""
+    declared_too_long: int
+    """Devices whose signal streams cannot be monitored: the declaration needs blocks longer
+    than the null learning can choose at their frame interval."""
+    streams_ready: int
+    """Signal streams monitored, all devices."""
+    streams: int
+    frame_interval_s_median: float | None
+    """Median over devices of their measured frame interval."""
+    declared_block_frames_max: int
+    """The largest block floor (frames) the declaration sets on a device (0: none)."""
+    block_readings_median: float | None
+    """Median over devices of each device's median block (readings), devices with a
+    monitored stream only; ``None`` if there is none."""
+    block_readings_max: int
+    block_seconds_median: float | None
+    """The same in seconds (devices whose frame interval is known)."""
+    block_seconds_max: float | None
+    kappa_max: float
+    """Largest residual variance inflation absorbed by a monitored stream (1 if none)."""
+    error_ready: int
+    """Devices whose labelled error stream is monitored."""
+
+
+def summarise(
+    fleet: str, declared: DeclaredNormal | None, statuses: Sequence[CalibrationStatus]
+) -> FleetCalibration:
+    """One fleet's :class:`FleetCalibration` from its devices' :class:`CalibrationStatus`."""
+    learnt = [c for c in statuses if c.streams_ready > 0]
+    timed = [c for c in learnt if c.block_seconds_median is not None]
+    intervals = [c.frame_interval_s for c in statuses if c.frame_interval_s is not None]
+    return FleetCalibration(
+        fleet=fleet,
+        declared=declared,
+        devices=len(statuses),
+        states=dict(Counter(c.state for c in statuses)),
+        declared_too_long=sum(c.declared_too_long for c in statuses),
+        streams_ready=sum(c.streams_ready for c in statuses),
+        streams=sum(c.streams for c in statuses),
+        frame_interval_s_median=statistics.median(intervals) if intervals else None,
+        declared_block_frames_max=max((c.declared_block_frames for c in statuses), default=0),
+        block_readings_median=(
+            statistics.median(c.block_readings_median for c in learnt) if learnt else None
+        ),
+        block_readings_max=max((c.block_readings_max for c in learnt), default=0),
+        block_seconds_median=(
+            statistics.median(c.block_seconds_median or 0.0 for c in timed) if timed else None
+        ),
+        block_seconds_max=max((c.block_seconds_max or 0.0 for c in timed), default=None),
+        kappa_max=max((c.kappa_max for c in learnt), default=1.0),
+        error_ready=sum(c.error_ready for c in statuses),
+    )
+
+
 @dataclass
 class EngineStats:
     """Counters the service exposes."""
@@ -106,6 +177,7 @@ class DriftEngine:
         cohort_config: CohortConfig | None = None,
         suspicion_config: SuspicionCohortConfig | None = None,
         on_suspicions: Callable[[list[Detection]], None] | None = None,
+        fleet_normal: Mapping[str, DeclaredNormal] | None = None,
     ) -> None:
         self.catalog = catalog
         self.schema_of = schema_of
@@ -118,6 +190,8 @@ class DriftEngine:
         """Default: the share of the fleet budget the strict tier leaves to the rule."""
         self.on_suspicions = on_suspicions
         """Called (under the engine's lock) with each batch's suspicions, e.g. to count them."""
+        self.fleet_normal: dict[str, DeclaredNormal] = dict(fleet_normal or {})
+        """Declared normal per fleet (fleets absent: nothing declared)."""
         self.monitors: dict[tuple[str, str], DeviceMonitor] = {}
         self.cohorts: dict[tuple[str, str, int], CohortMonitor] = {}
         self.suspicion_cohorts: dict[tuple[str, str, int], SuspicionCohort] = {}
@@ -138,7 +212,14 @@ class DriftEngine:
     def _monitor(self, fleet: str, device: str, schema: ParameterSchema) -> DeviceMonitor:
         mon = self.monitors.get((fleet, device))
         if mon is None:
-            mon = DeviceMonitor(fleet, device, schema.features, schema.classes, self.device_config)
+            mon = DeviceMonitor(
+                fleet,
+                device,
+                schema.features,
+                schema.classes,
+                self.device_config,
+                normal=self.fleet_normal.get(fleet),
+            )
             self.monitors[(fleet, device)] = mon
         return mon
 
@@ -306,6 +387,12 @@ class DriftEngine:
             mon = self.monitors.get((fleet, device))
             return None if mon is None else mon.calibration()
 
+    def fleet_calibration(self, fleet: str) -> FleetCalibration:
+        """What layer A learnt of one fleet's devices, with the fleet's declaration."""
+        with self.lock:
+            statuses = [m.calibration() for (f, _), m in self.monitors.items() if f == fleet]
+        return summarise(fleet, self.fleet_normal.get(fleet), statuses)
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def checkpoint(self) -> list[CheckpointRecord]:
@@ -356,9 +443,11 @@ class DriftEngine:
                 try:
                     state = rec.state
                     if rec.kind == KIND_DEVICE and rec.device is not None:
-                        self.monitors[(rec.fleet, rec.device)] = DeviceMonitor.from_state_bytes(
-                            state
-                        )
+                        mon = DeviceMonitor.from_state_bytes(state)
+                        # today's declaration: streams still calibrating take it; monitored
+                        # ones keep their blocks until the next model version's reference
+                        mon.normal = self.fleet_normal.get(rec.fleet)
+                        self.monitors[(rec.fleet, rec.device)] = mon
                     elif rec.kind.startswith(KIND_COHORT + ":"):
                         _, schema_id, version = rec.kind.split(":")
                         params = self.catalog.parameter_set(schema_id, int(version))

@@ -285,15 +285,18 @@ def confirm_blocks(
     *,
     min_blocks: int = DEFAULT_MIN_BLOCKS,
     horizon: int = 1,
+    min_block: IntArray | None = None,
 ) -> tuple[BlockChoice, IntArray]:
     """:func:`choose_blocks` confirmed by the previous look: a series is ready only when this
     look and the previous one (``previous``: its block then, 0 if none) both found a plateau,
     at the larger of their two blocks, so that one look's noise passing for a plateau starts
     nothing, and only once blocks of ``horizon`` steps count (:func:`choose_blocks`; the earlier
     look need not reach it). Returns the confirmed choice and the blocks to pass as
-    ``previous`` next time.
+    ``previous`` next time. ``min_block`` (per series, as for :func:`choose_blocks`) rules out
+    smaller blocks at this look (a declared time scale; the confirmed block is at least this
+    look's).
     """
-    looked = choose_blocks(bm, min_blocks=min_blocks)
+    looked = choose_blocks(bm, min_blocks=min_blocks, min_block=min_block)
     candidate = np.where(looked.ready, looked.block, 0)
     confirmed = looked.ready & (previous > 0)
     if not confirmed.any():

@@ -57,12 +57,49 @@ CALIBRATION = {
     "labels": 320,
     "error_ready": False,
     "error_block_labels": 0,
+    "frame_interval_s": 2.0,
+    "block_seconds_max": 8.0,
+    "block_seconds_median": 2.0,
+    "declared": {"period_s": None, "session_s": 600.0},
+    "declared_block_frames": 2048,
+    "declared_too_long": True,
+    "reason": "the declared session 600 s needs blocks of 2048 frames at 2 s per frame, ...",
 }
 
 
 def fake_calibration(fleet: str, device: str) -> dict[str, Any] | None:
     """What ``Service._calibration_of`` gives: the drift engine knows ``plant/dev-2`` only."""
     return CALIBRATION if (fleet, device) == ("plant", "dev-2") else None
+
+
+FLEET_CALIBRATION = {
+    "fleet": "plant",
+    "declared": {"period_s": 86400.0, "session_s": None},
+    "devices": 3,
+    "states": {"monitoring": 2, "calibrating": 1},
+    "declared_too_long": 0,
+    "streams_ready": 64,
+    "streams": 66,
+    "frame_interval_s_median": 600.0,
+    "declared_block_frames_max": 256,
+    "block_readings_median": 4096.0,
+    "block_readings_max": 8192,
+    "block_seconds_median": 153600.0,
+    "block_seconds_max": 307200.0,
+    "kappa_max": 1.4,
+    "error_ready": 2,
+}
+
+
+def fake_fleet_calibration(fleet: str) -> dict[str, Any]:
+    """What ``Service._fleet_calibration_of`` gives: ``plant`` declared a daily cycle."""
+    if fleet == "plant":
+        return FLEET_CALIBRATION
+    return {**FLEET_CALIBRATION, "fleet": fleet, "declared": None, "devices": 0, "states": {},
+            "streams_ready": 0, "streams": 0, "frame_interval_s_median": None,
+            "declared_block_frames_max": 0, "block_readings_median": None,
+            "block_readings_max": 0, "block_seconds_median": None, "block_seconds_max": None,
+            "kappa_max": 1.0, "error_ready": 0}  # fmt: skip
 
 
 @dataclass
@@ -156,7 +193,10 @@ def api(db_url: str) -> Iterator[Api]:
     tokens = {role: reg.create_token(f"{role}-1", role, actor="test")[1] for role in
               ("viewer", "operator", "admin")}  # fmt: skip
     engine = create_registry_engine(db_url)
-    with TestClient(create_app(reg, FakeState, calibration=fake_calibration)) as client:
+    app = create_app(
+        reg, FakeState, calibration=fake_calibration, fleet_calibration=fake_fleet_calibration
+    )
+    with TestClient(app) as client:
         yield Api(client, reg, engine, tokens)
     engine.dispose()
     reg.close()
@@ -219,6 +259,20 @@ def test_a_calibrating_device_is_not_drifting_and_shows_what_layer_a_learnt(api:
     assert api.get("/devices/plant/dev-1").json()["calibration"] is None  # no live monitor
 
 
+def test_a_fleets_declared_normal_and_what_layer_a_learnt(api: Api):
+    r = api.get("/fleets/plant/calibration")
+    assert r.status_code == 200, r.text
+    assert r.json() == FLEET_CALIBRATION
+    lab = api.get("/fleets/lab/calibration").json()
+    assert (lab["declared"], lab["devices"], lab["block_seconds_max"]) == (None, 0, None)
+    assert api.get("/fleets/nowhere/calibration").status_code == 404
+    assert api.get("/fleets/plant/calibration", role=None).status_code == 401
+    no_service = TestClient(create_app(api.registry))
+    r = no_service.get(API + "/fleets/plant/calibration", headers=api._auth("viewer"))
+    assert r.status_code == 503
+    assert "running service" in r.json()["detail"]
+
+
 def test_drift_events_filtered(api: Api):
     every = api.get("/drift-events").json()["items"]
     assert [e["device"] for e in every] == ["dev-0", "dev-1", "dev-1"]
@@ -265,9 +319,10 @@ def test_audit_for_admins(api: Api):
 
 def test_openapi_document_and_docs(api: Api):
     doc = api.client.get("/openapi.json").json()
-    for path in ("/fleets", "/fleets/{fleet}/devices", "/devices/{fleet}/{device}",
-                 "/drift-events", "/parameter-sets", "/parameter-sets/{schema_id}/{version}",
-                 "/audit", "/tokens", "/tokens/{name}"):  # fmt: skip
+    for path in ("/fleets", "/fleets/{fleet}/devices", "/fleets/{fleet}/calibration",
+                 "/devices/{fleet}/{device}", "/drift-events", "/parameter-sets",
+                 "/parameter-sets/{schema_id}/{version}", "/audit", "/tokens",
+                 "/tokens/{name}"):  # fmt: skip
         assert API + path in doc["paths"], path
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert api.client.get("/docs").status_code == 200
@@ -456,6 +511,7 @@ def test_service_serves_the_api_over_http(mosquitto, sqlite_url: str):
         api_port=0,
         fleets=["api-only"],
         mqtt_client_id="api-test-service",
+        fleet_normal={"api-only": {"period_s": 3600, "session_s": 120}},
     )
     svc = Service(settings)
     svc.start()
@@ -469,6 +525,14 @@ def test_service_serves_the_api_over_http(mosquitto, sqlite_url: str):
         assert httpx.get(f"{base}{API}/fleets").status_code == 401
         status = httpx.get(f"{base}{API}/status", headers={"Authorization": f"Bearer {secret}"})
         assert status.json()["service"]["devices"] == 0
+        with svc.registry.transaction() as tx:
+            tx.ensure_fleets(["api-only"])
+        cal = httpx.get(
+            f"{base}{API}/fleets/api-only/calibration",
+            headers={"Authorization": f"Bearer {secret}"},
+        ).json()
+        assert cal["declared"] == {"period_s": 3600.0, "session_s": 120.0}  # from the settings
+        assert (cal["devices"], cal["states"], cal["block_readings_median"]) == (0, {}, None)
     finally:
         svc.stop()
     with pytest.raises(httpx.ConnectError):

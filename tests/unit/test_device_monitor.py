@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,6 +20,7 @@ from edge_agent.device.simulator import (
 )
 from edge_agent.fixedpoint import QuantizedLinear, round_half_away
 from service.drift.checkpoint_format import add_header
+from service.drift.declared_normal import DeclaredNormal
 from service.drift.device_monitor import (
     ERROR_STREAM,
     STATE_FORMAT,
@@ -773,3 +775,172 @@ def test_a_revert_resumes_the_previous_versions_reference() -> None:
     restored = DeviceMonitor.from_state_bytes(mon.state_bytes())
     assert restored.model_version == 1
     assert restored.drifting == mon.drifting
+
+
+# ------------------------------------------------------------------------------------------------
+# a fleet's declared normal
+# ------------------------------------------------------------------------------------------------
+
+
+def small_monitor(normal: DeclaredNormal | None) -> DeviceMonitor:
+    """Two features, two classes (8 streams), a 32-reading reference, levels of 16 blocks, no
+    horizon (one frame): an independent stream starts after 128 frames, one floored at ``b``
+    frames after 64·b-128·b."""
+    cfg = DeviceMonitorConfig(reference_readings=32, null_min_blocks=16, null_horizon_readings=4)
+    return DeviceMonitor("f", "d", ["a", "b"], ["no", "yes"], cfg, normal=normal)
+
+
+def small_frames(n: int, *, dt_ms: Callable[[int], int] = lambda s: 1000, seed: int = 0,
+                 shift_from: int | None = None, version: int = 1) -> list[DeviceFrame]:  # fmt: skip
+    """Independent frames of 4 readings, ``dt_ms(seq)`` apart on the device's clock."""
+    rng = np.random.default_rng(seed)
+    out, ts = [], 0
+    for s in range(n):
+        x = rng.standard_normal((4, 2))
+        if shift_from is not None and s >= shift_from:
+            x[:, 0] += 1.5
+        pred = (x[:, 0] > 0).astype(np.int64)
+        out.append(DeviceFrame("f", "d", 0, s, ts, 0.0, version, x, pred, np.full(4, 0.8)))
+        ts += dt_ms(s)
+    return out
+
+
+def label_batch_of(fr: DeviceFrame, rng: np.random.Generator) -> DeviceLabels:
+    label = np.where(rng.random(fr.k) < 0.2, 1 - fr.pred, fr.pred)  # 20 % errors, independent
+    return DeviceLabels("f", "d", 0, fr.seq, fr.ts_ms, 0.0, 1, fr.features, fr.pred, label)
+
+
+def test_a_declared_session_floors_every_signal_block_but_not_the_error_stream():
+    """Sessions of up to 4 s at a frame a second: blocks of at least 2 × 4 = 8 frames (first
+    candidates after 64 · 8 = 512 frames, confirmed from 1024 on). The same independent frames
+    and labels, undeclared, are monitored at 1-2 frames; the error stream's blocks come from
+    the labels alone either way."""
+    frames = small_frames(2100)
+    declared, plain = small_monitor(DeclaredNormal(session_s=4.0)), small_monitor(None)
+    for mon in (declared, plain):
+        rng = np.random.default_rng(5)
+        for fr in frames:
+            mon.update(fr)
+            mon.update_labels(label_batch_of(fr, rng))
+    got, base = declared.calibration(), plain.calibration()
+    assert (got.state, base.state) == ("monitoring", "monitoring")
+    assert got.frame_interval_s == base.frame_interval_s == 1.0
+    assert got.declared == DeclaredNormal(session_s=4.0)
+    assert (got.declared_block_frames, got.declared_too_long, got.reason) == (8, False, None)
+    assert int(declared._block.min()) >= 8  # every signal stream, in frames
+    assert int(plain._block.max()) < 8
+    assert got.streams_ready == base.streams_ready == 8
+    assert got.block_readings_median >= 8 * 4
+    assert got.block_seconds_max == got.block_readings_max / 4 * 1.0
+    assert got.block_seconds_median is not None
+    assert got.block_seconds_median >= 8.0
+    assert (base.declared, base.declared_block_frames, base.reason) == (None, 0, None)
+    assert got.error_ready
+    assert base.error_ready
+    assert got.error_block_labels == base.error_block_labels  # labels are not floored
+
+
+def test_a_declared_scale_too_long_for_the_batch_means_is_said_plainly():
+    """Sessions of 10 minutes at a frame a second need blocks of 2048 frames; the null
+    learning chooses at most 512: the monitor says so as soon as it knows the interval."""
+    mon = small_monitor(DeclaredNormal(session_s=600.0))
+    frames = small_frames(1200)
+    for fr in frames[:20]:  # the reference (8 frames) and 12 more: the interval is known
+        mon.update(fr)
+    early = mon.calibration()
+    assert early.state == "calibrating"
+    assert (early.declared_block_frames, early.declared_too_long) == (2048, True)
+    assert early.reason is not None
+    assert "2048 frames" in early.reason
+    assert "512 frames" in early.reason
+    assert "cannot be monitored" in early.reason
+    for fr in frames[20:]:  # far past when an undeclared device is monitored
+        mon.update(fr)
+    late = mon.calibration()
+    assert (late.state, late.streams_ready, late.declared_too_long) == ("calibrating", 0, True)
+
+
+def test_a_declaration_waits_for_the_frame_interval_and_says_so():
+    """Frames whose timestamps never increase give no interval: nothing starts, and the
+    monitor says what it waits for (an undeclared one starts regardless)."""
+    frames = small_frames(600, dt_ms=lambda s: 0)
+    mon, plain = small_monitor(DeclaredNormal(period_s=60.0)), small_monitor(None)
+    for fr in frames:
+        mon.update(fr)
+        plain.update(fr)
+    got = mon.calibration()
+    assert (got.state, got.streams_ready, got.frame_interval_s) == ("calibrating", 0, None)
+    assert got.reason is not None
+    assert "measuring the interval between frames" in got.reason
+    base = plain.calibration()
+    assert base.state == "monitoring"
+    assert (base.frame_interval_s, base.block_seconds_max) == (None, None)
+
+
+def test_the_floor_follows_a_device_that_starts_sending_faster():
+    """1 s between frames, then 0.5 s from frame 40 (before any stream starts): a declared
+    4-s session is 16 frames at the new pace, not 8 (first candidates after 1024 frames)."""
+    mon = small_monitor(DeclaredNormal(session_s=4.0))
+    for fr in small_frames(4200, dt_ms=lambda s: 1000 if s < 40 else 500, seed=1):
+        mon.update(fr)
+    got = mon.calibration()
+    assert got.frame_interval_s == 0.5
+    assert got.declared_block_frames == 16
+    assert got.streams_ready == 8
+    assert int(mon._block.min()) >= 16
+
+
+def test_a_one_frame_floor_changes_nothing():
+    """A declaration that one frame already spans gives the same blocks, κ and detections as
+    no declaration (the floor is the only thing a declaration changes)."""
+    frames = small_frames(900, shift_from=700)
+    mons = [small_monitor(None), small_monitor(DeclaredNormal(session_s=0.25))]
+    dets = [[d for fr in frames for d in m.update(fr)] for m in mons]
+    assert dets[0]
+    assert dets[0] == dets[1]
+    assert np.array_equal(mons[0]._block, mons[1]._block)
+    assert np.array_equal(mons[0]._kappa, mons[1]._kappa)
+    assert mons[1].calibration().declared_block_frames == 1
+
+
+def test_the_declaration_and_the_clock_survive_checkpoints_and_version_changes():
+    normal = DeclaredNormal(period_s=8.0)
+    mon = small_monitor(normal)
+    frames = small_frames(300)
+    for fr in frames[:200]:
+        mon.update(fr)
+    back = DeviceMonitor.from_state_bytes(mon.state_bytes())
+    assert back.normal == normal
+    assert back.calibration() == mon.calibration()
+    update = small_frames(3, version=2)
+    mon.update(replace(update[0], seq=200, ts_ms=frames[200].ts_ms))
+    assert mon.calibration().declared == normal  # a new model version keeps the fleet's
+    assert mon.calibration().frame_interval_s is None  # ... and measures its interval anew
+
+
+def test_a_checkpoint_from_before_declarations_still_loads():
+    """Format-3 checkpoints written before the declaration and the frame clock: no bump, the
+    missing attributes are filled in (no declaration; the interval measured from then on)."""
+
+    def older(mon: DeviceMonitor) -> bytes:
+        state = mon._getstate()
+        del state["normal"], state["_clock"]
+        return add_header(STATE_MAGIC, STATE_FORMAT, zlib.compress(pickle.dumps(state)))
+
+    frames = small_frames(1420)
+    learning, done = small_monitor(None), small_monitor(None)
+    for fr in frames[:100]:
+        learning.update(fr)
+    for fr in frames[:1400]:
+        done.update(fr)
+    assert learning._bm is not None
+    assert done._bm is None  # learning over, the batch means released
+    for mon, rest in ((learning, frames[100:120]), (done, frames[1400:])):
+        old = DeviceMonitor.from_state_bytes(older(mon))
+        assert old.normal is None
+        assert old.calibration().frame_interval_s is None
+        assert old.calibration().state == mon.calibration().state
+        for fr in rest:
+            old.update(fr)
+        assert old.calibration().frame_interval_s == 1.0
+    assert old._clock._ring is None  # learning was over: the clock stopped once it knew

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edge_agent.blob import ParameterSchema
+from service.drift.declared_normal import DeclaredNormal
 from service.drift.device_monitor import STATE_MAGIC, DeviceMonitorConfig
 from service.drift.engine import KIND_DEVICE, CheckpointRefusedError, DriftEngine
 from service.drift.suspicion_cohort import SuspicionCohortConfig
@@ -137,3 +138,59 @@ def test_a_device_checkpoint_of_the_old_format_is_refused_with_the_fix():
     old = CheckpointRecord("f", "d0", KIND_DEVICE, 1, STATE_MAGIC + b"\x00\x01" + b"x")
     with pytest.raises(CheckpointRefusedError, match="--discard-checkpoints"):
         engine.restore([old])
+
+
+def test_a_fleets_declared_normal_reaches_its_devices_only():
+    """Fleet ``a`` declares sessions of up to 2 s (a frame a second: blocks of ≥ 4 frames), fleet
+    ``b`` nothing. ``a``'s devices learn at the larger blocks; ``b``'s learn exactly what they
+    learn in an engine with no declaration at all."""
+    declared = {"a": DeclaredNormal(session_s=2.0)}
+    engines = []
+    for fleet_normal in (declared, None):
+        cat = SchemaCatalog()
+        cat.add_schema(SCHEMA)
+        engine = DriftEngine(
+            cat,
+            lambda fleet, device: SCHEMA.schema_id_hex,
+            device_config=DeviceMonitorConfig(reference_readings=128),
+            fleet_normal=fleet_normal,
+        )
+        rng = np.random.default_rng(11)
+        for t in range(1540):  # floored streams: a candidate at 768 frames, confirmed at 1536
+            batch = []
+            for fleet in ("a", "b"):
+                for d in range(2):
+                    x = rng.standard_normal((K, 3))
+                    pred = np.argmax(x, axis=1).astype(np.int64)
+                    conf = rng.uniform(0.4, 1.0, K)
+                    batch.append(
+                        DeviceFrame(fleet, f"d{d}", 0, t, 1000 * t, float(t), 1, x, pred, conf)
+                    )
+            assert engine.on_frames(batch) == []
+        engines.append(engine)
+    with_decl, without = engines
+    a = with_decl.fleet_calibration("a")
+    assert a.declared == DeclaredNormal(session_s=2.0)
+    assert (a.devices, a.states, a.declared_too_long) == (2, {"monitoring": 2}, 0)
+    assert (a.frame_interval_s_median, a.declared_block_frames_max) == (1.0, 4)
+    assert a.block_readings_median is not None
+    assert a.block_readings_median >= 4 * K
+    assert a.block_seconds_median is not None
+    assert a.block_seconds_median >= 4.0
+    for d in ("d0", "d1"):
+        mon = with_decl.monitors[("a", d)]
+        assert int(mon._block.min()) >= 4  # every signal stream of the declared fleet
+        assert int(without.monitors[("a", d)]._block.max()) < 4  # as learnt from data alone
+    b = with_decl.fleet_calibration("b")
+    assert b == without.fleet_calibration("b")  # undisturbed
+    assert (b.declared, b.declared_block_frames_max, b.states) == (None, 0, {"monitoring": 2})
+    assert b.block_readings_max < 4 * K
+    for d in ("d0", "d1"):
+        assert with_decl.calibration("b", d) == without.calibration("b", d)
+    # a restart takes today's declaration for every restored monitor
+    records = with_decl.checkpoint()
+    again = DriftEngine(SchemaCatalog(), lambda f, d: None, fleet_normal={"b": declared["a"]})
+    again.restore(records)
+    assert again.monitors[("a", "d0")].normal is None
+    assert again.monitors[("b", "d0")].normal == declared["a"]
+    assert again.fleet_calibration("nowhere").devices == 0

@@ -99,6 +99,21 @@ def test_a_cycle_is_averaged_out_by_blocks_of_its_period():
     assert choose_blocks(bm).block[0] >= 32
 
 
+def test_confirmed_blocks_respect_a_floor_per_series():
+    """A floor of 8 steps on the first of two independent series (a declared time scale): both
+    looks choose at least 8 for it; the other series keeps its block of one."""
+    rng = np.random.default_rng(9)
+    floor = np.array([8, 0])
+    bm = feed(rng.standard_normal((1536, 2)))  # level 5 (blocks of 32) complete: 8 · 4
+    first, previous = confirm_blocks(bm, np.zeros(2, dtype=np.int64), min_block=floor)
+    assert not first.ready.any()  # nothing confirmed at a first look
+    assert previous[0] >= 8
+    second, _ = confirm_blocks(feed(rng.standard_normal((1536, 2)), bm), previous, min_block=floor)
+    assert second.ready.all()
+    assert second.block[0] >= 8
+    assert second.block[1] == 1
+
+
 def test_a_random_walk_is_never_ready():
     rng = np.random.default_rng(6)
     when, bm = ready_after(np.cumsum(rng.standard_normal(30_000)))

@@ -7,7 +7,14 @@ from fastapi import APIRouter, HTTPException, status
 from service.api.auth import Viewer
 from service.api.deps import ContextDep, RegistryDep
 from service.api.params import DevicePath, FleetPath, Limit, Offset
-from service.api.schemas import DeviceDetail, DeviceOut, DevicePage, FleetList, FleetOut
+from service.api.schemas import (
+    DeviceDetail,
+    DeviceOut,
+    DevicePage,
+    FleetCalibrationOut,
+    FleetList,
+    FleetOut,
+)
 
 router = APIRouter(tags=["fleets"])
 
@@ -39,6 +46,30 @@ def list_devices(
         limit=limit,
         offset=offset,
     )
+
+
+@router.get(
+    "/fleets/{fleet}/calibration",
+    response_model=FleetCalibrationOut,
+    responses={
+        404: {"description": "No such fleet."},
+        503: {"description": "No live service in this process."},
+    },
+)
+def get_fleet_calibration(
+    _: Viewer, ctx: ContextDep, registry: RegistryDep, fleet: FleetPath
+) -> FleetCalibrationOut:
+    """What the operator declared normal for the fleet (settings ``fleet_normal``) and what
+    layer A learnt of its devices: states, block sizes in readings and seconds, κ."""
+    if fleet not in registry.list_fleets():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no fleet {fleet!r}")
+    provider = ctx.fleet_calibration_provider
+    if provider is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="layer A's calibration is known only to a running service (this API has none)",
+        )
+    return FleetCalibrationOut(**provider(fleet))
 
 
 @router.get(
