@@ -31,6 +31,11 @@ Counted per kind:
   (a label batch's at its frame's last reading), over the windows every device has fully
   monitored; per 10⁶ device-readings of those windows, with the 95 % upper bound.
 
+- **what the update policy would see**: every :data:`POLICY_EVERY` frames while monitoring,
+  whether ``mon.drifting`` lists a feature stream (``feature``/``feature_sq``): the update
+  policy proposes a recalibration for such a device (``CandidateProposer.drifting_devices``),
+  which a seasonal or session pattern must not get.
+
 Budgets: ``DeviceMonitorConfig().strict_budget`` for the strict alarms and ``cohort_budget`` for
 the cohort rule (5e-8 each per device-reading: 0.05 per 10⁶). A kind PASSes when both measured
 rates are within 2× their budgets. At the default size (4·10⁶ device-readings per kind) a single
@@ -63,6 +68,8 @@ WINDOW = 300
 """Readings per device in a cohort window (bench_detection.WINDOW)."""
 BUDGET_FACTOR = 2.0
 """A kind passes when its rates are within this factor of the budgets."""
+POLICY_EVERY = 256
+"""Frames between looks at what the update policy reads of a device (``mon.drifting``)."""
 DEFAULT_DEVICES = 20
 DEFAULT_READINGS = 200_000
 QUICK_DEVICES = 4
@@ -108,6 +115,11 @@ class DeviceResult:
     """0-based monitored-reading index of each suspicion (the cohort's clock)."""
     suspicion_rate: float = math.nan
     """The calibrated suspicion rate the cohort rule assumes for this device."""
+    policy_checks: int = 0
+    """Looks at ``mon.drifting`` while monitoring (every :data:`POLICY_EVERY` frames)."""
+    policy_hits: int = 0
+    """Of them, those at which a feature stream was listed: the update policy would see the
+    device drifting on its features and propose a recalibration for it."""
 
 
 @dataclass
@@ -188,6 +200,12 @@ def run_task(args: tuple[str, tuple[int, ...], int]) -> TaskResult:
             per_dev.setdefault(index[str(det.device)], ([], []))[1].append(det)
         for j, (dets, sus) in per_dev.items():
             record(j, dets, sus, states[j])
+        if f % POLICY_EVERY == POLICY_EVERY - 1:
+            for j, st in enumerate(states):
+                if st:
+                    res[j].policy_checks += 1
+                    feats = {x.signal for x in mons[j].drifting} & {"feature", "feature_sq"}
+                    res[j].policy_hits += bool(feats)
         for j, d in enumerate(data):
             idx = lab_idx[j][bounds[j][f] : bounds[j][f + 1]]
             if idx.size == 0:
@@ -229,6 +247,9 @@ class KindSummary:
     top_alarms: list[tuple[str, int]]
     gen_us: float
     mon_us: float
+    policy_checks: int = 0
+    policy_hits: int = 0
+    policy_devices: int = 0
     passed: bool = False
 
 
@@ -271,6 +292,9 @@ def summarise(kind: str, tasks: list[TaskResult], cohort_budget: float) -> KindS
         top_alarms=alarms.most_common(3),
         gen_us=sum(t.gen_s for t in tasks) / max(readings, 1) * 1e6,
         mon_us=sum(t.mon_s for t in tasks) / max(readings, 1) * 1e6,
+        policy_checks=sum(d.policy_checks for d in devs),
+        policy_hits=sum(d.policy_hits for d in devs),
+        policy_devices=sum(1 for d in devs if d.policy_hits),
     )
 
 
@@ -405,6 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         "1e6 monitored readings; µs per reading of data generation (pools apart) and of the "
         "monitor, per worker)"
     )
+    print()
+    print("what the update policy would see (a feature stream in mon.drifting: a recalibration")
+    print(f"proposal for the device), looked at every {POLICY_EVERY} frames while monitoring:")
+    for s in summaries:
+        print(
+            f"  {s.kind:<13}{s.policy_hits:>6,} of {s.policy_checks:>7,} looks "
+            f"({_per_1e6(s.policy_hits, s.policy_checks) / 1e4:.3g} %), "
+            f"{s.policy_devices} of {s.devices} devices"
+        )
     print(f"total {time.perf_counter() - t_start:.0f} s wall")
     return 0 if ok else 1
 
