@@ -133,6 +133,8 @@ class ServiceSettings(BaseSettings):
     monitoring it: blocks this long must have been seen ``null_min_blocks`` times. Default
     (unset): ``reference_readings``. Lower starts independent streams sooner and may miss a
     slow component of the noise (a slow sensor) until the learning that follows finds it."""
+    null_horizon_labels: int = Field(32, ge=1)
+    """The same for the labelled error stream, in labels (errors come in sessions too)."""
     fleet_normal: dict[str, FleetNormal] = Field(default_factory=dict)
     """Per fleet, what is normal (``period_s``, ``session_s``): a floor on layer A's blocks
     for that fleet's devices; fleets not listed are learnt from their data alone. In TOML

@@ -158,6 +158,7 @@ class Service:
                 budget_per_device_reading=settings.false_alarm_budget,
                 null_min_blocks=settings.null_min_blocks,
                 null_horizon_readings=settings.null_horizon_readings,
+                null_horizon_labels=settings.null_horizon_labels,
             ),
             on_suspicions=self._count_suspicions,
             fleet_normal={

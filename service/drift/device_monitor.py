@@ -52,7 +52,8 @@ Lifecycle per (device, model version)
    its own window, so an error in the learnt centre does not raise false alarms.
 4. **Labels.** ``update_labels`` turns labelled readings into the 0/1 error stream
    ``1[pred ≠ label]``, learnt the same way one step per label (at least
-   ``reference_labels``, default 100; errors come in sessions too). Once it is calibrated,
+   ``reference_labels``, default 100; errors come in sessions too, so it has a horizon of its
+   own, ``null_horizon_labels``, 32 labels: 1,536 labels at the soonest). Once it is calibrated,
    block means of ``b`` labels feed ``ADWIN`` (δ calibrated on Bernoulli errors for ``b``
    labels' budget, river's other defaults, tightened for ``κ``) and one-sided
    ``binary.HDDMA`` (confidence to the power ``κ``; its warning zone is reported once per entry
@@ -319,7 +320,13 @@ class DeviceMonitorConfig:
     monitored: blocks of at least this many readings must have been seen ``null_min_blocks``
     times (:func:`service.drift.long_run_variance.choose_blocks`' ``horizon``), so a slow
     component too weak to show in short blocks is still measured. ``None``: the reference's
-    length (``reference_readings``). The error stream has no horizon (one step per label)."""
+    length (``reference_readings``)."""
+    null_horizon_labels: int = 32
+    """The same for the labelled error stream, in labels: errors come in sessions too (an
+    activity the model gets wrong lasts minutes), and without a horizon an error stream in
+    sessions of tens of labels started at blocks of one label with a third of its long-run
+    variance in its threshold (stationary benchmark, ``sessions``). With the default it starts
+    after ``48 · 32`` = 1,536 labels at the soonest."""
     calibration_table: calibration.CalibrationTable | None = None
     """``None``: the shipped table (``calibration_table.json``)."""
 
@@ -336,6 +343,8 @@ class DeviceMonitorConfig:
             raise ValueError("null_min_blocks must be >= 2")
         if self.null_horizon_readings is not None and self.null_horizon_readings < 1:
             raise ValueError("null_horizon_readings must be >= 1")
+        if self.null_horizon_labels < 1:
+            raise ValueError("null_horizon_labels must be >= 1")
         if not self.budget_per_device_reading > 0.0:
             raise ValueError("budget_per_device_reading must be positive")
         if not 0.0 < self.strict_share < 1.0:
@@ -1119,7 +1128,10 @@ class DeviceMonitor:
         bm = self._lbl_bm
         assert bm is not None
         choice, candidate = confirm_blocks(
-            bm, np.array([self._err_candidate]), min_blocks=self.config.null_min_blocks
+            bm,
+            np.array([self._err_candidate]),
+            min_blocks=self.config.null_min_blocks,
+            horizon=self.config.null_horizon_labels,
         )
         self._err_candidate = int(candidate[0])
         if not choice.ready[0]:
@@ -1200,7 +1212,9 @@ class DeviceMonitor:
                     else:
                         self._start_error_stream()
                     block = np.array([self._err_block])
-                    if self._err_block and _learnt(bm, block, self.config.null_min_blocks):
+                    if self._err_block and _learnt(
+                        bm, block, self.config.null_min_blocks, self.config.null_horizon_labels
+                    ):
                         self._lbl_bm = None  # its memory is released
         return out
 

@@ -55,6 +55,7 @@ def rig_settings(
         # absorbed by stricter thresholds)
         "null_min_blocks": 16,
         "null_horizon_readings": 128,
+        "null_horizon_labels": 8,
         "release_key": bundle.keys_dir / "release.key",
         "deploy_key": bundle.keys_dir / "deploy.key",
         "update_policy": "off",

@@ -179,6 +179,7 @@ def rig(mosquitto, bundle, tmp_path_factory) -> Iterator[DashboardRig]:
             mqtt_client_id="tinydrift-dashboards-test",
             null_min_blocks=16,  # calibrated within 5-15 s (production: 48); drift at 20 s
             null_horizon_readings=128,  # dependence over 8 frames (production: 512 readings)
+            null_horizon_labels=8,  # and 8 labels (production: 32)
             # updates on: the updates dashboard needs candidates, gates, pushes and a rollback
             release_key=bundle.keys_dir / "release.key",
             deploy_key=bundle.keys_dir / "deploy.key",

@@ -61,6 +61,7 @@ def running(mosquitto, bundle, tmp_path_factory) -> Iterator[tuple[Service, Prom
             fleets=["prom"],
             null_min_blocks=16,  # calibrated within 5-15 s (production: 48); drift at 20 s
             null_horizon_readings=128,  # dependence over 8 frames (production: 512 readings)
+            null_horizon_labels=8,  # and 8 labels (production: 32)
         )
     )
     svc.start()

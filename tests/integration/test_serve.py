@@ -80,6 +80,7 @@ def service(mosquitto, db_url) -> Iterator[Service]:
         mqtt_client_id=SERVICE_ID,
         null_min_blocks=16,  # calibrated within 5-15 s at 320 readings/s (production: 48)
         null_horizon_readings=128,  # dependence over 8 frames (production: 512 readings)
+        null_horizon_labels=8,  # and 8 labels (production: 32)
     )
     svc = Service(s)
     svc.start()

@@ -49,10 +49,10 @@ null learning: with :data:`FAST`'s horizon every stream of an independent device
 after 6,144 readings, a few later)."""
 HORIZON = 3000
 """Readings after the change within which a drift must be detected."""
-FAST = DeviceMonitorConfig(null_horizon_readings=128)
-"""The detection tests check dependence over 8 frames before a stream starts (production: the
-reference's 512 readings, 32 frames; tested on its own below), so that the simulated devices
-are calibrated by ``CHANGE``."""
+FAST = DeviceMonitorConfig(null_horizon_readings=128, null_horizon_labels=4)
+"""The detection tests check dependence over 8 frames and 4 labels before a stream starts
+(production: the reference's 512 readings, 32 frames, and 32 labels; tested on their own
+below), so that the simulated devices are calibrated by ``CHANGE``."""
 STD_FEATURES = {"std_x", "std_y", "std_z"}
 
 

@@ -29,7 +29,7 @@ def make_engine(devices: int, **kw) -> tuple[DriftEngine, list]:
     engine = DriftEngine(
         cat,
         lambda fleet, device: SCHEMA.schema_id_hex,
-        device_config=DeviceMonitorConfig(reference_readings=128),
+        device_config=DeviceMonitorConfig(reference_readings=128, null_horizon_labels=4),
         suspicion_config=SuspicionCohortConfig(
             window_ms=WINDOW_S * 1000, budget_per_device_reading=5e-8
         ),
@@ -152,7 +152,7 @@ def test_a_fleets_declared_normal_reaches_its_devices_only():
         engine = DriftEngine(
             cat,
             lambda fleet, device: SCHEMA.schema_id_hex,
-            device_config=DeviceMonitorConfig(reference_readings=128),
+            device_config=DeviceMonitorConfig(reference_readings=128, null_horizon_labels=4),
             fleet_normal=fleet_normal,
         )
         rng = np.random.default_rng(11)
