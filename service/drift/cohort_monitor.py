@@ -70,33 +70,54 @@ Per-device test (every device × signal: each feature, the confidence, the class
    reaches the first of them, at most ``m − m₀`` tests came before it), so a stationary device
    with ``S`` tested signals is discovered with probability ≤ ``S·α/m₀`` (≈ ``α/D₀`` with ``D₀``
    stationary devices of ``S`` signals), through an event that involves its own readings and
-   reference only. The bound is per window: over many windows it adds up.
+   reference only.
+6. **Device alarm: a discovery in ``confirm_windows`` (2) consecutive windows.** α per window
+   adds up over windows: a cohort of stationary devices would still show a false device about
+   once per 100 windows (up to 14 a day with 1-minute windows; up to 0.25–0.5 per run of the
+   demo, whose 5-second windows give a run 25–50 tested windows). A device's discoveries become
+   device alarms only when the device was also discovered in the cohort's previous window (a
+   window in which it is not tested breaks the run). Null probability: given its reference, a
+   stationary device's two windows are independent readings, so by 5. it is discovered in both
+   with probability ≤ ``c·(S·α/m₀)²``; ``c`` ≥ 1 because both windows are tested against the
+   same reference, whose sampling noise (one window against 20) makes the two tails co-vary:
+   conditional on the reference the window statistic is a scaled non-central χ², and at tail
+   probabilities 10⁻⁵–10⁻⁶ this gives ``c`` = 1.1–1.2 for 10 cells, 1.5–1.8 for 2. Over the
+   devices, the expected number of false device alarms per window is ≤ ``c·α²·S/m₀`` ≈
+   ``2α²/D₀``: 4·10⁻⁶ for 50 stationary devices at α = 0.01, 0.006 a day with 1-minute windows,
+   fewer with more devices. What it does not cover: a stationary device whose readings leave
+   their usual range for longer than a window without drifting (a device left somewhere unusual
+   for minutes) has dependent consecutive windows, and only the per-window bound α is left; the
+   dispersion correction (4.) accounts for dependence within a window, not across windows. The
+   cost is one window of delay: a device alarm comes with the second discovery. The cohort alarm
+   counts every discovery, confirmed or not.
 
 Cohort alarm
 ------------
-``X`` = devices with at least one discovery in the window among the ``D`` tested. The alarm
-fires when ``X`` exceeds the upper ``1 − alpha_cohort`` quantile of ``Binom(D, α_device)`` with
-``α_device = fwer_alpha`` and ``alpha_cohort`` = 0.001. Why: by 5., a stationary device is
-discovered only through an event of its own (one of its p-values ≤ ``α/m₀``) of probability ≤
-``S·α/m₀`` ≤ α, and devices are tested independently of each other (each against its own
-reference), so the number of falsely discovered devices is at most a sum of independent
-Bernoulli variables of probability ≤ α: ``Binom(D, α)`` bounds it, a proof for calibrated
-p-values and independent devices (under Benjamini–Hochberg, whose cut-off depends on every
-device's tests, the binomial was only a model). The bound is loose on purpose: the probabilities
-in fact sum to ≤ α over the cohort, and the slack is robustness to per-device miscalibration (a
-few devices whose tests run hot): the cohort alarm means "more devices drift than per-device
-errors explain", e.g. ≥ 5 of 50 devices, ≥ 22 of 1,000, ≥ 133 of 10,000. When nothing drifts, it
-needs more discoveries in one window than the bound (measured: 0 alarms in 150 stationary
-windows of 200 devices, ``tests/bench/bench_cohort.py``). Devices with fewer than
+``X`` = devices with at least one discovery in the window (confirmed or not) among the ``D``
+tested. The alarm fires when ``X`` exceeds the upper ``1 − alpha_cohort`` quantile of
+``Binom(D, α_device)`` with ``α_device = fwer_alpha`` and ``alpha_cohort`` = 0.001. Why: by 5.,
+a stationary device is discovered only through an event of its own (one of its p-values ≤
+``α/m₀``) of probability ≤ ``S·α/m₀`` ≤ α, and devices are tested independently of each other
+(each against its own reference), so the number of falsely discovered devices is at most a sum
+of independent Bernoulli variables of probability ≤ α: ``Binom(D, α)`` bounds it, a proof for
+calibrated p-values and independent devices (under Benjamini–Hochberg, whose cut-off depends on
+every device's tests, the binomial was only a model). The bound is loose on purpose: the
+probabilities in fact sum to ≤ α over the cohort, and the slack is robustness to per-device
+miscalibration (a few devices whose tests run hot): the cohort alarm means "more devices drift
+than per-device errors explain", e.g. ≥ 5 of 50 devices, ≥ 22 of 1,000, ≥ 133 of 10,000. When
+nothing drifts, it needs more discoveries in one window than the bound (measured: 0 alarms in
+150 stationary windows of 200 devices, ``tests/bench/bench_cohort.py``). Devices with fewer than
 ``min_device_readings`` (32) readings in the window, or whose reference is not complete, are not
 tested (and are counted in the report).
 
 Detections in the report: one ``scope="device"``, ``detector="chi2"`` :class:`Detection` per
-discovered device × signal (score = statistic / the statistic at the Holm cut-off), one
-``scope="cohort"``, ``detector="cohort_binomial"`` when the cohort alarm fires (score =
-``X / (bound + 1)``; signal = the signal with most discovered devices), one ``scope="cohort"``,
-``detector="pca"`` when the PCA reconstruction error exceeds its threshold. A device still
-drifting is reported again in every window (these are window tests, not change points).
+discovered device × signal of a device in alarm (score = statistic / the statistic at the Holm
+cut-off), one ``scope="cohort"``, ``detector="cohort_binomial"`` when the cohort alarm fires
+(score = ``X / (bound + 1)``; signal = the signal with most discovered devices), one
+``scope="cohort"``, ``detector="pca"`` when the PCA reconstruction error exceeds its threshold.
+``drifting_devices`` lists every discovered device, each with its run of consecutive windows and
+whether it is in alarm. A device still drifting is reported again in every window (these are
+window tests, not change points).
 
 >>> from service.ingest.frames import DeviceFrame
 >>> mon = CohortMonitor("f", 1, ["a", "b"], ["n", "p"], np.zeros(2, np.float32),
@@ -153,8 +174,8 @@ BoolArray = npt.NDArray[np.bool_]
 
 STATE_MAGIC: Final = b"TDCM"
 STATE_VERSION: Final = 2
-"""Format 2 renamed the config's ``fdr_q`` (Benjamini–Hochberg) to ``fwer_alpha`` (Holm);
-format 1 is still read."""
+"""Format 2 added the per-device run of windows with a discovery and renamed the config's
+``fdr_q`` (Benjamini–Hochberg) to ``fwer_alpha`` (Holm); format 1 is still read."""
 _READABLE_VERSIONS: Final = (1, STATE_VERSION)
 
 _LOG_RATIO_LO: Final = -6.0
@@ -190,6 +211,9 @@ class CohortConfig:
     """Beyond this simulated tail probability, p-values come from the scaled χ² tail."""
     fwer_alpha: float = 0.01
     """Family-wise error rate of Holm's step-down across a window's device × signal tests."""
+    confirm_windows: int = 2
+    """Consecutive windows with a discovery a device needs before it raises a device alarm
+    (``chi2`` detections); 1 alarms on every discovery."""
     alpha_cohort: float = 0.001
     """Level of the binomial bound on the number of discovered devices."""
     dispersion: bool = True
@@ -227,6 +251,7 @@ class CohortConfig:
             ),
             (self.null_draws >= 200, "null_draws must be >= 200"),
             (0.0 < self.fwer_alpha < self.tail_p < 0.5, "need 0 < fwer_alpha < tail_p < 0.5"),
+            (self.confirm_windows >= 1, "confirm_windows must be >= 1"),
             (0.0 < self.alpha_cohort < 0.5, "alpha_cohort must be in (0, 0.5)"),
             (self.dispersion_min_window >= 1, "dispersion_min_window must be >= 1"),
             (self.dispersion_min_samples >= 1, "dispersion_min_samples must be >= 1"),
@@ -460,6 +485,12 @@ class DeviceDrift:
     readings: int
     """Readings of the device in the window."""
     signals: tuple[SignalDrift, ...]
+    """The window's discoveries."""
+    consecutive_windows: int = 1
+    """Windows in a row, this one included, in which the device had a discovery."""
+    alarm: bool = False
+    """``consecutive_windows ≥ confirm_windows``: the discoveries are device alarms (``chi2``
+    detections); before that they count towards the cohort alarm only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,6 +544,8 @@ class CohortReport:
     """Frames refused in this window (values out of range)."""
     devices_discovered: int = 0
     """Devices with at least one discovery (``len(drifting_devices)``)."""
+    devices_alarmed: int = 0
+    """Discovered devices whose discovery is confirmed (``alarm``): those with detections."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,6 +604,8 @@ class CohortMonitor:
         self._ref = np.zeros((0, w), dtype=np.int64)
         self._ref_windows = np.zeros(0, dtype=np.int64)
         self._readings = np.zeros(0, dtype=np.int64)
+        self._disc_run = np.zeros(0, dtype=np.int64)
+        """Per device: consecutive windows, up to the last evaluated, with a discovery."""
         self._pending: list[tuple[int, DeviceFrame]] = []
         self._pending_n = 0
         self._win_conf_u8 = np.zeros(CONF_LEVELS, dtype=np.int64)
@@ -649,6 +684,7 @@ class CohortMonitor:
             self._ref = _grow(self._ref, (cap, w))
             self._ref_windows = _grow(self._ref_windows, (cap,))
             self._readings = _grow(self._readings, (cap,))
+            self._disc_run = _grow(self._disc_run, (cap,))
         return i
 
     def add(self, frame: DeviceFrame) -> None:
@@ -915,7 +951,9 @@ class CohortMonitor:
         cut = 0.0
         bound = binomial_bound(int(rows_t.size), cfg.fwer_alpha, cfg.alpha_cohort)
         n_disc_dev = 0
+        n_alarm_dev = 0
         cohort_alarm = False
+        run = np.zeros(nd, dtype=np.int64)  # consecutive windows with a discovery, this one incl.
         self.last_p_values = np.zeros((0, lay.n_signals))
         self.last_tested = []
         if rows_t.size:
@@ -935,11 +973,15 @@ class CohortMonitor:
             disc_flat, cut = holm(p[valid], cfg.fwer_alpha)
             disc = np.zeros_like(valid)
             disc[valid] = disc_flat
+            disc_rows = rows_t[disc.any(axis=1)]
+            run[disc_rows] = self._disc_run[disc_rows] + 1
             names = self.signal_names()
             sig_counter: Counter[tuple[Signal, str | None]] = Counter()
             for r in np.flatnonzero(disc.any(axis=1)).tolist():
                 d_row = int(rows_t[r])
                 device = self._ids[d_row]
+                alarm = bool(run[d_row] >= cfg.confirm_windows)
+                n_alarm_dev += alarm
                 found: list[SignalDrift] = []
                 for s in np.flatnonzero(disc[r]).tolist():
                     table = self._null(int(k[r, s]), int(bkt[r, s]))
@@ -950,6 +992,8 @@ class CohortMonitor:
                         SignalDrift(sig, feat, float(x[r, s]), int(k[r, s]), float(p[r, s]), score)
                     )
                     sig_counter[(sig, feat)] += 1
+                    if not alarm:
+                        continue
                     detections.append(
                         Detection(
                             fleet=self.fleet,
@@ -964,7 +1008,9 @@ class CohortMonitor:
                             readings=int(self._readings[d_row]),
                         )
                     )
-                drifting.append(DeviceDrift(device, int(n_dev[d_row]), tuple(found)))
+                drifting.append(
+                    DeviceDrift(device, int(n_dev[d_row]), tuple(found), int(run[d_row]), alarm)
+                )
             n_disc_dev = len(drifting)
             cohort_alarm = n_disc_dev > bound
             if cohort_alarm:
@@ -998,6 +1044,7 @@ class CohortMonitor:
                     readings=self._total_readings,
                 )
             )
+        self._disc_run[:nd] = run  # a device not discovered in this window starts again
         # device references advance after the tests (a reference window is never tested)
         rows_r = np.flatnonzero(in_ref)
         self._ref[rows_r] += cur[rows_r]
@@ -1038,6 +1085,7 @@ class CohortMonitor:
             detections=tuple(detections),
             rejected_frames=self._win_rejected,
             devices_discovered=n_disc_dev,
+            devices_alarmed=n_alarm_dev,
         )
         self._reset_window(now_ms)
         return report
@@ -1103,6 +1151,7 @@ class CohortMonitor:
             "ref": self._ref[:nd],
             "ref_windows": self._ref_windows[:nd],
             "readings": self._readings[:nd],
+            "disc_run": self._disc_run[:nd],
             "ref_pooled": self._ref_pooled,
             "win_conf_u8": self._win_conf_u8,
             "win_s1": self._win_moments.s1,
@@ -1167,6 +1216,8 @@ class CohortMonitor:
                 target[:nd] = arr[name]
             mon._ref_windows[:nd] = arr["ref_windows"]
             mon._readings[:nd] = arr["readings"]
+            if "disc_run" in arr:  # format 1 had none: confirmations start again
+                mon._disc_run[:nd] = arr["disc_run"]
             mon._ref_pooled[:] = arr["ref_pooled"]
             mon._win_conf_u8[:] = arr["win_conf_u8"]
             mon._win_moments = MomentSums(

@@ -264,6 +264,8 @@ def test_binomial_bound_is_the_upper_quantile(devices):
 def test_config_validation():
     with pytest.raises(ValueError, match="fwer_alpha"):
         CohortConfig(fwer_alpha=0.1)
+    with pytest.raises(ValueError, match="confirm_windows"):
+        CohortConfig(confirm_windows=0)
     with pytest.raises(ValueError, match="reference_windows"):
         CohortConfig(reference_windows=2)
     with pytest.raises(ValueError, match="divide 256"):
@@ -282,8 +284,10 @@ def test_stationary_fleet_raises_no_cohort_alarm(stationary):
     assert not any(r.cohort_alarm for r in tested)
     assert not any(d.detector == "cohort_binomial" for r in tested for d in r.detections)
     # Holm at 0.01: a window has any discovery with probability <= 1 %; over 20 windows expect
-    # <= 0.2 such windows, so 2 discovered device-signals is generous
+    # <= 0.2 such windows, so 2 discovered device-signals is generous; an alarm needs two in a row
     assert sum(len(s.signals) for r in tested for s in r.drifting_devices) <= 2
+    assert not any(d.alarm for r in tested for d in r.drifting_devices)
+    assert not any(d.scope == "device" for r in tested for d in r.detections)
     assert all(v < 1.2 for v in tested[-1].dispersion.values())
     for r in tested:
         assert max(r.feature_js.values()) < 0.08
@@ -329,10 +333,20 @@ def test_gain_drift_on_a_fifth_of_the_fleet_is_found(gain_drift):
         for s in dev.signals:
             assert s.score >= 1.0
             assert s.p_value <= last.cutoff
+    # a device alarm needs a discovery in two consecutive windows: none in the drift's first
+    first = after[0]
+    assert first.devices_discovered >= 5
+    assert first.devices_alarmed == 0
+    assert not any(d.scope == "device" for d in first.detections)
+    assert all(d.consecutive_windows == 1 and not d.alarm for d in first.drifting_devices)
     dets = last.detections
     device_dets = [d for d in dets if d.scope == "device"]
     assert {d.detector for d in device_dets} == {"chi2"}
-    assert len(device_dets) == sum(len(d.signals) for d in last.drifting_devices)
+    alarmed = [d for d in last.drifting_devices if d.alarm]
+    assert last.devices_alarmed == len(alarmed) >= 9
+    assert all(d.consecutive_windows >= 2 for d in alarmed)
+    assert len(device_dets) == sum(len(d.signals) for d in alarmed)
+    assert {d.device for d in device_dets} == {d.device for d in alarmed}
     assert all(d.readings >= (DRIFT_WINDOW + 1) * N for d in device_dets)
     cohort = [d for d in dets if d.detector == "cohort_binomial"]
     assert len(cohort) == 1
@@ -345,8 +359,8 @@ def test_gain_drift_on_a_fifth_of_the_fleet_is_found(gain_drift):
 
 def test_stationary_devices_stay_undiscovered_while_half_the_fleet_drifts(model):
     """25 of 50 devices gain drift, 20 windows tested after it: Holm (FWER 0.01 per window)
-    discovers a stationary device in at most about 1 % of the windows, however many drifted
-    devices it discovers. Benjamini–Hochberg at the same level, on the same
+    discovers a stationary device in at most about 1 % of the windows, never in two in a row,
+    however many drifted devices it discovers. Benjamini–Hochberg at the same level, on the same
     p-values, whose cut-off rises with the discoveries, finds stationary devices in many."""
     drifted = set(range(25))
     pvals: list[np.ndarray] = []
@@ -359,6 +373,11 @@ def test_stationary_devices_stay_undiscovered_while_half_the_fleet_drifts(model)
     assert all(r.cohort_alarm for r in after)
     false_windows = [r.window_index for r in after if discovered(r) - drifted]
     assert len(false_windows) <= 1
+    stationary_alarms = [
+        d.device for r in reports for d in r.drifting_devices
+        if d.alarm and int(d.device.split("-")[1]) not in drifted
+    ]  # fmt: skip
+    assert stationary_alarms == []
     rows_stationary = np.array([int(d.split("-")[1]) not in drifted for d in mon.last_tested])
     bh_false_windows = 0
     for p in pvals[DRIFT_WINDOW:]:
@@ -529,23 +548,26 @@ def test_state_of_another_format_is_refused(model):
 
 
 def test_state_of_format_1_is_still_read(gain_drift, model):
-    """Format 1 (the BH release): ``fdr_q`` in the config. It is read as format 2 with
-    ``fwer_alpha`` = the old ``fdr_q``."""
+    """Format 1 (the BH release): ``fdr_q`` in the config, no run of discovered windows. It is
+    read as format 2 with ``fwer_alpha`` = the old ``fdr_q`` and every run started again."""
     mon = gain_drift[0]
     blob = mon.state_bytes()
     assert blob[4:6] == STATE_VERSION.to_bytes(2, "big")
     with np.load(io.BytesIO(blob[6:]), allow_pickle=False) as z:
-        arr = {k: z[k] for k in z.files}
+        arr = {k: z[k] for k in z.files if k != "disc_run"}
     meta = json.loads(arr["meta"].tobytes().decode())
     cfg = meta["config"]
     cfg["fdr_q"] = cfg.pop("fwer_alpha")
+    del cfg["confirm_windows"]
     arr["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arr)
     old = CohortMonitor.from_state_bytes(add_header(STATE_MAGIC, 1, buf.getvalue()), model=model)
     assert old.config == mon.config
     assert old.n_devices == mon.n_devices
-    assert old.state_bytes() == blob
+    fresh = CohortMonitor.from_state_bytes(blob, model=model)
+    assert fresh.state_bytes() == blob
+    assert old.state_bytes() != blob  # the runs of discovered windows start again
 
 
 def test_label_batches_are_checked_and_counted(model):
