@@ -16,7 +16,8 @@ Reference
   fleet's pocket roll, mount tilt, calibration and activity mix; real fleets the same), and a
   test against the pooled cohort distribution rejects for healthy devices: on 50 stationary
   simulated devices, 32 % of the device × signal tests had p < 0.01 against the pooled
-  reference at 64 readings per window (62 % at 300) and BH discovered all 50 devices; against
+  reference at 64 readings per window (62 % at 300) and Benjamini–Hochberg (the multiplicity
+  step then used) discovered all 50 devices; against
   their own references, 0.8 % (0.4 %) and none. The pooled baseline answers "is this device
   unlike the fleet?", which is not drift.
 
@@ -46,7 +47,7 @@ Per-device test (every device × signal: each feature, the confidence, the class
    over eight (K, n) pairs, this tail was unbiased at 10⁻³–10⁻⁵ with an rms error of a factor
    1.3; anchoring the tail at the simulated 95 % point instead was biased and noisier). The
    extrapolation is needed: 2,000 draws cannot give a p-value below 1/2001 = 5·10⁻⁴, while
-   Benjamini–Hochberg over 50 devices × 10 signals needs 2·10⁻⁵ for its first discovery and
+   Holm's step-down over 50 devices × 10 signals needs 2·10⁻⁵ for its first discovery and
    over 10,000 devices 10⁻⁷.
 4. **Readings within a device are not independent** (activities last minutes, a device sits
    in one place), which inflates the statistic relative to the i.i.d. null and would turn every
@@ -57,39 +58,66 @@ Per-device test (every device × signal: each feature, the confidence, the class
    1, and every later statistic is divided by it (a first-order, quasi-likelihood correction:
    it assumes the inflation scales the statistic; it is measured at the reference's window
    sizes). On the simulator, whose readings are independent, ``φ`` ≈ 1.
-5. **Multiplicity.** Benjamini–Hochberg across all tested device × signal pairs of the window
-   at FDR ``fdr_q`` (default 0.01): of the device × signal discoveries reported, at most 1 % are
-   expected to be false, and in a window where nothing drifts the chance of *any* discovery is
-   at most 1 %. With 5-minute windows that is ≤ 2.9 windows a day per cohort with a false
-   device detection, each detection naming its device and signal so an operator can dismiss
-   it; 0.05 would give ≤ 14 a day, which is noise.
+5. **Multiplicity: Holm's step-down** across all tested device × signal pairs of the window at
+   family-wise error rate ``fwer_alpha`` (α, default 0.01): whatever the other devices do and
+   however the tests depend on each other, the chance that the window discovers *any* device ×
+   signal that did not drift is at most α. Benjamini–Hochberg, used before, controls the false
+   discovery *rate*: its cut-off ``q·k/m`` rises with the ``k`` discoveries, so while many
+   devices drift stationary ones are discovered too (2–6 false devices per run of
+   ``tinydrift demo`` over five runs, 15 of 50 devices drifting). Holm's bar rises only from
+   ``α/m`` to ``α/(m − k + 1)``. The property the rest relies on: a true null is discovered only
+   if the smallest true-null p-value is ≤ ``α/m₀`` (``m₀`` true nulls; when the step-down
+   reaches the first of them, at most ``m − m₀`` tests came before it), so a stationary device
+   with ``S`` tested signals is discovered with probability ≤ ``S·α/m₀`` (≈ ``α/D₀`` with ``D₀``
+   stationary devices of ``S`` signals), through an event that involves its own readings and
+   reference only.
+6. **Device alarm: a discovery in ``confirm_windows`` (2) consecutive windows.** α per window
+   adds up over windows: a cohort of stationary devices would still show a false device about
+   once per 100 windows (up to 14 a day with 1-minute windows; up to 0.25–0.5 per run of the
+   demo, whose 5-second windows give a run 25–50 tested windows). A device's discoveries become
+   device alarms only when the device was also discovered in the cohort's previous window (a
+   window in which it is not tested breaks the run). Null probability: given its reference, a
+   stationary device's two windows are independent readings, so by 5. it is discovered in both
+   with probability ≤ ``c·(S·α/m₀)²``; ``c`` ≥ 1 because both windows are tested against the
+   same reference, whose sampling noise (one window against 20) makes the two tails co-vary:
+   conditional on the reference the window statistic is a scaled non-central χ², and at tail
+   probabilities 10⁻⁵–10⁻⁶ this gives ``c`` = 1.1–1.2 for 10 cells, 1.5–1.8 for 2. Over the
+   devices, the expected number of false device alarms per window is ≤ ``c·α²·S/m₀`` ≈
+   ``2α²/D₀``: 4·10⁻⁶ for 50 stationary devices at α = 0.01, 0.006 a day with 1-minute windows,
+   fewer with more devices. What it does not cover: a stationary device whose readings leave
+   their usual range for longer than a window without drifting (a device left somewhere unusual
+   for minutes) has dependent consecutive windows, and only the per-window bound α is left; the
+   dispersion correction (4.) accounts for dependence within a window, not across windows. The
+   cost is one window of delay: a device alarm comes with the second discovery. The cohort alarm
+   counts every discovery, confirmed or not.
 
 Cohort alarm
 ------------
-``X`` = devices with at least one BH discovery among the ``D`` tested. The alarm fires when
-``X`` exceeds the upper ``1 − alpha_cohort`` quantile of ``Binom(D, α_device)`` with
-``α_device = fdr_q`` and ``alpha_cohort`` = 0.001. Why ``α_device = fdr_q``: BH at level ``q``
-keeps the expected number of falsely discovered device × signal pairs at or below ``q``
-times the number of discoveries, so at most ``q · D`` devices are falsely discovered in
-expectation even if every device were discovered — each device is falsely discovered with
-probability at most ``q``. The binomial treats the devices as independent, which they are not
-under BH (a discovery lowers the bar for the others), so the bound is a model, not a proof;
-but when nothing drifts the alarm needs at least one discovery, which has probability ≤ q,
-so the cohort false-alarm rate is at most q per window whatever the dependence (measured:
-0 alarms in 150 stationary windows of 200 devices, ``tests/bench/bench_cohort.py``).
-What the bound adds is robustness to per-device miscalibration (a few devices whose tests run
-hot): the cohort alarm means "more devices drift than per-device errors explain", e.g. ≥ 5 of
-50 devices, ≥ 22 of 1,000, ≥ 133 of 10,000. Devices with fewer than ``min_device_readings``
-(32) readings in the window, or whose reference is not complete, are not tested (and are
-counted in the report).
+``X`` = devices with at least one discovery in the window (confirmed or not) among the ``D``
+tested. The alarm fires when ``X`` exceeds the upper ``1 − alpha_cohort`` quantile of
+``Binom(D, α_device)`` with ``α_device = fwer_alpha`` and ``alpha_cohort`` = 0.001. Why: by 5.,
+a stationary device is discovered only through an event of its own (one of its p-values ≤
+``α/m₀``) of probability ≤ ``S·α/m₀`` ≤ α, and devices are tested independently of each other
+(each against its own reference), so the number of falsely discovered devices is at most a sum
+of independent Bernoulli variables of probability ≤ α: ``Binom(D, α)`` bounds it, a proof for
+calibrated p-values and independent devices (under Benjamini–Hochberg, whose cut-off depends on
+every device's tests, the binomial was only a model). The bound is loose on purpose: the
+probabilities in fact sum to ≤ α over the cohort, and the slack is robustness to per-device
+miscalibration (a few devices whose tests run hot): the cohort alarm means "more devices drift
+than per-device errors explain", e.g. ≥ 5 of 50 devices, ≥ 22 of 1,000, ≥ 133 of 10,000. When
+nothing drifts, it needs more discoveries in one window than the bound (measured: 0 alarms in
+150 stationary windows of 200 devices, ``tests/bench/bench_cohort.py``). Devices with fewer than
+``min_device_readings`` (32) readings in the window, or whose reference is not complete, are not
+tested (and are counted in the report).
 
 Detections in the report: one ``scope="device"``, ``detector="chi2"`` :class:`Detection` per
-discovered device × signal (score = statistic / the statistic at the BH cut-off), one
-``scope="cohort"``, ``detector="cohort_binomial"`` when the cohort alarm fires (score =
-``X / (bound + 1)``; signal = the signal with most discovered devices), one
+discovered device × signal of a device in alarm (score = statistic / the statistic at the Holm
+cut-off), one ``scope="cohort"``, ``detector="cohort_binomial"`` when the cohort alarm fires
+(score = ``X / (bound + 1)``; signal = the signal with most discovered devices), one
 ``scope="cohort"``, ``detector="pca"`` when the PCA reconstruction error exceeds its threshold.
-A device still drifting is reported again in every window (these are window tests, not
-change points).
+``drifting_devices`` lists every discovered device, each with its run of consecutive windows and
+whether it is in alarm. A device still drifting is reported again in every window (these are
+window tests, not change points).
 
 >>> from service.ingest.frames import DeviceFrame
 >>> mon = CohortMonitor("f", 1, ["a", "b"], ["n", "p"], np.zeros(2, np.float32),
@@ -145,7 +173,10 @@ F32Array = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
 
 STATE_MAGIC: Final = b"TDCM"
-STATE_VERSION: Final = 1
+STATE_VERSION: Final = 2
+"""Format 2 added the per-device run of windows with a discovery and renamed the config's
+``fdr_q`` (Benjamini–Hochberg) to ``fwer_alpha`` (Holm); format 1 is still read."""
+_READABLE_VERSIONS: Final = (1, STATE_VERSION)
 
 _LOG_RATIO_LO: Final = -6.0
 _LOG_RATIO_STEP: Final = 0.05
@@ -178,8 +209,11 @@ class CohortConfig:
     """Simulated null statistics per (cells, n-bucket) table."""
     tail_p: float = 0.05
     """Beyond this simulated tail probability, p-values come from the scaled χ² tail."""
-    fdr_q: float = 0.01
-    """Benjamini–Hochberg false discovery rate across device × signal tests."""
+    fwer_alpha: float = 0.01
+    """Family-wise error rate of Holm's step-down across a window's device × signal tests."""
+    confirm_windows: int = 2
+    """Consecutive windows with a discovery a device needs before it raises a device alarm
+    (``chi2`` detections); 1 alarms on every discovery."""
     alpha_cohort: float = 0.001
     """Level of the binomial bound on the number of discovered devices."""
     dispersion: bool = True
@@ -216,7 +250,8 @@ class CohortConfig:
                 "min_device_readings must allow two cells (>= 2 * min_expected)",
             ),
             (self.null_draws >= 200, "null_draws must be >= 200"),
-            (0.0 < self.fdr_q < self.tail_p < 0.5, "need 0 < fdr_q < tail_p < 0.5"),
+            (0.0 < self.fwer_alpha < self.tail_p < 0.5, "need 0 < fwer_alpha < tail_p < 0.5"),
+            (self.confirm_windows >= 1, "confirm_windows must be >= 1"),
             (0.0 < self.alpha_cohort < 0.5, "alpha_cohort must be in (0, 0.5)"),
             (self.dispersion_min_window >= 1, "dispersion_min_window must be >= 1"),
             (self.dispersion_min_samples >= 1, "dispersion_min_samples must be >= 1"),
@@ -384,23 +419,30 @@ class NullTable:
         return float(self.scale * stats.chi2.isf(p, self.k - 1))
 
 
-def benjamini_hochberg(p: FloatArray, q: float) -> tuple[BoolArray, float]:
-    """BH step-up at FDR ``q``: which p-values are discoveries, and the p-value cut-off.
+def holm(p: FloatArray, alpha: float) -> tuple[BoolArray, float]:
+    """Holm's step-down at family-wise error rate ``alpha``: which p-values are discoveries,
+    and the p-value cut-off.
 
-    >>> d, cut = benjamini_hochberg(np.array([0.001, 0.02, 0.03, 0.5]), 0.1)
+    The sorted p-values are compared with ``alpha / n``, ``alpha / (n − 1)``, …, ``alpha``; the
+    discoveries are those before the first that exceeds its bar. With ``k`` discoveries they are
+    exactly the p-values ``≤ alpha / (n − k + 1)`` (the cut-off; 0 without discoveries). The
+    chance of any discovery among the true nulls is at most ``alpha`` under any dependence.
+
+    >>> d, cut = holm(np.array([0.001, 0.02, 0.03, 0.5]), 0.1)
     >>> d.tolist(), round(cut, 6)
-    ([True, True, True, False], 0.075)
+    ([True, True, True, False], 0.05)
+    >>> holm(np.array([0.001, 0.02, 0.03, 0.5]), 0.05)[0].tolist()
+    [True, False, False, False]
     """
     n = p.shape[0]
     if n == 0:
         return np.zeros(0, dtype=bool), 0.0
     order = np.sort(p)
-    thr = q * np.arange(1, n + 1) / n
-    below = np.flatnonzero(order <= thr)
-    if below.size == 0:
+    above = np.flatnonzero(order > alpha / (n - np.arange(n)))
+    k = int(above[0]) if above.size else n
+    if k == 0:
         return np.zeros(n, dtype=bool), 0.0
-    k = int(below[-1]) + 1
-    cut = q * k / n
+    cut = alpha / (n - k + 1)
     return p <= cut, float(cut)
 
 
@@ -423,7 +465,7 @@ def binomial_bound(n_devices: int, alpha_device: float, alpha_cohort: float) -> 
 
 @dataclass(frozen=True, slots=True)
 class SignalDrift:
-    """One BH discovery of a device."""
+    """One discovery of a device (Holm, in this window)."""
 
     signal: Signal
     feature: str | None
@@ -432,7 +474,7 @@ class SignalDrift:
     cells: int
     p_value: float
     score: float
-    """Statistic over the statistic at the window's BH cut-off (≥ 1)."""
+    """Statistic over the statistic at the window's Holm cut-off (≥ 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +485,12 @@ class DeviceDrift:
     readings: int
     """Readings of the device in the window."""
     signals: tuple[SignalDrift, ...]
+    """The window's discoveries."""
+    consecutive_windows: int = 1
+    """Windows in a row, this one included, in which the device had a discovery."""
+    alarm: bool = False
+    """``consecutive_windows ≥ confirm_windows``: the discoveries are device alarms (``chi2``
+    detections); before that they count towards the cohort alarm only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,8 +525,9 @@ class CohortReport:
     class_ratios: dict[str, float]
     mean_confidence: float | None
     drifting_devices: tuple[DeviceDrift, ...]
-    bh_cutoff: float
-    """p-value cut-off of the window's BH step (0 without discoveries)."""
+    cutoff: float
+    """p-value cut-off of the window's Holm step-down (0 without discoveries): every
+    discovery's p-value is at or below it, every other test's above."""
     dispersion: dict[str, float]
     """Dispersion factor ``φ`` per signal (``feature`` names, ``confidence``, ``class_mix``)."""
     cohort_alarm: bool
@@ -494,7 +543,9 @@ class CohortReport:
     rejected_frames: int = 0
     """Frames refused in this window (values out of range)."""
     devices_discovered: int = 0
-    """Devices with at least one BH discovery (``len(drifting_devices)``)."""
+    """Devices with at least one discovery (``len(drifting_devices)``)."""
+    devices_alarmed: int = 0
+    """Discovered devices whose discovery is confirmed (``alarm``): those with detections."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -553,6 +604,8 @@ class CohortMonitor:
         self._ref = np.zeros((0, w), dtype=np.int64)
         self._ref_windows = np.zeros(0, dtype=np.int64)
         self._readings = np.zeros(0, dtype=np.int64)
+        self._disc_run = np.zeros(0, dtype=np.int64)
+        """Per device: consecutive windows, up to the last evaluated, with a discovery."""
         self._pending: list[tuple[int, DeviceFrame]] = []
         self._pending_n = 0
         self._win_conf_u8 = np.zeros(CONF_LEVELS, dtype=np.int64)
@@ -631,6 +684,7 @@ class CohortMonitor:
             self._ref = _grow(self._ref, (cap, w))
             self._ref_windows = _grow(self._ref_windows, (cap,))
             self._readings = _grow(self._readings, (cap,))
+            self._disc_run = _grow(self._disc_run, (cap,))
         return i
 
     def add(self, frame: DeviceFrame) -> None:
@@ -895,9 +949,11 @@ class CohortMonitor:
         detections: list[Detection] = []
         n_tests = 0
         cut = 0.0
-        bound = binomial_bound(int(rows_t.size), cfg.fdr_q, cfg.alpha_cohort)
+        bound = binomial_bound(int(rows_t.size), cfg.fwer_alpha, cfg.alpha_cohort)
         n_disc_dev = 0
+        n_alarm_dev = 0
         cohort_alarm = False
+        run = np.zeros(nd, dtype=np.int64)  # consecutive windows with a discovery, this one incl.
         self.last_p_values = np.zeros((0, lay.n_signals))
         self.last_tested = []
         if rows_t.size:
@@ -914,14 +970,18 @@ class CohortMonitor:
             n_tests = int(valid.sum())
             self.last_p_values = np.where(valid, p, np.nan)
             self.last_tested = [self._ids[i] for i in rows_t.tolist()]
-            disc_flat, cut = benjamini_hochberg(p[valid], cfg.fdr_q)
+            disc_flat, cut = holm(p[valid], cfg.fwer_alpha)
             disc = np.zeros_like(valid)
             disc[valid] = disc_flat
+            disc_rows = rows_t[disc.any(axis=1)]
+            run[disc_rows] = self._disc_run[disc_rows] + 1
             names = self.signal_names()
             sig_counter: Counter[tuple[Signal, str | None]] = Counter()
             for r in np.flatnonzero(disc.any(axis=1)).tolist():
                 d_row = int(rows_t[r])
                 device = self._ids[d_row]
+                alarm = bool(run[d_row] >= cfg.confirm_windows)
+                n_alarm_dev += alarm
                 found: list[SignalDrift] = []
                 for s in np.flatnonzero(disc[r]).tolist():
                     table = self._null(int(k[r, s]), int(bkt[r, s]))
@@ -932,6 +992,8 @@ class CohortMonitor:
                         SignalDrift(sig, feat, float(x[r, s]), int(k[r, s]), float(p[r, s]), score)
                     )
                     sig_counter[(sig, feat)] += 1
+                    if not alarm:
+                        continue
                     detections.append(
                         Detection(
                             fleet=self.fleet,
@@ -946,7 +1008,9 @@ class CohortMonitor:
                             readings=int(self._readings[d_row]),
                         )
                     )
-                drifting.append(DeviceDrift(device, int(n_dev[d_row]), tuple(found)))
+                drifting.append(
+                    DeviceDrift(device, int(n_dev[d_row]), tuple(found), int(run[d_row]), alarm)
+                )
             n_disc_dev = len(drifting)
             cohort_alarm = n_disc_dev > bound
             if cohort_alarm:
@@ -980,6 +1044,7 @@ class CohortMonitor:
                     readings=self._total_readings,
                 )
             )
+        self._disc_run[:nd] = run  # a device not discovered in this window starts again
         # device references advance after the tests (a reference window is never tested)
         rows_r = np.flatnonzero(in_ref)
         self._ref[rows_r] += cur[rows_r]
@@ -1008,7 +1073,7 @@ class CohortMonitor:
             class_ratios=class_ratios,
             mean_confidence=mean_conf,
             drifting_devices=tuple(drifting),
-            bh_cutoff=cut,
+            cutoff=cut,
             dispersion={self._signal_label(s): float(v) for s, v in enumerate(phi)},
             cohort_alarm=cohort_alarm,
             cohort_bound=bound,
@@ -1020,6 +1085,7 @@ class CohortMonitor:
             detections=tuple(detections),
             rejected_frames=self._win_rejected,
             devices_discovered=n_disc_dev,
+            devices_alarmed=n_alarm_dev,
         )
         self._reset_window(now_ms)
         return report
@@ -1041,7 +1107,7 @@ class CohortMonitor:
     # -- checkpoint ------------------------------------------------------------------------------
 
     def state_bytes(self) -> bytes:
-        """A versioned snapshot (``TDCM`` v1): buffered frames are accumulated first.
+        """A versioned snapshot (``TDCM`` v2): buffered frames are accumulated first.
 
         numpy ``.npz`` (no pickle) of the counts and sums, with the identity, configuration
         and device ids as JSON. Simulated null tables are not stored (regenerated from the
@@ -1085,6 +1151,7 @@ class CohortMonitor:
             "ref": self._ref[:nd],
             "ref_windows": self._ref_windows[:nd],
             "readings": self._readings[:nd],
+            "disc_run": self._disc_run[:nd],
             "ref_pooled": self._ref_pooled,
             "win_conf_u8": self._win_conf_u8,
             "win_s1": self._win_moments.s1,
@@ -1110,16 +1177,23 @@ class CohortMonitor:
     def from_state_bytes(
         cls, data: bytes, *, model: QuantizedLinear | None = None
     ) -> CohortMonitor:
-        """Restore a monitor from :meth:`state_bytes`.
+        """Restore a monitor from :meth:`state_bytes` (format 2, or 1 of the previous release).
 
         ``CheckpointFormatError`` for another kind or version of blob, or a damaged one.
         """
-        payload = check_header(data, STATE_MAGIC, STATE_VERSION)
+        found = data[4:6]
+        version = next(
+            (v for v in _READABLE_VERSIONS if found == v.to_bytes(2, "big")), STATE_VERSION
+        )
+        payload = check_header(data, STATE_MAGIC, version)
         try:
             with np.load(io.BytesIO(payload), allow_pickle=False) as z:
                 arr = {k: z[k] for k in z.files}
             meta = json.loads(arr["meta"].tobytes().decode())
-            config = CohortConfig(**meta["config"])
+            conf = dict(meta["config"])
+            if "fdr_q" in conf:  # format 1: the level of the (then) BH step is Holm's now
+                conf["fwer_alpha"] = conf.pop("fdr_q")
+            config = CohortConfig(**conf)
             mon = cls(
                 meta["fleet"],
                 meta["model_version"],
@@ -1142,6 +1216,8 @@ class CohortMonitor:
                 target[:nd] = arr[name]
             mon._ref_windows[:nd] = arr["ref_windows"]
             mon._readings[:nd] = arr["readings"]
+            if "disc_run" in arr:  # format 1 had none: confirmations start again
+                mon._disc_run[:nd] = arr["disc_run"]
             mon._ref_pooled[:] = arr["ref_pooled"]
             mon._win_conf_u8[:] = arr["win_conf_u8"]
             mon._win_moments = MomentSums(

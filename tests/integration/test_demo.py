@@ -50,14 +50,7 @@ def test_demo_closes_the_loop_and_reports_it_as_json() -> None:
     assert set(plan.gain) <= detected, "every gain device is flagged"
     assert len(detected) >= 0.8 * len(injected)
     assert set(d["missed_devices"]) == injected - detected
-    assert not set(d["false_alarm_devices"]) & detected
-    # no false alarm from layer A (each device's own calibrated detectors). Layer B's per-device
-    # discoveries (chi2) control the false discovery rate (BH), so while many drifted devices
-    # are discovered a few stationary ones are too: reported in the summary, not failed on
-    # (README, the demo's measured run; the closing note of this release)
-    events = d["false_alarm_events"]
-    assert {e["device"] for e in events} == set(d["false_alarm_devices"])
-    assert [e for e in events if e["detector"] != "chi2"] == []
+    assert d["false_alarm_devices"] == [], d["false_alarm_events"]
     assert d["median_delay_readings"] is not None
     assert 0 <= d["median_delay_readings"] < 5000
     assert set(d["delay_readings"]) == detected

@@ -8,6 +8,8 @@ frames of 16 readings, one window = ``N`` readings per device.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 
 import numpy as np
 import pytest
@@ -25,14 +27,15 @@ from edge_agent.fixedpoint.linear import QuantizedLinear
 from service.drift.checkpoint_format import CheckpointFormatError, add_header
 from service.drift.cohort_monitor import (
     STATE_MAGIC,
+    STATE_VERSION,
     CohortConfig,
     CohortMonitor,
     CohortReport,
     NullTable,
-    benjamini_hochberg,
     binomial_bound,
     g_statistic,
     group_cells,
+    holm,
 )
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.learn.factory_model import train_factory_model
@@ -211,16 +214,43 @@ def test_null_table_p_values_are_calibrated_including_the_extrapolated_tail():
     assert table.p_values(np.array([table.critical(1e-6)]))[0] == pytest.approx(1e-6)
 
 
-def test_benjamini_hochberg_against_the_definition():
+def test_holm_against_the_adjusted_p_values():
+    """Holm's adjusted p-values: ``max over i ≤ j of (n − i + 1)·p_(i)``; reject where ≤ α."""
     rng = np.random.default_rng(2)
     for _ in range(50):
-        p = np.concatenate([rng.random(40), rng.random(5) * 1e-3])
-        disc, cut = benjamini_hochberg(p, 0.05)
-        order = np.sort(p)
-        ks = [i + 1 for i in range(p.size) if order[i] <= 0.05 * (i + 1) / p.size]
-        k = max(ks) if ks else 0
-        assert disc.sum() == k
-        assert cut == pytest.approx(0.05 * k / p.size)
+        p = np.concatenate([rng.random(40), rng.random(5) * 1e-3, rng.random(3) * 1e-5])
+        disc, cut = holm(p, 0.05)
+        order = np.argsort(p)
+        n = p.size
+        adjusted = np.empty(n)
+        adjusted[order] = np.maximum.accumulate((n - np.arange(n)) * p[order])
+        assert disc.tolist() == (adjusted <= 0.05).tolist()
+        k = int(disc.sum())
+        assert cut == (pytest.approx(0.05 / (n - k + 1)) if k else 0.0)
+        assert np.all(p[disc] <= cut)
+        assert np.all(p[~disc] > cut)
+    assert holm(np.zeros(0), 0.05)[0].size == 0
+
+
+def test_holm_controls_the_family_wise_error_whatever_the_discoveries():
+    """500 tests, 150 of them far from their null (p ≤ 1e-8): the 350 true nulls are uniform.
+    Holm discovers a true null in ≤ α of the repetitions; BH at the same level, whose cut-off
+    rises with the 150 discoveries, does so most of the time."""
+    rng = np.random.default_rng(3)
+    reps, alpha = 4000, 0.01
+    p = rng.random((reps, 500))
+    p[:, :150] *= 1e-8
+    holm_false = bh_false = 0
+    for row in p:
+        disc, _ = holm(row, alpha)
+        assert disc[:150].all()
+        holm_false += bool(disc[150:].any())
+        ranked = np.sort(row)
+        below = np.flatnonzero(ranked <= alpha * np.arange(1, 501) / 500)
+        bh_cut = alpha * (below[-1] + 1) / 500
+        bh_false += bool((row[150:] <= bh_cut).any())
+    assert holm_false / reps <= alpha + 3 * np.sqrt(alpha / reps)
+    assert bh_false / reps > 0.5
 
 
 @pytest.mark.parametrize("devices", [1, 20, 50, 1000, 10_000])
@@ -232,8 +262,10 @@ def test_binomial_bound_is_the_upper_quantile(devices):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="fdr_q"):
-        CohortConfig(fdr_q=0.1)
+    with pytest.raises(ValueError, match="fwer_alpha"):
+        CohortConfig(fwer_alpha=0.1)
+    with pytest.raises(ValueError, match="confirm_windows"):
+        CohortConfig(confirm_windows=0)
     with pytest.raises(ValueError, match="reference_windows"):
         CohortConfig(reference_windows=2)
     with pytest.raises(ValueError, match="divide 256"):
@@ -251,9 +283,11 @@ def test_stationary_fleet_raises_no_cohort_alarm(stationary):
     assert all(r.n_tests == 500 for r in tested)
     assert not any(r.cohort_alarm for r in tested)
     assert not any(d.detector == "cohort_binomial" for r in tested for d in r.detections)
-    # BH at q = 0.01 under the global null: a window has any discovery with probability <= 1 %;
-    # over 20 windows expect <= 0.2 such windows, so 2 discovered device-signals is generous
+    # Holm at 0.01: a window has any discovery with probability <= 1 %; over 20 windows expect
+    # <= 0.2 such windows, so 2 discovered device-signals is generous; an alarm needs two in a row
     assert sum(len(s.signals) for r in tested for s in r.drifting_devices) <= 2
+    assert not any(d.alarm for r in tested for d in r.drifting_devices)
+    assert not any(d.scope == "device" for r in tested for d in r.detections)
     assert all(v < 1.2 for v in tested[-1].dispersion.values())
     for r in tested:
         assert max(r.feature_js.values()) < 0.08
@@ -298,11 +332,21 @@ def test_gain_drift_on_a_fifth_of_the_fleet_is_found(gain_drift):
     for dev in last.drifting_devices:
         for s in dev.signals:
             assert s.score >= 1.0
-            assert s.p_value <= last.bh_cutoff
+            assert s.p_value <= last.cutoff
+    # a device alarm needs a discovery in two consecutive windows: none in the drift's first
+    first = after[0]
+    assert first.devices_discovered >= 5
+    assert first.devices_alarmed == 0
+    assert not any(d.scope == "device" for d in first.detections)
+    assert all(d.consecutive_windows == 1 and not d.alarm for d in first.drifting_devices)
     dets = last.detections
     device_dets = [d for d in dets if d.scope == "device"]
     assert {d.detector for d in device_dets} == {"chi2"}
-    assert len(device_dets) == sum(len(d.signals) for d in last.drifting_devices)
+    alarmed = [d for d in last.drifting_devices if d.alarm]
+    assert last.devices_alarmed == len(alarmed) >= 9
+    assert all(d.consecutive_windows >= 2 for d in alarmed)
+    assert len(device_dets) == sum(len(d.signals) for d in alarmed)
+    assert {d.device for d in device_dets} == {d.device for d in alarmed}
     assert all(d.readings >= (DRIFT_WINDOW + 1) * N for d in device_dets)
     cohort = [d for d in dets if d.detector == "cohort_binomial"]
     assert len(cohort) == 1
@@ -311,6 +355,37 @@ def test_gain_drift_on_a_fifth_of_the_fleet_is_found(gain_drift):
     assert cohort[0].ts_ms == last.window_end_ms
     # the pooled dashboard distances move too
     assert max(last.feature_js.values()) > max(reports[21].feature_js.values())
+
+
+def test_stationary_devices_stay_undiscovered_while_half_the_fleet_drifts(model):
+    """25 of 50 devices gain drift, 20 windows tested after it: Holm (FWER 0.01 per window)
+    discovers a stationary device in at most about 1 % of the windows, never in two in a row,
+    however many drifted devices it discovers. Benjamini–Hochberg at the same level, on the same
+    p-values, whose cut-off rises with the discoveries, finds stationary devices in many."""
+    drifted = set(range(25))
+    pvals: list[np.ndarray] = []
+    mon, reports, _ = run_fleet(
+        model, windows=DRIFT_WINDOW + 20, drift=at("gain"), drifted=drifted, seed0=4000,
+        pvalues=pvals,
+    )  # fmt: skip
+    after = reports[DRIFT_WINDOW:]
+    assert np.mean([len(discovered(r) & drifted) / 25 for r in after]) >= 0.9
+    assert all(r.cohort_alarm for r in after)
+    false_windows = [r.window_index for r in after if discovered(r) - drifted]
+    assert len(false_windows) <= 1
+    stationary_alarms = [
+        d.device for r in reports for d in r.drifting_devices
+        if d.alarm and int(d.device.split("-")[1]) not in drifted
+    ]  # fmt: skip
+    assert stationary_alarms == []
+    rows_stationary = np.array([int(d.split("-")[1]) not in drifted for d in mon.last_tested])
+    bh_false_windows = 0
+    for p in pvals[DRIFT_WINDOW:]:
+        flat = np.sort(p[np.isfinite(p)])
+        below = np.flatnonzero(flat <= 0.01 * np.arange(1, flat.size + 1) / flat.size)
+        cut = 0.01 * (below[-1] + 1) / flat.size if below.size else 0.0
+        bh_false_windows += bool(np.any(p[rows_stationary] <= cut))
+    assert bh_false_windows >= 2
 
 
 def test_concept_drift_is_invisible_to_inputs_but_not_to_labels(model):
@@ -462,14 +537,37 @@ def test_state_of_another_format_is_refused(model):
     mon = CohortMonitor(FLEET, 1, FEATURES, CLASSES, model.mu, model.inv_sigma)
     blob = mon.state_bytes()
     assert blob[:4] == STATE_MAGIC
-    with pytest.raises(CheckpointFormatError, match="version 2"):
-        CohortMonitor.from_state_bytes(add_header(STATE_MAGIC, 2, blob[6:]))
+    with pytest.raises(CheckpointFormatError, match="version 3"):
+        CohortMonitor.from_state_bytes(add_header(STATE_MAGIC, 3, blob[6:]))
     with pytest.raises(CheckpointFormatError, match="magic"):
         CohortMonitor.from_state_bytes(b"TDDM" + blob[4:])
     with pytest.raises(CheckpointFormatError, match="damaged"):
         CohortMonitor.from_state_bytes(blob[:-40])
     with pytest.raises(CheckpointFormatError, match="short"):
         CohortMonitor.from_state_bytes(b"TD")
+
+
+def test_state_of_format_1_is_still_read(gain_drift, model):
+    """Format 1 (the BH release): ``fdr_q`` in the config, no run of discovered windows. It is
+    read as format 2 with ``fwer_alpha`` = the old ``fdr_q`` and every run started again."""
+    mon = gain_drift[0]
+    blob = mon.state_bytes()
+    assert blob[4:6] == STATE_VERSION.to_bytes(2, "big")
+    with np.load(io.BytesIO(blob[6:]), allow_pickle=False) as z:
+        arr = {k: z[k] for k in z.files if k != "disc_run"}
+    meta = json.loads(arr["meta"].tobytes().decode())
+    cfg = meta["config"]
+    cfg["fdr_q"] = cfg.pop("fwer_alpha")
+    del cfg["confirm_windows"]
+    arr["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arr)
+    old = CohortMonitor.from_state_bytes(add_header(STATE_MAGIC, 1, buf.getvalue()), model=model)
+    assert old.config == mon.config
+    assert old.n_devices == mon.n_devices
+    fresh = CohortMonitor.from_state_bytes(blob, model=model)
+    assert fresh.state_bytes() == blob
+    assert old.state_bytes() != blob  # the runs of discovered windows start again
 
 
 def test_label_batches_are_checked_and_counted(model):
