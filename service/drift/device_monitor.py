@@ -550,6 +550,9 @@ class DeviceMonitor:
         # count, sum, sum of squares since each ADWIN's last reset (strict, sensitive)
         self._win = np.zeros((3, s), dtype=np.float64)
         self._s_win = np.zeros((3, s), dtype=np.float64)
+        # sum since each strict ADWIN's last reset of its block values before the skew
+        # correction: the drifting band's mean (the correction is not mean-preserving)
+        self._raw = np.zeros(s, dtype=np.float64)
         # ring of the latest values per stream, shared by both banks; only the score reads it,
         # so it is stored in int8 steps of clip·scale/127 (0.047 σ of a block mean for
         # FRAME_ADWIN), or float16 for unclipped settings
@@ -900,6 +903,7 @@ class DeviceMonitor:
         self._ready |= new
         self._bsum[new] = 0.0
         self._bn[new] = 0
+        self._raw[new] = 0.0
 
     def _retighten(self) -> None:
         """Check the monitored streams against the longer blocks completed since they started.
@@ -979,6 +983,7 @@ class DeviceMonitor:
             if done.any():
                 idx = np.flatnonzero(done)
                 v = (self._bsum[idx] / self._bn[idx] - self._center[idx]) / self._bsd[idx]
+                self._raw[idx] += v
                 v = skew_normalise(v, self._bskew[idx])
                 self._bsum[idx] = 0.0
                 self._bn[idx] = 0
@@ -995,7 +1000,9 @@ class DeviceMonitor:
                     self._bm = None  # its memory is released
                     self._clock.stop()
         if strict:
-            self._alarmed[[i for i, _ in strict]] = True
+            hit = [i for i, _ in strict]
+            self._alarmed[hit] = True
+            self._raw[hit] = 0.0  # the ADWIN starts afresh
         return strict, sensitive
 
     def _feed_banks(
@@ -1281,7 +1288,10 @@ class DeviceMonitor:
         """Per calibrated stream: |current ADWIN-window mean − reference| / (its standard error ·
         band).
 
-        ≥ 1 means outside the calibrated band (see :attr:`drifting`). The standard error holds
+        ≥ 1 means outside the calibrated band (see :attr:`drifting`). The window mean is of the
+        centred block values before their skew correction, which does not keep the mean: on
+        skewed ``z²`` streams of stationary devices the corrected values' mean sat 0.1 block sd
+        below 0, outside the band once windows held ~10⁴ blocks. The standard error holds
         the window's (``κ / w`` in block units: the residual dependence) and the reference's
         (the long-run variance over the learning stretch). Streams still calibrating, and the
         error stream until it is calibrated, are absent.
@@ -1290,14 +1300,13 @@ class DeviceMonitor:
         if thr is None:
             return {}
         out: dict[Stream, float] = {}
-        scale = self._settings.u_scale
         for i in np.flatnonzero(self._ready).tolist():
             det = self._adwins[i]
             w = float(det.width)
             if w == 0:
                 out[self.layout.streams[i]] = 0.0
                 continue
-            mean_u = float(det.total) / w / scale
+            mean_u = float(self._raw[i]) / w
             se = math.sqrt(float(self._kappa[i]) / w + float(self._ref_var[i]))
             out[self.layout.streams[i]] = abs(mean_u) / se / thr.drifting_z
         adw = self._err_adwin
@@ -1361,6 +1370,8 @@ class DeviceMonitor:
                     win[0, i] = det.width
                     win[1, i] = det.total
             state[name] = win
+        if "_raw" not in state:  # written before the band kept its own sums: the ADWIN's
+            state["_raw"] = state["_win"][1] / state["_settings"].u_scale
         state.setdefault("_horizon", 1)  # written before the horizon existed: none checked
         return state
 
