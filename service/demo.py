@@ -86,9 +86,9 @@ Settings (:func:`demo_settings`) are tuned for a run of about a minute at 50 dev
 - Drift detection otherwise keeps its production calibration (512-reading references, the null
   of every signal learnt from 48 blocks a level, a fleet budget of 1e-7 false alarms per
   device-reading). Phase 1 ends when every device's labelled error and signal streams are
-  calibrated, or, after 3 minutes (a loaded machine), 90 % of each device's streams, the error
+  calibrated, or, after 150 s (a loaded machine), 85 % of each device's streams, the error
   counted as one (a stream whose two looks disagree waits for the next level, twice as long),
-  and after 5 minutes in any case (the streams still calibrating learn the drift as normal;
+  and after 4 minutes in any case (the streams still calibrating learn the drift as normal;
   the checks at the end say whether the loop still closed).
 
 Besides the API the demo reads only what an operator could not ask the service for: the
@@ -141,6 +141,10 @@ BATCH: Final = 16
 PERIOD_S: Final = 0.15
 """Seconds between a device's frames: 107 readings/s per device."""
 LABEL_RATE: Final = 0.2
+CALIBRATION_ALL_S: Final = 150.0
+"""Phase 1 waits this long for every stream of every device, then for 85 % of each device's."""
+CALIBRATION_MAX_S: Final = 240.0
+"""Phase 1 injects the drift after this long whatever is still calibrating."""
 """Share of readings a device sends a label for (the error detectors and the gates need them)."""
 GAIN_SHARE: Final = 0.2
 GAIN_MAGNITUDE: Final = 0.6
@@ -684,9 +688,9 @@ class DemoRun:
                         for a in fleet.agents
                         if (m := mons.get((FLEET, a.config.device_id))) is not None
                     ]
-                # every stream and the labelled error, or after 3 minutes (a loaded machine)
-                # 90 % of them: a drift on a stream still learning its null is learnt as normal
-                share = 1.0 if time.monotonic() - started < 180.0 else 0.9
+                # every stream and the labelled error, or after 150 s (a loaded machine) 85 %
+                # of them: a drift on a stream still learning its null is learnt as normal
+                share = 1.0 if time.monotonic() - started < CALIBRATION_ALL_S else 0.85
                 learnt = sum(
                     1 for c in status if c.streams_ready + c.error_ready >= share * (c.streams + 1)
                 )
@@ -699,11 +703,13 @@ class DemoRun:
 
             started = time.monotonic()
             try:
-                self.wait_for(ready, 300, "every device's layer-A calibration")
+                self.wait_for(ready, CALIBRATION_MAX_S, "every device's layer-A calibration")
             except DemoError:
                 # a stream whose looks keep disagreeing can take another doubling: the drift
                 # goes on; it is learnt as normal on the streams still calibrating
-                self.say(f"after 300 s, {self.board.note}: injecting the drift anyway")
+                self.say(
+                    f"after {CALIBRATION_MAX_S:g} s, {self.board.note}: injecting the drift anyway"
+                )
                 return
             self.say(
                 "every device is calibrated: its reference (512 readings), the null of its "

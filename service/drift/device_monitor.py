@@ -389,7 +389,7 @@ ERROR_SCORE_SPLITS: Final = 256
 
 
 _KAPPA_STEP: Final = 1.05
-"""A stream's thresholds follow its re-estimated ``κ`` when it moves by more than this factor."""
+"""A stream's thresholds tighten when its re-estimated ``κ`` grows by more than this factor."""
 
 RELEARN_LEVELS: Final = 4
 """Levels (doublings) past a stream's block over which its κ keeps being checked."""
@@ -909,14 +909,15 @@ class DeviceMonitor:
         """Check the monitored streams against the longer blocks completed since they started.
 
         A slow component of the noise shows only in long blocks, so a stream may have started
-        with too small a ``κ``; and ``κ`` estimated from more data is more precise (its upper
-        bound comes down). Until its first strict alarm, a stream whose ``κ`` at its block has
-        moved by more than 5 % either way gets the δ for the new ``κ``, its ADWINs keep their
-        windows (:func:`service.drift.adwin_state.retune_delta`): a drift under way is still
-        contrasted with what came before it. After the first alarm thresholds stay (a drift
-        must not be learnt as noise). Learning stops, and the batch means are released, once
-        blocks :data:`RELEARN_LEVELS` doublings longer than the longest monitored block (or the
-        horizon) have been seen.
+        with too small a ``κ``. Until its first strict alarm, a stream whose ``κ`` at its block
+        has grown by more than 5 % gets the stricter δ, its ADWINs keep their windows
+        (:func:`service.drift.adwin_state.retune_delta`): a drift under way is still contrasted
+        with what came before it. Thresholds only ever tighten: following the estimate down as
+        well let its noise loosen slow sensors' thresholds (φ = 0.99: both strict alarms of the
+        stationary benchmark came after such a step down), and after the first alarm they stay
+        (a drift must not be learnt as noise). Learning stops, and the batch means are
+        released, once blocks :data:`RELEARN_LEVELS` doublings longer than the longest
+        monitored block (or the horizon) have been seen.
         """
         bm = self._bm
         assert bm is not None
@@ -925,8 +926,7 @@ class DeviceMonitor:
             return
         block = np.where(live, self._block, 0)
         kap = inflation_at(bm, block, min_blocks=self.config.null_min_blocks)
-        ratio = kap / self._kappa
-        moved = live & ((ratio > _KAPPA_STEP) | (ratio < 1.0 / _KAPPA_STEP))
+        moved = live & (kap > _KAPPA_STEP * self._kappa)
         if not moved.any():
             return
         for i in np.flatnonzero(moved).tolist():
@@ -1153,13 +1153,13 @@ class DeviceMonitor:
 
     def _retighten_errors(self) -> None:
         """The error stream's κ against the longer blocks completed since it started (as
-        :meth:`_retighten` for frames): until its first alarm, its thresholds follow κ."""
+        :meth:`_retighten` for frames): until its first alarm, a grown κ tightens it."""
         bm = self._lbl_bm
         assert bm is not None
         if self._err_block == 0 or self._err_alarmed:
             return
         kap = inflation_at(bm, np.array([self._err_block]), min_blocks=self.config.null_min_blocks)
-        if not 1.0 / _KAPPA_STEP <= kap[0] / self._err_kappa <= _KAPPA_STEP:
+        if kap[0] > _KAPPA_STEP * self._err_kappa:
             self._err_ref_var *= float(kap[0]) / self._err_kappa
             self._err_kappa = float(kap[0])
             self._set_error_detectors(self._err_kappa)
