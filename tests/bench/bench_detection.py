@@ -15,17 +15,19 @@ Calibration before the change. Layer A learns a fixed reference from the first 5
 then every signal stream's null by dyadic batch means (*calibrating*), then monitors; the error
 stream likewise learns its null from the labels. A drift that starts while a stream is
 calibrating is learnt as normal, so the change must come after calibration. Each device's
-change comes after ``max(CHANGE, C)`` readings, where ``CHANGE`` = 12,000 (750 frames) and ``C``
-is the first reading at which its monitor is fully calibrated (``calibration().state ==
-"monitoring"`` and ``error_ready``): a device not calibrated by 12,000 runs on in steps of
-``EXTEND`` = 1,024 readings and its change comes at the end of the step in which it became
-calibrated. A device not calibrated by ``CHANGE_MAX`` = 60,000 is **excluded** from every
-delay (the count is printed, and it fails a target). The calibration points and how many
-changes came later than 12,000 are printed. Layer A keeps learning after a stream starts: each
-time a batch-means level completes (at 48·2^j frames, the reference's frames included) it
-re-checks the stream's κ and, until the stream's first strict alarm, a κ grown by > 5 %
-gives the stream a stricter δ and fresh ADWINs. The change at 12,000 readings (frame 750) comes
-18 frames before such a check (frame 768); the results depend on that placement.
+change comes after ``max(CHANGE, C + MONITORED_BEFORE)`` readings, where ``CHANGE`` = 12,000
+(750 frames), ``C`` is the first reading at which its monitor is fully calibrated
+(``calibration().state == "monitoring"`` and ``error_ready``) and ``MONITORED_BEFORE`` = 6,144
+readings (384 frames) of monitoring before the change, so that the detectors' windows hold
+data from before it (a change in the first frames after a stream starts is contrasted with
+almost nothing: ADWIN's cut needs both sub-windows): a device runs on in steps of ``EXTEND`` =
+1,024 readings and its change comes at the end of the first step past that point. A device not
+calibrated by ``CHANGE_MAX`` = 120,000 is **excluded** from every delay (the count is printed,
+and it fails a target). The calibration points and how many changes came later than 12,000 are
+printed. Layer A keeps learning after a stream starts: each time a batch-means level completes
+(at 48·2^j frames, the reference's frames included) it re-checks the stream's κ and, until the
+stream's first strict alarm, a κ grown by > 5 % gives the stream a stricter δ (ADWIN windows
+kept).
 
 One simulated device per seed serves every drift kind: the simulator runs to its change once
 (``SensorSimulator(1000 + seed)``), and each kind continues from a copy of it (the simulator
@@ -164,7 +166,9 @@ CHANGE = 12_000
 EXTEND = 1024
 """A device not fully calibrated by ``CHANGE`` runs on in steps of this many readings until it
 is; its change comes at the end of the step in which it was."""
-CHANGE_MAX = 60_000
+MONITORED_BEFORE = 6144
+"""Readings of full monitoring before the change, at least."""
+CHANGE_MAX = 120_000
 """A drift device not fully calibrated by then is excluded."""
 REFERENCE = 512
 HORIZON = 6000
@@ -589,14 +593,15 @@ def seed_task(args: tuple[int, dict[str, float], tuple[str, ...]]) -> SeedResult
     pre = classify(s.features, s.labels)
     h_max = max(HORIZONS[k] for k in kinds)
     labelled = np.random.default_rng(dev_seed + 7).random(CHANGE_MAX + h_max) < LABEL_RATE
-    # layer A to the change: CHANGE, or later until it is fully calibrated
+    # layer A to the change: CHANGE, or later until it has been fully calibrated for a while
     mon = DeviceMonitor("bench", f"d{dev_seed}", FEATURES, CLASSES)
     dets, cal = feed_ours(mon, pre, labelled[:CHANGE], 0)
     change = CHANGE
-    while cal is None and change < CHANGE_MAX:
+    while (cal is None or change < cal + MONITORED_BEFORE) and change < CHANGE_MAX:
         s = sim.sample(EXTEND, t=window_times(EXTEND, 2.0 * change))
         more = classify(s.features, s.labels)
-        more_dets, cal = feed_ours(mon, more, labelled[change : change + EXTEND], change)
+        more_dets, now = feed_ours(mon, more, labelled[change : change + EXTEND], change)
+        cal = cal if cal is not None else now
         dets += more_dets
         pre = _concat(pre, more)
         change += EXTEND
