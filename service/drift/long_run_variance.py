@@ -18,9 +18,11 @@ confidence bound), so that the
 means of ``b`` consecutive values are nearly independent, and reports:
 
 - ``block``: ``b`` (steps per monitored value);
-- ``kappa``: ``max(1, max_{b' ≥ b} V_{b'} / V_b)``, the variance inflation left between the
-  block means and the long run (≤ ``kappa_max``; the detector's threshold absorbs it,
-  :func:`inflate_delta`);
+- ``kappa``: ``max(1, L / V_b)``, the variance inflation left between the block means and the
+  long run, with ``L`` the larger of the longest counting level's ``V`` and the upper bound of
+  the longest level holding twice ``min_blocks`` blocks (the detector's threshold absorbs it,
+  :func:`inflate_delta`; the plateau test that picks ``b`` uses the largest of every longer
+  level's bound, ``≤ kappa_max``);
 - ``sd``: the standard deviation of a block mean, ``√(V_b / b)``;
 - ``mean``: the stream's mean over everything seen.
 
@@ -262,9 +264,9 @@ def choose_blocks(
         safe_vj = np.maximum(vj, var_floor)
         kap = np.maximum(1.0, vmax / safe_vj)
         ok = ~ready & ((kap <= kappa_max) | flat) & ((1 << j) >= floor)
-        kap = np.maximum(1.0, levels.for_threshold(j) / safe_vj)
         if not ok.any():
             continue
+        kap = np.maximum(1.0, levels.for_threshold(j) / safe_vj)
         size = 1 << j
         ready |= ok
         block[ok] = size
