@@ -934,6 +934,20 @@ def cohort_delays(
     return delays, n_missed
 
 
+def _with_progress(results: Any, what: str, total: int) -> list[Any]:
+    """``list(results)``, a line on stderr as each comes in (runs take tens of minutes)."""
+    out = []
+    t0 = time.perf_counter()
+    for i, r in enumerate(results, 1):
+        out.append(r)
+        print(
+            f"  {what}: {i}/{total} devices ({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
+
+
 def _pct(values: list[float], q: float) -> float:
     """Percentile with misses as ``inf`` (``nan`` for no values)."""
     import numpy as np
@@ -1102,7 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = pool.submit(timing_task, 100_000 if args.quick else 300_000).result()
     t_stat = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_init_worker) as pool:
-        stat_all = list(pool.map(stationary_task, stat_jobs))
+        stat_all = _with_progress(pool.map(stationary_task, stat_jobs), "stationary", seeds)
         stat_res = [r for r in stat_all if r.calibrated]
         # δ_FA from the stationary runs, then the drift runs
         ours_n = sum(r.ours_readings for r in stat_res)
@@ -1114,7 +1128,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         deltas = {"ADWIN()": ADWIN_DEFAULT_DELTA, "ADWIN(δ_B)": delta_b, "ADWIN(δ_FA)": delta_fa}
         t_drift = time.perf_counter()
-        seed_res = list(pool.map(seed_task, [(s, deltas, SCENARIOS) for s in range(seeds)]))
+        seed_res = _with_progress(
+            pool.map(seed_task, [(s, deltas, SCENARIOS) for s in range(seeds)]), "drift", seeds
+        )
     t_end = time.perf_counter()
 
     # ---- stationary -------------------------------------------------------------------------
