@@ -381,8 +381,9 @@ def _feed_monitor(
 ) -> tuple[list[tuple[Any, int]], int | None]:
     """Frames of ``K`` of ``r`` (readings ``count0 + 1 …``), each frame's labels after it.
 
-    Returns (every strict alarm with the number of labels of ``r`` fed up to it, the reading
-    count at which the monitor became fully calibrated if it did here and ``want_cal``).
+    Returns (every strict alarm, ``hddm_a_warning`` excepted (warnings are not alarms), with
+    the number of labels of ``r`` fed up to it, the reading count at which the monitor became
+    fully calibrated if it did here and ``want_cal``).
     """
     import numpy as np
 
@@ -406,7 +407,8 @@ def _feed_monitor(
             lb = DeviceLabels(
                 "bench", name, 0, seq, ts, 0.0, 1, r.x[idx], r.pred[idx], r.labels[idx]
             )
-            out += [(d, labels_fed) for d in mon.observe_labels(lb).alarms]
+            alarms = mon.observe_labels(lb).alarms
+            out += [(d, labels_fed) for d in alarms if d.detector != "hddm_a_warning"]
         if want_cal and cal is None:
             st = mon.calibration()
             if st.state == "monitoring" and st.error_ready:
