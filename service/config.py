@@ -13,7 +13,6 @@ service.config.SettingsError: setting broker: expected mqtt://HOST[:PORT], got '
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlparse
@@ -34,13 +33,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from edge_agent.wire.errors import WireError
+from edge_agent.wire.topics import validate_id
+
 
 class SettingsError(ValueError):
     """A setting is invalid; the message is one line naming the setting and the problem."""
-
-
-_FLEET_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-"""A fleet id (as in the topics: ``edge_agent.wire.topics``)."""
 
 
 class FleetNormal(BaseModel):
@@ -196,11 +194,13 @@ class ServiceSettings(BaseSettings):
         cls, v: dict[str, FleetNormal], info: ValidationInfo
     ) -> dict[str, FleetNormal]:
         for name in v:
-            if _FLEET_ID.fullmatch(name) is None:
+            try:
+                validate_id(name)
+            except WireError:
                 raise ValueError(
                     f"{name!r} is not a fleet id (1-64 characters of A-Z a-z 0-9 _ . -): "
                     "key each declaration by the fleet's name"
-                )
+                ) from None
         fleets = info.data.get("fleets", ["+"])
         unwatched = sorted(set(v) - set(fleets)) if "+" not in fleets else []
         if unwatched:
