@@ -1073,6 +1073,15 @@ class DemoRun:
                 f"{len(set(detected) & concept)}/{len(concept)} concept devices flagged "
                 f"(needed: {threshold}); {len(false_alarms)} false-alarm devices",
             )
+            self.check(
+                "no false-alarm device",
+                not false_alarms,
+                "no alarm on a device without an injected drift, nor before its drift"
+                if not false_alarms
+                else f"{len(false_alarms)} devices alarmed without a drift: "
+                + ", ".join(false_alarms[:5])
+                + (" ..." if len(false_alarms) > 5 else ""),
+            )
         if self.db and self.recal_targets:
             b, d_, a = acc["before_drift"], acc["during_drift"], acc["after_update"]
             n_ok = min(acc["labels"].values()) >= MIN_LABELS

@@ -84,6 +84,7 @@ def test_demo_closes_the_loop_and_reports_it_as_json() -> None:
     assert all(c["ok"] for c in s["checks"])
     assert {c["check"] for c in s["checks"]} == {
         "drift detected",
+        "no false-alarm device",
         "good candidate promoted",
         "bad candidate rolled back",
         "accuracy recovered",
