@@ -590,14 +590,15 @@ def null_task(args: tuple[str, int, int, float]) -> dict[str, Any]:
         if ready:
             monitored += int(j.size)
             alarms.update(d.detector for d in out.alarms if d.signal == "error")
-    thr = mon._label_thr  # the error detectors' thresholds (none without a started stream)
     st = mon.calibration()
+    thr = mon._label_thr  # the error detectors' thresholds (none without a started stream)
     return {
         "kind": kind,
         "seed": seed,
         "labels": monitored,
         "alarms": dict(alarms),
-        "label_budget": float("nan") if thr is None else thr.label_budget,
+        # the error thresholds are set for blocks of b labels: b labels' budget
+        "label_budget": math.nan if thr is None else thr.label_budget / st.error_block_labels,
         "block": st.error_block_labels,
         "kappa": float(getattr(mon, "_err_kappa", math.nan)),
         "p": float(np.mean(r.pred[idx] != r.labels[idx])),

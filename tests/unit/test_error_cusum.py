@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from service.drift.error_cusum import DESIGN_LABELS, MIN_REFERENCE_BLOCKS, ErrorCusum
+from service.drift.error_cusum import DESIGN_LABELS, MIN_REFERENCE_BLOCKS, MODEL_MARGIN, ErrorCusum
 
 STRICT = 5e-8 / 24
 """The strict tier's budget per label of one error detector (F = 8, C = 4)."""
@@ -38,14 +38,16 @@ def test_a_rise_of_six_points_is_caught_and_nothing_before_it():
     assert feed(cus, rng, 0.11, 5000) == []
     after = feed(cus, rng, 0.17, 20_000)
     assert after
-    assert after[0] <= 2500
+    assert after[0] <= 3000  # one run: 2,605 labels
 
 
 def test_false_alarms_at_a_countable_budget_stay_within_it():
-    """α = 2·10⁻⁴ per label over 200,000 labels: 40 at the full budget (the simulations in the
-    module docstring measured 0.5–0.9 of it)."""
-    cus, rng = cusum(label_budget=2e-4), random.Random(11)
+    """α = 6·10⁻⁴ per label over 200,000 labels: 120 at the full budget; the threshold is set
+    for a third of it (MODEL_MARGIN), and the simulations in the module docstring measured
+    about half of that third."""
+    cus, rng = cusum(label_budget=6e-4), random.Random(11)
     alarms = feed(cus, rng, 0.11, 200_000)
+    assert MODEL_MARGIN == 3.0
     assert 5 <= len(alarms) <= 40
 
 
