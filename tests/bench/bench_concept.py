@@ -4,6 +4,7 @@ Run as a script::
 
     python tests/bench/bench_concept.py [--runs 20] [--change 12000 50000]
         [--kinds sea agrawal walk_run] [--horizon-labels 20000] [--workers 2] [--quick]
+    python tests/bench/bench_concept.py --null [--null-budget 2.4e-3] [--null-kinds iid ...]
 
 Importing this module does nothing: the project and river are imported inside functions.
 
@@ -83,6 +84,13 @@ bounds the worst-case mean delay of a detector that knows p0 exactly; the monito
 from the labels before the change, so with few of them no detector gets near it: a two-sample
 comparison of ``n0`` labels before the change with any number after it cannot separate a shift
 δ at false-alarm level α unless ``δ² n0 / (2 p0 (1 − p0))`` exceeds about ``ln(1/α)``.
+
+``--null`` runs something else: the error detectors' own false alarms on stationary telemetry
+(``tests/bench/stationary_streams`` kinds ``iid``, ``sessions``, ``real``; ``--null-devices``
+× ``--null-readings``, 10 % labelled) at ``--null-budget`` per device-reading (default 2.4·10⁻³,
+i.e. 5·10⁻⁵ per label for each error detector, where alarms can be counted): one frame (for
+the model version), then the labels alone; alarms per detector once the error stream is
+monitored, against the detector's share per label.
 
 Printed: the calibration (block size and κ of the error stream at the change), per placement
 and kind the error rates p0 → p1 (measured per run over the labelled readings: p0 from reading
