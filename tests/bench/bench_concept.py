@@ -207,7 +207,7 @@ def drift_stream(kind: Kind, seed: int, before: Any) -> Any:
         """The first concept's dataset from where the run left it."""
 
         def __init__(self) -> None:
-            super().__init__(
+            super().__init__(  # type: ignore[no-untyped-call]
                 task=first.task,
                 n_features=first.n_features,
                 n_samples=first.n_samples,
@@ -366,8 +366,9 @@ class Baseline:
     """river ADWIN(δ) on the labelled errors (river's default clock)."""
 
     def __init__(self, delta: float) -> None:
-        from river import drift
+        from river import drift as river_drift
 
+        drift: Any = river_drift  # river is untyped
         self.det = drift.ADWIN(delta=delta)
         self.alarms = 0
 
@@ -548,8 +549,9 @@ def kind_p0(kind_name: str) -> float:
 def adwin_rate_task(args: tuple[float, float, int, int]) -> tuple[float, int]:
     """Alarms of river ADWIN(δ) (default clock) on ``n`` i.i.d. Bernoulli(p) errors."""
     import numpy as np
-    from river import drift
+    from river import drift as river_drift
 
+    drift: Any = river_drift  # river is untyped
     p, delta, n, seed = args
     rng = np.random.default_rng(seed)
     det = drift.ADWIN(delta=delta)
@@ -702,8 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     cfg = DeviceMonitorConfig()
     print("tinydrift label-only concept changes: layer A's error stream vs river ADWIN")
+    river_version = getattr(river, "__version__", "?")
     print(
-        f"python {platform.python_version()}, numpy {np.__version__}, river {river.__version__}, "
+        f"python {platform.python_version()}, numpy {np.__version__}, river {river_version}, "
         f"{bd._cpu_model()}, {os.cpu_count()} CPUs, {platform.machine()}; {args.workers} "
         f"workers; {runs} runs per kind and placement; frames of {K}, {LABEL_RATE:.0%} labelled; "
         f"horizon {args.horizon_labels:,} labels"
