@@ -1307,6 +1307,7 @@ class DeviceMonitor:
             reference_labels=n,
             reference_errors=min(max(p, 0.0), 1.0) * n,
             min_blocks=self.config.null_min_blocks,
+            checked_labels=n,
         )
         self._err_cusum = cus
         return cus

@@ -140,7 +140,8 @@ class ErrorCusum:
     ``label_budget``: false alarms allowed per label; ``block``: labels per update;
     ``kappa``: residual variance inflation between blocks; ``dispersion``: ``φ``, the variance
     of a block mean relative to independent labels; the reference starts with
-    ``reference_labels`` labels holding ``reference_errors`` errors.
+    ``reference_labels`` labels holding ``reference_errors`` errors; ``checked_labels``: the
+    labels ``kappa`` was learnt on (its own batch means only count from as many on, below).
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class ErrorCusum:
         reference_labels: float,
         reference_errors: float,
         min_blocks: int = DEFAULT_MIN_BLOCKS,
+        checked_labels: float = 0.0,
     ) -> None:
         if not label_budget > 0.0 or block < 1 or not kappa >= 1.0:
             raise ValueError("need label_budget > 0, block >= 1 and kappa >= 1")
@@ -163,6 +165,8 @@ class ErrorCusum:
         self.kappa_floor = float(kappa)  # the stream's learnt κ
         self.kappa = float(kappa)  # in use: ≥ the floor, from the blocks seen since (below)
         self.min_blocks = int(min_blocks)
+        self.checked_labels = float(checked_labels)
+        self.floor_pending: float | None = None  # a floor from set_kappa, taken when S is 0
         self.bm = DyadicBatchMeans(1)  # the block means seen since the start (or last alarm)
         self.look_pending = False
         self.dispersion = max(1.0, float(dispersion))
@@ -208,18 +212,35 @@ class ErrorCusum:
         self.w_ok = lam * math.log((1.0 - p1) / (1.0 - c0))
 
     def set_kappa(self, kappa: float) -> None:
-        """The stream's learnt κ changed (it only grows): the new floor, tighter from now on."""
+        """The stream's learnt κ changed: the new floor, taken now or, with an excursion under
+        way, when it ends (as this CUSUM's own looks: the stream's batch means see the labels
+        of a change in progress too, and a shift inflates their variance, so taking it at once
+        would tune the CUSUM away from the change it is adding up)."""
         if not kappa >= 1.0:
             raise ValueError("kappa must be >= 1")
-        self.kappa_floor = float(kappa)
-        self.kappa = max(self.kappa, self.kappa_floor)
-        self._fit()
+        self.floor_pending = float(kappa)
+        if self.s <= 0.0:
+            self._take_floor()
+            self._fit()
+
+    def _take_floor(self) -> None:
+        """The floor :meth:`set_kappa` last gave, if any."""
+        floor = self.floor_pending
+        if floor is not None:
+            self.floor_pending = None
+            self.kappa_floor = floor
+            self.kappa = max(self.kappa, floor)
 
     def _look(self) -> None:
         """κ from the block means seen since the start: the stream's learnt κ or, if larger,
         the inflation the longer blocks completed since show (the null learning's own rule,
-        :func:`service.drift.long_run_variance.inflation_at`, at this CUSUM's block)."""
+        :func:`service.drift.long_run_variance.inflation_at`, at this CUSUM's block), once
+        they span ``checked_labels``: before, their longest counting blocks are no longer than
+        those the stream's κ was learnt on, from fewer of them, and their upper bound (at 48
+        blocks, 1.34 times the estimate) would only add noise to a κ already checked there."""
         self.look_pending = False
+        if self.bm.steps * self.block < self.checked_labels:
+            return
         seen = float(inflation_at(self.bm, np.array([1]), min_blocks=self.min_blocks)[0])
         kappa = max(self.kappa_floor, seen)
         if kappa != self.kappa:
@@ -250,6 +271,7 @@ class ErrorCusum:
             self.ref_n += self.exc_n
             self.ref_sum += self.exc_sum
             self.exc_n = self.exc_sum = 0.0
+            self._take_floor()
             if self.look_pending:
                 self._look()
             self._fit()
@@ -268,5 +290,6 @@ class ErrorCusum:
         self.s = 0.0
         self.bm = DyadicBatchMeans(1)  # the dependence is learnt again from here
         self.look_pending = False
+        self._take_floor()
         self.kappa = self.kappa_floor
         self._fit()
