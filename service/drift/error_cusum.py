@@ -114,7 +114,14 @@ from service.drift.long_run_variance import (
     new_level_complete,
 )
 
-__all__ = ["DESIGN_A", "DESIGN_LABELS", "MIN_REFERENCE_BLOCKS", "MODEL_MARGIN", "ErrorCusum"]
+__all__ = [
+    "DESIGN_A",
+    "DESIGN_LABELS",
+    "HOLD_Z",
+    "MIN_REFERENCE_BLOCKS",
+    "MODEL_MARGIN",
+    "ErrorCusum",
+]
 
 DESIGN_A: Final = 1.5
 """Design shift in multiples of the smallest shift the reference can separate (see above)."""
@@ -126,6 +133,9 @@ MODEL_MARGIN: Final = 3.0
 MIN_REFERENCE_BLOCKS: Final = 48
 """Blocks a reference needs after an alarm before the CUSUM runs again (a batch-means level's
 ``min_blocks``)."""
+HOLD_Z: Final = 3.0
+"""An excursion whose own mean lies this many standard errors above the reference's does not
+join the reference when it ends (see :meth:`ErrorCusum._elevated`)."""
 _P_MAX: Final = 1.0 - 1e-6
 
 
@@ -174,10 +184,13 @@ class ErrorCusum:
         self.ref_sum = float(reference_errors)
         self.exc_n = 0.0  # labels of the current excursion (held out of the reference)
         self.exc_sum = 0.0
+        self.dropped_n = 0.0  # labels of elevated excursions kept out of the reference
+        self.base_n = self.base_sum = 0.0  # the reference when it started running
         self.s = 0.0
         self.c0 = self.p1 = self.h = math.nan
         self.w_err = self.w_ok = 0.0  # λ ln(p1/c0), λ ln((1 − p1)/(1 − c0)) per label
         self._fit()
+        self._set_base()
 
     @property
     def running(self) -> bool:
@@ -260,6 +273,7 @@ class ErrorCusum:
             self.ref_sum += m * b
             if self.running:
                 self._fit()
+                self._set_base()
             if self.look_pending:
                 self._look()
             return 0.0
@@ -268,8 +282,11 @@ class ErrorCusum:
         self.exc_sum += m * b
         if s <= 0.0:
             self.s = 0.0
-            self.ref_n += self.exc_n
-            self.ref_sum += self.exc_sum
+            if self._elevated():
+                self.dropped_n += self.exc_n  # a change too small to add up: kept out
+            else:
+                self.ref_n += self.exc_n
+                self.ref_sum += self.exc_sum
             self.exc_n = self.exc_sum = 0.0
             self._take_floor()
             if self.look_pending:
@@ -283,6 +300,39 @@ class ErrorCusum:
         self.restart()
         return score
 
+    def _elevated(self) -> bool:
+        """Whether the excursion just ended shows an error rate above the reference's: its own
+        labels against the reference, or everything the reference took in since it started
+        running plus the excursion against what it held then (a small rise can end several
+        excursions in turn, each short of the test alone); one-sided two-sample z ≥
+        :data:`HOLD_Z` with ``κ φ`` inflated variance. An excursion that returns to 0 has a
+        mean below the point where the statistic's drift changes sign (about
+        ``p̂ + margin + d / 2``), so alone it passes only if about 0.4 times as long as the
+        reference; under no change that is about as rare as coming close to the threshold."""
+        n_e = self.exc_n
+        if n_e <= 0.0:
+            return False
+        var_k = self.kappa * self.dispersion
+        p = self.reference_rate
+        se = math.sqrt(var_k * p * (1.0 - p) * (1.0 / n_e + 1.0 / self.ref_n))
+        if self.exc_sum / n_e - p >= HOLD_Z * se:
+            return True
+        n0, sum0 = self.base_n, self.base_sum
+        n_a = self.ref_n - n0 + n_e
+        if n0 <= 0.0 or n_a <= n_e:
+            return False
+        p0 = (sum0 + 0.5) / (n0 + 1.0)
+        se = math.sqrt(var_k * p0 * (1.0 - p0) * (1.0 / n_a + 1.0 / n0))
+        return (self.ref_sum - sum0 + self.exc_sum) / n_a - p0 >= HOLD_Z * se
+
+    def _set_base(self) -> None:
+        """The reference as it starts running: what :meth:`_elevated` compares the labels
+        taken in since with (none while it is being rebuilt)."""
+        if self.running:
+            self.base_n, self.base_sum = self.ref_n, self.ref_sum
+        else:
+            self.base_n = self.base_sum = 0.0
+
     def restart(self) -> None:
         """After an alarm on the error stream: the current excursion becomes the reference."""
         self.ref_n, self.ref_sum = self.exc_n, self.exc_sum
@@ -293,3 +343,4 @@ class ErrorCusum:
         self._take_floor()
         self.kappa = self.kappa_floor
         self._fit()
+        self._set_base()
