@@ -1287,8 +1287,9 @@ class DeviceMonitor:
         ``κ · b / _err_ref_var`` labels at the rate ``_err_p``), the dispersion ``φ`` that of a
         block mean against independent labels, and it spends the error detector's share of
         the strict budget per label (the share HDDM_A's drift alarm had; ``_label_thr`` is set
-        for blocks of ``b`` labels, so its ``label_budget`` is ``b`` labels'). A checkpoint
-        written before the CUSUM existed gets one the same way."""
+        for blocks of ``b`` labels, so its ``label_budget`` is ``b`` labels'). Its own batch
+        means count from as many labels on as the learning stretch held (``checked_labels``).
+        A checkpoint written before the CUSUM existed gets one the same way."""
         cus = self._err_cusum
         if cus is not None:
             return cus
