@@ -7,7 +7,8 @@ fleet may raise per device-reading on stationary data. Nothing uses a library de
 Budget split (Bonferroni)
 -------------------------
 A device with ``F`` features and ``C`` classes has ``S = 2 + C + 2F`` signal streams (22 for
-F = 8, C = 4) plus two alarm detectors on the labelled error stream (ADWIN and HDDM_A), so
+F = 8, C = 4) plus two alarm detectors on the labelled error stream (ADWIN and the CUSUM of
+:mod:`service.drift.error_cusum`; HDDM_A's drift share went to the CUSUM, see below), so
 ``D = S + 2`` detectors share the budget ``B`` evenly:
 
 - a signal stream gets one ADWIN update per telemetry frame; a frame of ``k`` readings may spend
@@ -102,8 +103,12 @@ a fitted curve: for a fixed cut point the drift test fires with probability at m
 ``warning_confidence = 2 · warning budget``. Simulation (stored in the table as a check) shows
 the realised rate is 10²–10³× below ``confidence / 2``. Its false alarms are also bursty (after
 one, a reset at small ``n`` often fires again within tens of updates), so a fitted curve would be
-unreliable, and the bound is the honest choice. HDDM_A is therefore slower than ADWIN on errors.
-ADWIN is the primary error alarm; HDDM_A is kept for its warning zone.
+unreliable, and the bound is the honest choice. HDDM_A is therefore slower than ADWIN on errors:
+on simulated Bernoulli streams it was never first (rises of 3–36 points from 3.6 % and 11 %),
+so its drift test is no longer an alarm and its share of the budget (``drift_confidence / 2``
+per label, the same ``B / D``) is spent by the one-sided CUSUM on the error stream
+(:mod:`service.drift.error_cusum`, whose threshold comes from that share, not from this
+table). HDDM_A is kept for its warning zone.
 
 ``drifting`` status band
 ------------------------
@@ -190,7 +195,8 @@ mostly from a few heavy-tailed ``z²`` streams and from estimating each device's
 delay. ``tests/bench/bench_detection.py`` re-measures the rate."""
 
 ERROR_DETECTORS: Final = 2
-"""Alarm detectors on the error stream that share the budget: ADWIN and HDDM_A."""
+"""Alarm detectors on the error stream that share the budget: ADWIN and the CUSUM (HDDM_A's
+``drift_confidence`` is the CUSUM's share: ``label_budget`` each)."""
 
 SENSITIVE_ERROR_DETECTORS: Final = 1
 """The sensitive tier has one detector on the error stream: ADWIN (no HDDM_A)."""
@@ -544,7 +550,8 @@ class Thresholds:
     """False alarms per device-reading the detectors may raise under no drift, as calibrated:
     ``S · FRAME_MODEL_MARGIN · FA(δ_frame) / k`` (the curve at the δ in use, with the margin
     real streams need) plus, as if every reading were labelled, ``FA_error(δ_error)`` and, with
-    HDDM_A, its bound ``drift_confidence / 2``. Equal to the budget unless a δ was capped."""
+    HDDM_A's bound ``drift_confidence / 2`` (the share the CUSUM on the error stream now spends,
+    :mod:`service.drift.error_cusum`). Equal to the budget unless a δ was capped."""
 
 
 def drifting_band(alpha: float, n_streams: int) -> float:
@@ -569,7 +576,7 @@ def thresholds(
 ) -> Thresholds:
     """Thresholds for a device with ``n_streams`` signal streams and frames of ``frame_readings``.
 
-    ``tier``: ``"strict"`` (ADWIN and HDDM_A on the error stream, :data:`FRAME_ADWIN`) or
+    ``tier``: ``"strict"`` (ADWIN and the CUSUM on the error stream, :data:`FRAME_ADWIN`) or
     ``"sensitive"`` (ADWIN alone on the error stream, :data:`SENSITIVE_FRAME_ADWIN` and its
     curve). See the module docstring for the split of the budget and the inversion of the
     curves.

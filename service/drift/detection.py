@@ -30,6 +30,7 @@ DetectorName = Literal[
     "adwin_sensitive",
     "hddm_a",
     "hddm_a_warning",
+    "cusum",
     "chi2",
     "pca",
     "cohort_binomial",

@@ -55,10 +55,14 @@ Lifecycle per (device, model version)
    ``reference_labels``, default 100; errors come in sessions too, so it has a horizon of its
    own, ``null_horizon_labels``, 32 labels: 1,536 labels at the soonest). Once it is calibrated,
    block means of ``b`` labels feed ``ADWIN`` (δ calibrated on Bernoulli errors for ``b``
-   labels' budget, river's other defaults, tightened for ``κ``) and one-sided
-   ``binary.HDDMA`` (confidence to the power ``κ``; its warning zone is reported once per entry
-   as ``hddm_a_warning``). Labels for another model version than the current one are ignored
-   (counted in ``labels_ignored``).
+   labels' budget, river's other defaults, tightened for ``κ``) and a one-sided CUSUM of the
+   error rate against a reference that keeps growing while nothing changes
+   (:mod:`service.drift.error_cusum`: the learnt block, dispersion and ``κ``, the error
+   detector's share of the budget per label; ``detector="cusum"``). One-sided
+   ``binary.HDDMA`` (confidence to the power ``κ``) runs for its warning zone, reported once
+   per entry as ``hddm_a_warning``; its drift test is not an alarm (it was never first), its
+   share of the budget is the CUSUM's. Labels for another model version than the current one
+   are ignored (counted in ``labels_ignored``).
 5. **Model-version change.** A frame with another ``param_version`` (an update, or a revert)
    starts a new reference; ``readings`` restarts at 0. The monitor of the version it leaves is
    kept (compressed, the last one only): when the device returns to that version, typically a
@@ -71,7 +75,7 @@ Two tiers
 Every stream feeds two banks of ADWINs (research drift-anchors §6, layer B item 3):
 
 - the **strict** tier (the above: :data:`~service.drift.calibration.FRAME_ADWIN`, ADWIN and
-  HDDM_A on errors) spends ``strict_share`` (½) of the fleet budget ``B`` (1e-7 false alarms per
+  the CUSUM on errors) spends ``strict_share`` (½) of the fleet budget ``B`` (1e-7 false alarms per
   device-reading). Its detections are **device alarms** (:meth:`DeviceMonitor.update`,
   ``update_labels``, ``BatchResult.detections``): this device drifted.
 - the **sensitive** tier (:data:`~service.drift.calibration.SENSITIVE_FRAME_ADWIN`: a 1-frame
@@ -100,7 +104,8 @@ the splits whose recent part ``W1`` lies within the last 32 block values (a ring
 stream, in int8 steps of 1/127 of the clip; 256 block means for the error stream). That
 maximum is ≥ 1 whenever river's crossing split is among them, which is the case for abrupt
 changes; a slow drift can cross at a longer ``W1``, and then the score is floored at 1.0. For
-HDDM_A (drift and warning) the score is 1.0: river does not expose its statistic.
+the error CUSUM it is its statistic over its threshold (≥ 1). For HDDM_A's warning the score
+is 1.0: river does not expose its statistic.
 
 ``Detection.readings`` counts the readings of the current model version including the reference
 (the frame that triggered the detection is counted).
@@ -164,6 +169,7 @@ from service.drift.calibration import (
 from service.drift.checkpoint_format import CheckpointFormatError, add_header, check_header
 from service.drift.declared_normal import LARGEST_BLOCK, DeclaredNormal, FrameClock
 from service.drift.detection import Detection, DetectorName, Signal
+from service.drift.error_cusum import ErrorCusum
 from service.drift.long_run_variance import (
     DEFAULT_MIN_BLOCKS,
     DyadicBatchMeans,
@@ -581,6 +587,7 @@ class DeviceMonitor:
         self._err_recent_pos = 0
         self._hddm: Any = None
         self._warning = False
+        self._err_cusum: ErrorCusum | None = None  # built on the first block (_error_cusum)
         self._label_thr: Thresholds | None = None
         self._s_label_thr: Thresholds | None = None
 
@@ -1185,6 +1192,8 @@ class DeviceMonitor:
                 retune_delta(self._s_err_adwin, s_delta)
             self._hddm.drift_confidence = drift_conf
             self._hddm.warning_confidence = warn_conf
+            if self._err_cusum is not None:
+                self._err_cusum.set_kappa(kap)
             return
         self._err_adwin = make_adwin(delta, ERROR_ADWIN)
         self._err_win = [0.0, 0.0, 0.0]
@@ -1241,10 +1250,17 @@ class DeviceMonitor:
         win[1] += m
         win[2] += mm
         adw.update(m)
+        cus = self._error_cusum()
+        cus_score = cus.update(m)
         if adw.drift_detected:
             self._err_alarmed = True
             score = self._error_score(win, adw.delta)
             out.alarms.append(self._detection("error", None, "adwin", score, ts_ms))
+            if not cus_score:
+                cus.restart()  # the change is announced: the CUSUM re-bases on its excursion
+        if cus_score:
+            self._err_alarmed = True
+            out.alarms.append(self._detection("error", None, "cusum", cus_score, ts_ms))
         if s_adw is not None:
             s_win[0] += 1.0
             s_win[1] += m
@@ -1256,16 +1272,46 @@ class DeviceMonitor:
                     self._detection("error", None, "adwin_sensitive", score, ts_ms)
                 )
         hddm.update(m)
-        if hddm.drift_detected:
-            self._err_alarmed = True
+        if hddm.drift_detected:  # not an alarm: its budget share is the CUSUM's
             self._warning = False
-            out.alarms.append(self._detection("error", None, "hddm_a", 1.0, ts_ms))
         elif hddm.warning_detected:
             if not self._warning:
                 self._warning = True
                 out.alarms.append(self._detection("error", None, "hddm_a_warning", 1.0, ts_ms))
         else:
             self._warning = False
+
+    def _error_cusum(self) -> ErrorCusum:
+        """The error stream's CUSUM (:mod:`service.drift.error_cusum`), built on the first block
+        from what the null learning found: the reference is the learning stretch (its
+        ``κ · b / _err_ref_var`` labels at the rate ``_err_p``), the dispersion ``φ`` that of a
+        block mean against independent labels, and it spends the error detector's share of
+        the strict budget per label (the share HDDM_A's drift alarm had; ``_label_thr`` is set
+        for blocks of ``b`` labels, so its ``label_budget`` is ``b`` labels'). Its own batch
+        means count from as many labels on as the learning stretch held (``checked_labels``).
+        A checkpoint written before the CUSUM existed gets one the same way."""
+        cus = self._err_cusum
+        if cus is not None:
+            return cus
+        thr = self._label_thr
+        assert thr is not None
+        b = self._err_block
+        p = self._err_p
+        n = self._err_kappa * b / self._err_ref_var if self._err_ref_var > 0 else float(b)
+        pq = p * (1.0 - p)
+        phi = b * self._err_bsd**2 / pq if pq > 0 and math.isfinite(self._err_bsd) else 1.0
+        cus = ErrorCusum(
+            label_budget=thr.label_budget / b,
+            block=b,
+            kappa=self._err_kappa,
+            dispersion=phi,
+            reference_labels=n,
+            reference_errors=min(max(p, 0.0), 1.0) * n,
+            min_blocks=self.config.null_min_blocks,
+            checked_labels=n,
+        )
+        self._err_cusum = cus
+        return cus
 
     def _error_score(self, win: list[float], delta: float) -> float:
         """ADWIN's statistic on the error stream when it fired; resets ``win``."""
@@ -1399,6 +1445,7 @@ class DeviceMonitor:
             if state.get("_bm") is None and state.get("_mu") is not None:
                 state["_clock"].stop()
         state.setdefault("normal", None)
+        state.setdefault("_err_cusum", None)  # written before the CUSUM: built on the next block
         obj = cls.__new__(cls)
         obj.__dict__.update(state)
         return obj

@@ -4,6 +4,7 @@ Run as a script::
 
     python tests/bench/bench_concept.py [--runs 20] [--change 12000 50000]
         [--kinds sea agrawal walk_run] [--horizon-labels 20000] [--workers 2] [--quick]
+    python tests/bench/bench_concept.py --null [--null-budget 2.4e-3] [--null-kinds iid ...]
 
 Importing this module does nothing: the project and river are imported inside functions.
 
@@ -83,6 +84,13 @@ bounds the worst-case mean delay of a detector that knows p0 exactly; the monito
 from the labels before the change, so with few of them no detector gets near it: a two-sample
 comparison of ``n0`` labels before the change with any number after it cannot separate a shift
 δ at false-alarm level α unless ``δ² n0 / (2 p0 (1 − p0))`` exceeds about ``ln(1/α)``.
+
+``--null`` runs something else: the error detectors' own false alarms on stationary telemetry
+(``tests/bench/stationary_streams`` kinds ``iid``, ``sessions``, ``real``; ``--null-devices``
+× ``--null-readings``, 10 % labelled) at ``--null-budget`` per device-reading (default 2.4·10⁻³,
+i.e. 5·10⁻⁵ per label for each error detector, where alarms can be counted): one frame (for
+the model version), then the labels alone; alarms per detector once the error stream is
+monitored, against the detector's share per label.
 
 Printed: the calibration (block size and κ of the error stream at the change), per placement
 and kind the error rates p0 → p1 (measured per run over the labelled readings: p0 from reading
@@ -199,7 +207,7 @@ def drift_stream(kind: Kind, seed: int, before: Any) -> Any:
         """The first concept's dataset from where the run left it."""
 
         def __init__(self) -> None:
-            super().__init__(
+            super().__init__(  # type: ignore[no-untyped-call]
                 task=first.task,
                 n_features=first.n_features,
                 n_samples=first.n_samples,
@@ -358,8 +366,9 @@ class Baseline:
     """river ADWIN(δ) on the labelled errors (river's default clock)."""
 
     def __init__(self, delta: float) -> None:
-        from river import drift
+        from river import drift as river_drift
 
+        drift: Any = river_drift  # river is untyped
         self.det = drift.ADWIN(delta=delta)
         self.alarms = 0
 
@@ -540,8 +549,9 @@ def kind_p0(kind_name: str) -> float:
 def adwin_rate_task(args: tuple[float, float, int, int]) -> tuple[float, int]:
     """Alarms of river ADWIN(δ) (default clock) on ``n`` i.i.d. Bernoulli(p) errors."""
     import numpy as np
-    from river import drift
+    from river import drift as river_drift
 
+    drift: Any = river_drift  # river is untyped
     p, delta, n, seed = args
     rng = np.random.default_rng(seed)
     det = drift.ADWIN(delta=delta)
@@ -590,14 +600,15 @@ def null_task(args: tuple[str, int, int, float]) -> dict[str, Any]:
         if ready:
             monitored += int(j.size)
             alarms.update(d.detector for d in out.alarms if d.signal == "error")
-    thr = mon._label_thr  # the error detectors' thresholds (none without a started stream)
     st = mon.calibration()
+    thr = mon._label_thr  # the error detectors' thresholds (none without a started stream)
     return {
         "kind": kind,
         "seed": seed,
         "labels": monitored,
         "alarms": dict(alarms),
-        "label_budget": float("nan") if thr is None else thr.label_budget,
+        # the error thresholds are set for blocks of b labels: b labels' budget
+        "label_budget": math.nan if thr is None else thr.label_budget / st.error_block_labels,
         "block": st.error_block_labels,
         "kappa": float(getattr(mon, "_err_kappa", math.nan)),
         "p": float(np.mean(r.pred[idx] != r.labels[idx])),
@@ -693,8 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     cfg = DeviceMonitorConfig()
     print("tinydrift label-only concept changes: layer A's error stream vs river ADWIN")
+    river_version = getattr(river, "__version__", "?")
     print(
-        f"python {platform.python_version()}, numpy {np.__version__}, river {river.__version__}, "
+        f"python {platform.python_version()}, numpy {np.__version__}, river {river_version}, "
         f"{bd._cpu_model()}, {os.cpu_count()} CPUs, {platform.machine()}; {args.workers} "
         f"workers; {runs} runs per kind and placement; frames of {K}, {LABEL_RATE:.0%} labelled; "
         f"horizon {args.horizon_labels:,} labels"

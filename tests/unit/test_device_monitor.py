@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import struct
 import zlib
@@ -428,13 +429,13 @@ def test_concept_change_is_caught_by_labels_only(model, seed):
     assert unlabelled == []
 
 
-def test_a_rise_of_a_few_points_in_the_error_rate_is_alarmed():
-    """Labels only (the inputs stay as they are): the error rate goes from 10 % to 15 %. The
-    information limit at this budget (Lorden: ``ln(ARL) / KL``) is about 1,600 labels."""
-    rng = np.random.default_rng(5)
-    mon = DeviceMonitor("fleet", "c", ["a", "b"], ["n", "p"])
-    alarms, change = [], 30_000
-    for seq in range(4_000):  # frames of 16, every reading labelled: 64,000 labels
+def _error_rise(seed: int, change: int, frames: int, old: DeviceMonitor | None = None):
+    """Labels only (the inputs stay as they are): every reading labelled, the error rate goes
+    from 10 % to 15 % at reading ``change``. Returns the monitor and its alarms."""
+    rng = np.random.default_rng(seed)
+    mon = old or DeviceMonitor("fleet", "c", ["a", "b"], ["n", "p"])
+    alarms = []
+    for seq in range(frames):  # frames of 16
         x = rng.standard_normal((K, 2))
         pred = (rng.random(K) < 0.3).astype(np.int64)
         fr = DeviceFrame("fleet", "c", 0, seq, seq, 0.0, 1, x, pred, rng.uniform(0.5, 1, K))
@@ -443,17 +444,49 @@ def test_a_rise_of_a_few_points_in_the_error_rate_is_alarmed():
         wrong = rng.random(K) < rate
         label = np.where(wrong, 1 - pred, pred)
         alarms += mon.update_labels(DeviceLabels("fleet", "c", 0, seq, seq, 0.0, 1, x, pred, label))
+    return mon, alarms
+
+
+def test_a_rise_of_a_few_points_in_the_error_rate_is_alarmed():
+    """The information limit at this budget (Lorden: ``ln(ARL) / KL``) is about 1,600 labels.
+    ADWIN or the CUSUM alarms first (an ADWIN alarm re-bases the CUSUM on its excursion)."""
+    change = 30_000
+    mon, alarms = _error_rise(5, change, 4_000)
     assert mon.calibration().error_ready
     assert [a for a in alarms if a.readings <= change] == []
-    after = [a.readings - change for a in alarms if a.signal == "error" and a.detector == "adwin"]
-    assert after
-    assert min(after) <= 6_000  # labels after the change
+    first = {}
+    for a in alarms:
+        first.setdefault(a.detector, a.readings - change)  # labels after the change
+    assert min(first.get("adwin", math.inf), first.get("cusum", math.inf)) <= 3_000
+    assert all(a.signal == "error" for a in alarms)
+    assert all(a.score >= 1.0 for a in alarms if a.detector != "hddm_a_warning")
+
+
+def test_a_checkpoint_written_before_the_cusum_gets_one():
+    """A checkpoint of the same format from before the CUSUM (no ``_err_cusum``) restores, and
+    its error stream gets a CUSUM from what its null learning found."""
+    mon, alarms = _error_rise(6, 10**9, 1_000)  # 16,000 labels, no change
+    assert alarms == []
+    assert mon.calibration().error_ready
+    cus = mon._err_cusum
+    assert cus is not None
+    del mon.__dict__["_err_cusum"]
+    old = DeviceMonitor.from_state_bytes(mon.state_bytes())
+    assert old._err_cusum is None
+    _, alarms = _error_rise(7, 10**9, 1_000, old)  # 16,000 more labels, no change
+    assert alarms == []
+    rebuilt = old._err_cusum
+    assert rebuilt is not None
+    assert (rebuilt.block, rebuilt.kappa_floor) == (cus.block, old._err_kappa)
+    assert rebuilt.ref_n + rebuilt.exc_n > 16_000  # the learning stretch, then every label
 
 
 def test_hddm_a_warning_is_reported_once_per_entry(model):
+    """HDDM_A is kept for its warning zone; its drift test is not an alarm (that share of the
+    budget is the CUSUM's), but the warning still comes before it."""
     dev = simulate(model, 254, CHANGE + 2 * HORIZON, drift_at("concept"))
     mon = DeviceMonitor("fleet", dev.name, FEATURES, CLASSES, FAST)
-    dets, entries, in_zone = [], 0, False
+    dets, entries, in_zone, hddm_drift = [], 0, False, []
     for fr in dev.frames():
         dets += mon.update(fr)
         lb = dev.label_batch(fr)
@@ -465,14 +498,17 @@ def test_hddm_a_warning_is_reported_once_per_entry(model):
             got = mon.update_labels(one)
             dets += got
             hddm = mon._hddm
-            now = hddm is not None and hddm.warning_detected
-            entries += now and not in_zone and not any(d.detector == "hddm_a" for d in got)
+            now = hddm is not None and hddm.warning_detected and not hddm.drift_detected
+            entries += now and not in_zone
             in_zone = now
+            if hddm is not None and hddm.drift_detected:
+                hddm_drift.append(mon.readings)
     warnings = [d for d in dets if d.detector == "hddm_a_warning"]
     assert len(warnings) == entries >= 1
-    first_drift = min(d.readings for d in dets if d.detector == "hddm_a")
-    assert min(d.readings for d in warnings) <= first_drift  # the warning comes first
+    assert hddm_drift
+    assert min(d.readings for d in warnings) <= hddm_drift[0]  # the warning comes first
     assert all(d.score == 1.0 and d.signal == "error" for d in warnings)
+    assert "hddm_a" not in {d.detector for d in dets}
 
 
 # ------------------------------------------------------------------------------------------------
