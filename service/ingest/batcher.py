@@ -392,7 +392,7 @@ def _decode_records(group: list[_Parsed], n_features: int, frac_bits: int) -> No
         count=len(group),
     )
     records = np.frombuffer(
-        b"".join(memoryview(item.msg.payload)[HEADER_SIZE:] for item in group),
+        b"".join([item.msg.payload[HEADER_SIZE:] for item in group]),
         dtype=record_dtype(n_features),
     )
     features = np.ldexp(records["features"].astype(np.float64), -frac_bits)

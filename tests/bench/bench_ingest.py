@@ -304,7 +304,7 @@ def run_service(
             for _ in range(rounds):
                 sent_w = gen.run(warm_rate, 1e9, max_frames=devices)
                 wait_drained(received, received() + sent_w.readings, poll=0.05)
-            for _ in range(30):  # the layer-A gauges refresh every 5 s
+            for _ in range(120):  # the layer-A gauges refresh every 5 s
                 m = scrape(port)
                 if total(m, "tinydrift_layer_a_devices", 'state="calibrating"') >= devices:
                     break
