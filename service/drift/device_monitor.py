@@ -636,17 +636,20 @@ class DeviceMonitor:
         """
         return self._mu is None or not bool(self._ready.all())
 
+    @property
+    def calibration_state(self) -> CalibrationState:
+        """:attr:`CalibrationStatus.state` of :meth:`calibration`, without the rest."""
+        if self._version is None:
+            return "unknown"
+        if self._mu is None:
+            return "reference"
+        if not self._ready.all():
+            return "calibrating"
+        return "monitoring"
+
     def calibration(self) -> CalibrationStatus:
         """What the monitor learnt of this device's normal variation."""
-        state: CalibrationState
-        if self._version is None:
-            state = "unknown"
-        elif self._mu is None:
-            state = "reference"
-        elif not self._ready.all():
-            state = "calibrating"
-        else:
-            state = "monitoring"
+        state = self.calibration_state
         ready = self._ready
         k = self._k_nom
         blocks = self._block[ready] * k

@@ -395,7 +395,7 @@ class DriftEngine:
                 streams = mon.drifting
                 if streams:
                     out.drifting[key] = tuple(sorted({s.signal for s in streams}))
-                out.calibration[key] = mon.calibration().state
+                out.calibration[key] = mon.calibration_state
             return out
 
     def calibration(self, fleet: str, device: str) -> CalibrationStatus | None:
