@@ -71,6 +71,10 @@ class _FleetMetrics:
     labels: Any
 
 
+_TOPIC_CACHE = 100_000
+"""Topics whose parse the batcher keeps (4 per device: tel, lbl, ack, status)."""
+
+
 class _RejectedError(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -103,6 +107,8 @@ class Batcher:
         self._idle = threading.Event()
         metrics.init_reasons(sorted(REASONS | set(SERVICE_REASONS)))
         self._fleets: dict[str, _FleetMetrics] = {}
+        self._topics: dict[str, Topic] = {}
+        """Parsed topics (``parse_topic`` is pure; at most :data:`_TOPIC_CACHE`)."""
         self._thread = threading.Thread(target=self._run, name="ingest-batcher", daemon=True)
 
     # -- thread ---------------------------------------------------------------------------
@@ -138,9 +144,7 @@ class Batcher:
             batch = [first]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_messages:
-                try:
-                    batch.append(self.source.get_nowait())
-                except queue.Empty:
+                if not self._drain(batch):
                     if time.monotonic() >= deadline:
                         break
                     time.sleep(0.001)
@@ -152,6 +156,20 @@ class Batcher:
                 self._reject("internal", len(batch))
             if self.source.empty():
                 self._idle.set()
+
+    def _drain(self, batch: list[Incoming]) -> int:
+        """Move what is queued (up to ``max_messages`` in ``batch``) in one locked step: what
+        ``get_nowait`` does one message at a time (``queue.Queue``'s own lock, deque and
+        ``not_full`` condition). Returns the number moved."""
+        q = self.source
+        with q.mutex:
+            n = min(len(q.queue), self.max_messages - len(batch))
+            if n <= 0:
+                return 0
+            pop = q.queue.popleft
+            batch.extend([pop() for _ in range(n)])
+            q.not_full.notify(n)
+        return n
 
     # -- processing -----------------------------------------------------------------------
 
@@ -208,7 +226,12 @@ class Batcher:
     ) -> _Parsed | None:
         """Topic, message counter, size; a telemetry frame's header. ``None``: rejected."""
         try:
-            t = parse_topic(msg.topic)
+            t = self._topics.get(msg.topic)
+            if t is None:
+                t = parse_topic(msg.topic)
+                if len(self._topics) >= _TOPIC_CACHE:
+                    self._topics.clear()
+                self._topics[msg.topic] = t
             fm = self._fleet_metrics(t.fleet)
             tally.messages[(fm, t.leaf)] += 1
             if len(msg.payload) > self.max_payload_bytes:

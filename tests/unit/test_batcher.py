@@ -239,3 +239,20 @@ def test_one_batch_equals_one_message_at_a_time_and_the_decoder():
         (i.readings, i.lost_frames, i.active_version) for i in one_dir.all()
     ]
     assert decoded
+
+
+def test_the_thread_drains_the_queue_in_batches():
+    b, sink, _ = make()
+    b.max_messages = 7
+    msgs = [msg("d9", Leaf.STATUS, birth(SCHEMA.schema_id_hex))]
+    msgs += [msg("d9", Leaf.TEL, frame(s)) for s in range(40)]
+    for m in msgs:
+        b.source.put(m)
+    b.start()
+    try:
+        assert b.wait_idle(10.0)
+    finally:
+        b.stop()
+    assert b.processed == 41
+    assert [fr.seq for fr in sink.frames] == list(range(40))
+    assert b.source.empty()
