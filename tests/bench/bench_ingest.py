@@ -61,6 +61,18 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid``."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def proc_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -320,6 +332,7 @@ def run_service(
         m0 = scrape(port)
         n0 = total(m0, "tinydrift_readings_received_total")
         cpu0, gcpu0, bcpu0 = proc_cpu(svc.pid), self_cpu(), proc_cpu(broker._proc.pid)
+        threads0 = thread_cpu(svc.pid)
         t0 = time.time()
         with Progress("service", received):
             sent = gen.run(rate, seconds)
@@ -327,9 +340,14 @@ def run_service(
         t1 = time.time()
         m1 = scrape(port)
         cpu1, gcpu1, bcpu1 = proc_cpu(svc.pid), self_cpu(), proc_cpu(broker._proc.pid)
+        threads1 = thread_cpu(svc.pid)
+        busiest = sorted((threads1[t] - threads0.get(t, 0.0) for t in threads1), reverse=True)[:3]
         got = total(m1, "tinydrift_readings_received_total") - n0
         rejected = total(m1, "tinydrift_ingest_rejected_total") - total(
             m0, "tinydrift_ingest_rejected_total"
+        )
+        queue_full = total(m1, "tinydrift_ingest_rejected_total", 'reason="queue_full"') - total(
+            m0, "tinydrift_ingest_rejected_total", 'reason="queue_full"'
         )
         gaps = total(m1, "tinydrift_ingest_sequence_gaps_total") - total(
             m0, "tinydrift_ingest_sequence_gaps_total"
@@ -345,11 +363,16 @@ def run_service(
             "accepted_readings": got,
             "lost_readings": sent.readings - got - rejected * k,
             "rejected_messages": rejected,
+            "rejected_queue_full": queue_full,
             "sequence_gaps": gaps,
             "detections_stationary": total(m1, "tinydrift_drift_detections_total"),
             "service_cpu_cores": (cpu1 - cpu0) / (t1 - t0),
             "service_cpu_us_per_reading": (cpu1 - cpu0) / max(got, 1.0) * 1e6,
             "service_cpu_us_per_frame": (cpu1 - cpu0) / max(got / k, 1.0) * 1e6,
+            # its busiest threads (the batcher, paho's network loop, then e.g. the timers)
+            "service_thread1_cpu_cores": busiest[0] / (t1 - t0),
+            "service_thread2_cpu_cores": busiest[1] / (t1 - t0) if len(busiest) > 1 else 0.0,
+            "service_thread3_cpu_cores": busiest[2] / (t1 - t0) if len(busiest) > 2 else 0.0,
             "loadgen_cpu_cores": (gcpu1 - gcpu0) / (t1 - t0),
             "mosquitto_cpu_cores": (bcpu1 - bcpu0) / (t1 - t0),
             "service_rss_mib": rss,
