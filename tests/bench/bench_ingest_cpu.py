@@ -93,6 +93,9 @@ def main() -> None:
         layer_a = svc.engine.status()
         svc._refresh_gauges(layer_a.drifting, layer_a.calibration)
         timers = time.process_time() - c0
+        c0 = time.process_time()
+        records = svc.engine.checkpoint()
+        ckpt = time.process_time() - c0
         print(
             f"measured: {n:,} frames of {args.k} ({args.devices:,} devices, batches of "
             f"{args.batch}): {cpu / n * 1e6:.1f} µs CPU per frame, "
@@ -102,6 +105,10 @@ def main() -> None:
         print(
             f"timers: engine.status + gauges over {args.devices:,} devices: {timers * 1e3:.0f} ms "
             f"CPU per call ({timers / 2.0 * 100:.1f} % of a core at one call per 2 s)"
+        )
+        print(
+            f"checkpoint: engine.checkpoint() of {len(records):,} records: {ckpt:.2f} s CPU "
+            f"under the engine's lock ({ckpt / 60 * 100:.1f} % of a core at one per 60 s)"
         )
         if prof is not None:
             import pstats
