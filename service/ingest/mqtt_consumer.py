@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.wire.topics import Leaf, subscription
 
@@ -39,53 +39,6 @@ class Incoming(NamedTuple):
     topic: str
     payload: bytes
     recv_ts: float
-
-
-class ReadAheadClient(mqtt.Client):
-    """paho's client, reading its socket in large chunks.
-
-    paho 2.x reads a packet with three or more ``recv`` calls (the command byte, each byte of
-    the remaining length, the rest) and one packet per ``loop_read``: with a ``select`` four
-    or five system calls per telemetry frame, each of which releases the GIL. While the batcher
-    thread is busy, paho's thread then waits for the GIL after each of them (up to the
-    interpreter's switch interval), and it reads the frames that fill the queue (or are
-    dropped from it) at a fraction of a bare subscriber's rate. This client reads up to
-    :attr:`READ_BYTES` per system call and serves paho's small reads from them; its
-    ``loop_read`` goes on while read bytes remain, so none waits for the next ``select``.
-    Bytes read from one socket are never served after paho replaced it (a reconnection).
-    """
-
-    READ_BYTES = 1 << 18
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ahead = b""
-        self._ahead_pos = 0
-        self._ahead_sock: object = None
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        pos = self._ahead_pos
-        if pos < len(self._ahead) and self._ahead_sock is self._sock:
-            self._ahead_pos = pos + bufsize
-            return self._ahead[pos : pos + bufsize]
-        data = super()._sock_recv(max(bufsize, self.READ_BYTES))
-        if len(data) <= bufsize:
-            self._ahead, self._ahead_pos = b"", 0
-            return data
-        self._ahead, self._ahead_pos, self._ahead_sock = data, bufsize, self._sock
-        return data[:bufsize]
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        """paho's ``loop_read``, repeated while bytes read ahead remain."""
-        rc = super().loop_read(max_packets)
-        while (
-            rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-            and self._sock is not None
-            and self._ahead_sock is self._sock
-            and self._ahead_pos < len(self._ahead)
-        ):
-            rc = super().loop_read(max_packets)
-        return rc
 
 
 class MqttConsumer:
@@ -116,7 +69,7 @@ class MqttConsumer:
         self.connects = 0
         self.dropped = 0
         self.last_error: str | None = None
-        self.client = ReadAheadClient(
+        self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
