@@ -138,6 +138,7 @@ class Service:
                 "updates need both --release-key and --deploy-key (or neither: monitor only)"
             )
         self.metrics = ServiceMetrics()
+        self._queue_full_counter = self.metrics.rejected.labels(reason="queue_full")
         self.registry = Registry(settings.db)
         self.writer = RegistryWriter(self.registry, max_queue=100_000, put_timeout_s=0.05)
         self.catalog = SchemaCatalog()
@@ -409,7 +410,8 @@ class Service:
             self.metrics.suspicions.labels(fleet=d.fleet, signal=d.signal).inc()
 
     def _on_queue_full(self) -> None:
-        self.metrics.rejected.labels(reason="queue_full").inc()
+        # paho's thread, once per dropped message: the child is looked up once
+        self._queue_full_counter.inc()
         self.batcher.rejections["queue_full"] += 1
 
     def _on_connection_change(self, connected: bool, reconnect: bool) -> None:

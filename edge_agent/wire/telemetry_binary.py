@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -43,7 +43,9 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_FRAC_BITS",
+    "BinaryHeader",
     "decode_binary",
+    "decode_binary_header",
     "encode_binary",
     "encode_binary_raw",
     "quantise_conf",
@@ -191,18 +193,29 @@ def encode_binary(batch: TelemetryBatch, frac_bits: int) -> bytes:
     )
 
 
-def decode_binary(data: Payload, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
-    """Decode one binary frame; raises only ``WireError``.
+class BinaryHeader(NamedTuple):
+    """The header fields of a binary frame whose header and length are valid
+    (:func:`decode_binary_header`)."""
 
-    Checks, in order: ``oversized`` (before anything is parsed), magic (``decode``), version
-    (``bad_version``), header shorter than 28 bytes (``truncated``), header fields
-    (``schema``: ``frac_bits`` > 15, ``k`` not 1–4096, ``F`` = 0, reserved ≠ 0), then the exact
-    length ``28 + k(2F + 2)`` (``truncated`` / ``trailing_bytes``).
+    frac_bits: int
+    seq: int
+    boot: int
+    ts_ms: int
+    param_version: int
+    k: int
+    n_features: int
+
+
+def decode_binary_header(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> BinaryHeader:
+    """Every check of :func:`decode_binary` (same order, same ``WireError``), without decoding
+    the records: for decoders that decode the records of many frames at once.
+
+    >>> from edge_agent.wire.messages import TelemetryBatch
+    >>> b = TelemetryBatch.create(seq=7, boot=2, ts_ms=5, param_version=3,
+    ...                           features=[[0.5, -1.25, 3.0]], pred=[1], conf=[0.75])
+    >>> decode_binary_header(encode_binary(b, frac_bits=8))
+    BinaryHeader(frac_bits=8, seq=7, boot=2, ts_ms=5, param_version=3, k=1, n_features=3)
     """
-    if not isinstance(data, bytes):
-        if not isinstance(data, bytearray | memoryview):
-            raise WireError("decode", f"payload must be bytes, not {type(data).__name__}")
-        data = bytes(data)
     check_size(data, max_bytes)
     n = len(data)
     if not MAGIC.startswith(data[:2]):
@@ -226,6 +239,24 @@ def decode_binary(data: Payload, max_bytes: int = DEFAULT_MAX_BYTES) -> Telemetr
         raise WireError("truncated", f"frame needs {expected} bytes, got {n}")
     if n > expected:
         raise WireError("trailing_bytes", f"frame needs {expected} bytes, got {n}")
+    return BinaryHeader(frac_bits, seq, boot, ts_ms, param_version, k, n_features)
+
+
+def decode_binary(data: Payload, max_bytes: int = DEFAULT_MAX_BYTES) -> TelemetryBatch:
+    """Decode one binary frame; raises only ``WireError``.
+
+    Checks, in order: ``oversized`` (before anything is parsed), magic (``decode``), version
+    (``bad_version``), header shorter than 28 bytes (``truncated``), header fields
+    (``schema``: ``frac_bits`` > 15, ``k`` not 1–4096, ``F`` = 0, reserved ≠ 0), then the exact
+    length ``28 + k(2F + 2)`` (``truncated`` / ``trailing_bytes``).
+    """
+    if not isinstance(data, bytes):
+        if not isinstance(data, bytearray | memoryview):
+            raise WireError("decode", f"payload must be bytes, not {type(data).__name__}")
+        data = bytes(data)
+    frac_bits, seq, boot, ts_ms, param_version, k, n_features = decode_binary_header(
+        data, max_bytes
+    )
     records = np.frombuffer(data, dtype=record_dtype(n_features), count=k, offset=HEADER_SIZE)
     return TelemetryBatch._trusted(
         v=WIRE_VERSION,

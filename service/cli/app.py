@@ -29,3 +29,7 @@ app.add_typer(credentials.app, name="credentials")
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":  # ``python -m service.cli.app`` (benchmarks run a worktree's code)
+    main()

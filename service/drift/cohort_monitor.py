@@ -715,6 +715,28 @@ class CohortMonitor:
         if self._pending_n >= self.config.flush_readings:
             self._flush()
 
+    def add_frames(self, frames: Sequence[DeviceFrame]) -> None:
+        """:meth:`add` for each frame, in order (the same buffering and flushes)."""
+        n_features = self.layout.n_features
+        flush_at = self.config.flush_readings
+        for frame in frames:
+            if frame.fleet != self.fleet or frame.param_version != self.model_version:
+                self.add(frame)  # raises
+            k = frame.pred.shape[0]
+            if frame.features.shape != (k, n_features) or frame.conf.shape != (k,):
+                self.rejected_frames += 1
+                self._win_rejected += 1
+                continue
+            if k == 0:
+                continue
+            self._pending.append((self._row(frame.device), frame))
+            self._pending_n += k
+            self._total_readings += k
+            if self._win_first_ts is None:
+                self._win_first_ts = frame.ts_ms
+            if self._pending_n >= flush_at:
+                self._flush()
+
     def add_labels(self, labels: DeviceLabels) -> None:
         """Count one label batch in the window (and, during the reference, the calibration).
 

@@ -643,17 +643,20 @@ class DeviceMonitor:
         """
         return self._mu is None or not bool(self._ready.all())
 
+    @property
+    def calibration_state(self) -> CalibrationState:
+        """:attr:`CalibrationStatus.state` of :meth:`calibration`, without the rest."""
+        if self._version is None:
+            return "unknown"
+        if self._mu is None:
+            return "reference"
+        if not self._ready.all():
+            return "calibrating"
+        return "monitoring"
+
     def calibration(self) -> CalibrationStatus:
         """What the monitor learnt of this device's normal variation."""
-        state: CalibrationState
-        if self._version is None:
-            state = "unknown"
-        elif self._mu is None:
-            state = "reference"
-        elif not self._ready.all():
-            state = "calibrating"
-        else:
-            state = "monitoring"
+        state = self.calibration_state
         ready = self._ready
         k = self._k_nom
         blocks = self._block[ready] * k
@@ -716,6 +719,14 @@ class DeviceMonitor:
     # -- validation ----------------------------------------------------------------------------
 
     def _check_frame(self, frame: DeviceFrame) -> None:
+        self._check_structure(frame)
+        c = self.layout.n_classes
+        if int(frame.pred.min()) < 0 or int(frame.pred.max()) >= c:
+            raise ValueError(f"predicted class out of range 0..{c - 1}")
+
+    def _check_structure(self, frame: DeviceFrame) -> None:
+        """:meth:`_check_frame` but the class range (checked for many frames at once by
+        :func:`update_frames`)."""
         if frame.fleet != self.fleet or frame.device != self.device:
             raise ValueError(
                 f"frame of {frame.fleet}/{frame.device} given to the monitor of "
@@ -733,9 +744,6 @@ class DeviceMonitor:
             raise ValueError(f"a frame must hold 1..{MAX_FRAME_READINGS} readings, got {k}")
         if frame.pred.shape != (k,) or frame.conf.shape != (k,):
             raise ValueError("pred and conf need one entry per reading")
-        c = self.layout.n_classes
-        if int(frame.pred.min()) < 0 or int(frame.pred.max()) >= c:
-            raise ValueError(f"predicted class out of range 0..{c - 1}")
 
     # -- frames --------------------------------------------------------------------------------
 
@@ -1072,7 +1080,11 @@ class DeviceMonitor:
         assert self._skew is not None
         root_k = math.sqrt(k)
         x_std = (means - self._ref_mean) * (root_k * self._inv_sd)
-        strict, sensitive = self._feed(skew_normalise(x_std, self._skew / root_k))
+        return self._monitor_u(skew_normalise(x_std, self._skew / root_k), frame)
+
+    def _monitor_u(self, u: FloatArray, frame: DeviceFrame) -> Outcome:
+        """:meth:`_monitor_means` once the frame's standardised means ``u`` are known."""
+        strict, sensitive = self._feed(u)
         out = Outcome([], [])
         if strict is None and sensitive is None:
             return out
@@ -1476,30 +1488,79 @@ class BatchResult:
     """The sensitive tier's suspicions (not alarms: for the cohort rule)."""
 
 
+def _validate(
+    pairs: Sequence[tuple[DeviceFrame, DeviceMonitor]],
+) -> list[str | None]:
+    """Per frame: why :meth:`DeviceMonitor._check_frame` refuses it (``None``: valid).
+
+    The structure is checked frame by frame; the class range of every structurally valid frame
+    at once (one ``reduceat`` each for the minimum and the maximum), and a frame out of range is
+    checked again on its own for the exact message."""
+    reasons: list[str | None] = [None] * len(pairs)
+    ok: list[int] = []
+    for i, (fr, mon) in enumerate(pairs):
+        try:
+            mon._check_structure(fr)
+        except ValueError as exc:
+            reasons[i] = str(exc)
+            continue
+        ok.append(i)
+    if not ok:
+        return reasons
+    preds = [pairs[i][0].pred for i in ok]
+    ks = np.fromiter((p.shape[0] for p in preds), dtype=np.int64, count=len(ok))
+    starts = np.zeros(len(ok), dtype=np.int64)
+    np.cumsum(ks[:-1], out=starts[1:])
+    every = np.concatenate(preds)
+    lo = np.minimum.reduceat(every, starts)
+    hi = np.maximum.reduceat(every, starts)
+    c = np.fromiter((pairs[i][1].layout.n_classes for i in ok), dtype=np.int64, count=len(ok))
+    for j in np.flatnonzero((lo < 0) | (hi >= c)).tolist():
+        fr, mon = pairs[ok[j]]
+        try:
+            mon._check_frame(fr)
+        except ValueError as exc:
+            reasons[ok[j]] = str(exc)
+    return reasons
+
+
 def update_frames(
     monitors: Mapping[tuple[str, str], DeviceMonitor], frames: Sequence[DeviceFrame]
 ) -> BatchResult:
     """Process a drained batch of frames of many devices, in order per device.
 
     Frames of devices whose reference is complete (and whose model version does not change)
-    have their stream means computed together, one ``np.add.reduceat`` per schema
-    (:func:`service.drift.signals.batch_frame_means_arrays`); the others take
-    :meth:`DeviceMonitor.observe`. A frame with no monitor under ``frame.key`` or failing
-    validation is returned in ``rejected`` and skipped.
+    are processed together as far as arrays allow: their stream means with one
+    ``np.add.reduceat`` per schema (:func:`service.drift.signals.batch_frame_means_arrays`),
+    then their standardised, skew-corrected means ``u`` as ``[frames, S]`` array operations
+    (element by element the same operations as :meth:`DeviceMonitor.observe`, so the same
+    values); each device's monitor then takes its ``u`` (block accumulation, null learning,
+    detectors). The others take :meth:`DeviceMonitor.observe`. A frame with no monitor under
+    ``frame.key`` or failing validation is returned in ``rejected`` and skipped.
     """
-    rejected: list[tuple[DeviceFrame, str]] = []
-    accepted: list[tuple[DeviceFrame, DeviceMonitor]] = []
+    found: list[tuple[DeviceFrame, DeviceMonitor]] = []
+    reasons: list[str | None] = []
     for fr in frames:
         mon = monitors.get(fr.key)
         if mon is None:
-            rejected.append((fr, "no monitor"))
+            reasons.append("no monitor")
             continue
-        try:
-            mon._check_frame(fr)
-        except ValueError as exc:
-            rejected.append((fr, str(exc)))
+        reasons.append(None)
+        found.append((fr, mon))
+    checked = iter(_validate(found))
+    rejected: list[tuple[DeviceFrame, str]] = []
+    accepted: list[tuple[DeviceFrame, DeviceMonitor]] = []
+    pairs = iter(found)
+    for fr, reason in zip(frames, reasons, strict=True):
+        if reason is not None:
+            rejected.append((fr, reason))
             continue
-        accepted.append((fr, mon))
+        pair = next(pairs)
+        bad = next(checked)
+        if bad is not None:
+            rejected.append((fr, bad))
+        else:
+            accepted.append(pair)
     # the fast prefix of each device: reference complete, same model version
     slow_devices: set[tuple[str, str]] = set()
     fast: list[int] = []
@@ -1510,7 +1571,7 @@ def update_frames(
             fast.append(i)
         else:
             slow_devices.add(fr.key)
-    means: dict[int, FloatArray] = {}
+    us: dict[int, FloatArray] = {}
     groups: dict[tuple[int, int, float], list[int]] = {}
     for i in fast:
         lay = accepted[i][1].layout
@@ -1519,7 +1580,7 @@ def update_frames(
     for (_, n_classes, z_clip), idx in groups.items():
         frs = [accepted[i][0] for i in idx]
         mons = [accepted[i][1] for i in idx]
-        ks = np.fromiter((f.k for f in frs), dtype=np.int64, count=len(frs))
+        ks = np.fromiter((f.pred.shape[0] for f in frs), dtype=np.int64, count=len(frs))
         mu = np.stack([m._mu for m in mons if m._mu is not None])
         sigma = np.stack([m._sigma for m in mons if m._sigma is not None])
         rows = batch_frame_means_arrays(
@@ -1532,19 +1593,26 @@ def update_frames(
             n_classes,
             z_clip,
         )
+        # DeviceMonitor._monitor_means, every frame of the group at once
+        ref_mean = np.stack([m._ref_mean for m in mons if m._ref_mean is not None])
+        inv_sd = np.stack([m._inv_sd for m in mons if m._inv_sd is not None])
+        skew = np.stack([m._skew for m in mons if m._skew is not None])
+        root_k = np.sqrt(ks.astype(np.float64))[:, None]
+        x_std = (rows - ref_mean) * (root_k * inv_sd)
+        u = skew_normalise(x_std, skew / root_k)
         for j, i in enumerate(idx):
-            means[i] = rows[j]
+            us[i] = u[j]
     out: list[Detection] = []
     suspicions: list[Detection] = []
     for i, (fr, mon) in enumerate(accepted):
-        row = means.get(i)
+        row = us.get(i)
         if row is None:
             res = mon.observe(fr)
         else:
             mon.last_frame = (fr.boot, fr.seq)
             mon._clock.note(fr.boot, fr.ts_ms)
-            mon._readings += fr.k
-            res = mon._monitor_means(row, fr.k, fr)
+            mon._readings += fr.pred.shape[0]
+            res = mon._monitor_u(row, fr)
         out += res.alarms
         suspicions += res.suspicions
     return BatchResult(out, rejected, suspicions)

@@ -301,18 +301,30 @@ class DriftEngine:
         with self.lock:
             routed: list[DeviceFrame] = []
             schema_ids: dict[tuple[str, str], str] = {}
+            known: dict[tuple[str, str], tuple[str, ParameterSchema] | None] = {}
+            to_cohorts: dict[int, tuple[CohortMonitor, list[DeviceFrame]]] = {}
             for fr in frames:
-                known = self._schema(fr.fleet, fr.device)
-                if known is None:
+                key = fr.key
+                if key in known:
+                    found = known[key]
+                else:
+                    found = known[key] = self._schema(fr.fleet, fr.device)
+                    if found is not None:
+                        self._monitor(fr.fleet, fr.device, found[1])
+                        schema_ids[key] = found[0]
+                if found is None:
                     self.stats.frames_without_schema += 1
                     continue
-                schema_id, schema = known
-                self._monitor(fr.fleet, fr.device, schema)
                 routed.append(fr)
-                schema_ids[fr.key] = schema_id
-                cohort = self._cohort(fr.fleet, schema_id, fr.param_version)
+                cohort = self._cohort(fr.fleet, found[0], fr.param_version)
                 if cohort is not None:
-                    cohort.add(fr)
+                    entry = to_cohorts.get(id(cohort))
+                    if entry is None:
+                        to_cohorts[id(cohort)] = (cohort, [fr])
+                    else:
+                        entry[1].append(fr)
+            for cohort, group in to_cohorts.values():
+                cohort.add_frames(group)
             self.stats.frames += len(routed)
             result = update_frames(self.monitors, routed)
             for _, reason in result.rejected:
@@ -323,12 +335,17 @@ class DriftEngine:
             now_ms = int(max(fr.recv_ts for fr in routed) * 1000)
             out += self._advance_suspicions(now_ms)
             refused = {id(fr) for fr, _ in result.rejected}
+            rates: dict[tuple[str, str], float | None] = {}
             for fr in routed:
-                rate = self.monitors[fr.key].suspicion_rate
+                key = fr.key
+                if key in rates:
+                    rate = rates[key]
+                else:
+                    rate = rates[key] = self.monitors[key].suspicion_rate
                 if rate is None or id(fr) in refused:
                     continue
                 cohort_s = self._suspicion_cohort(
-                    fr.fleet, schema_ids[fr.key], fr.param_version, now_ms
+                    fr.fleet, schema_ids[key], fr.param_version, now_ms
                 )
                 cohort_s.add_readings(fr.device, fr.k, rate)
             self._add_suspicions(result.suspicions, schema_ids, now_ms)
@@ -378,7 +395,7 @@ class DriftEngine:
                 streams = mon.drifting
                 if streams:
                     out.drifting[key] = tuple(sorted({s.signal for s in streams}))
-                out.calibration[key] = mon.calibration().state
+                out.calibration[key] = mon.calibration_state
             return out
 
     def calibration(self, fleet: str, device: str) -> CalibrationStatus | None:

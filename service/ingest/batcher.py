@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from edge_agent.wire.errors import REASONS, WireError
 from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch, UpdateAck
-from edge_agent.wire.telemetry_codec import decode_telemetry
-from edge_agent.wire.topics import Leaf, parse_topic
+from edge_agent.wire.telemetry_binary import HEADER_SIZE, BinaryHeader, record_dtype
+from edge_agent.wire.telemetry_codec import decode_telemetry_header
+from edge_agent.wire.topics import Leaf, Topic, parse_topic
 from service.ingest.device_directory import DeviceDirectory, DeviceInfo
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.ingest.mqtt_consumer import Incoming
@@ -58,7 +60,7 @@ class IngestSink(Protocol):
         """An update ack from a device."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _FleetMetrics:
     """A fleet's metric children, looked up once (``labels()`` costs µs per call)."""
 
@@ -67,6 +69,10 @@ class _FleetMetrics:
     gaps: Any
     lag: Any
     labels: Any
+
+
+_TOPIC_CACHE = 100_000
+"""Topics whose parse the batcher keeps (4 per device: tel, lbl, ack, status)."""
 
 
 class _RejectedError(Exception):
@@ -101,6 +107,8 @@ class Batcher:
         self._idle = threading.Event()
         metrics.init_reasons(sorted(REASONS | set(SERVICE_REASONS)))
         self._fleets: dict[str, _FleetMetrics] = {}
+        self._topics: dict[str, Topic] = {}
+        """Parsed topics (``parse_topic`` is pure; at most :data:`_TOPIC_CACHE`)."""
         self._thread = threading.Thread(target=self._run, name="ingest-batcher", daemon=True)
 
     # -- thread ---------------------------------------------------------------------------
@@ -136,9 +144,7 @@ class Batcher:
             batch = [first]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_messages:
-                try:
-                    batch.append(self.source.get_nowait())
-                except queue.Empty:
+                if not self._drain(batch):
                     if time.monotonic() >= deadline:
                         break
                     time.sleep(0.001)
@@ -151,6 +157,20 @@ class Batcher:
             if self.source.empty():
                 self._idle.set()
 
+    def _drain(self, batch: list[Incoming]) -> int:
+        """Move what is queued (up to ``max_messages`` in ``batch``) in one locked step: what
+        ``get_nowait`` does one message at a time (``queue.Queue``'s own lock, deque and
+        ``not_full`` condition). Returns the number moved."""
+        q = self.source
+        with q.mutex:
+            n = min(len(q.queue), self.max_messages - len(batch))
+            if n <= 0:
+                return 0
+            pop = q.queue.popleft
+            batch.extend([pop() for _ in range(n)])
+            q.not_full.notify(n)
+        return n
+
     # -- processing -----------------------------------------------------------------------
 
     def _reject(self, reason: str, n: int = 1) -> None:
@@ -158,20 +178,38 @@ class Batcher:
         self.metrics.rejected.labels(reason=reason).inc(n)
 
     def process(self, batch: list[Incoming]) -> None:
-        """Decode, validate and deliver one batch (public for tests and benchmarks)."""
+        """Decode, validate and deliver one batch (public for tests and benchmarks).
+
+        Two passes. The first parses every topic and checks every telemetry frame's header
+        (:func:`~edge_agent.wire.telemetry_codec.decode_telemetry_header`: every check of the
+        decoder); the records of the binary frames are then decoded together, one
+        ``np.frombuffer`` per feature count and ``frac_bits`` (the same values as
+        ``decode_telemetry``). The second takes the messages in arrival order against the
+        device directory, as one message at a time would. Counters are added once per batch.
+        """
         t0 = time.perf_counter()
         frames: list[DeviceFrame] = []
         labels: list[DeviceLabels] = []
+        tally = _Tally()
+        parsed: list[_Parsed | None] = []
+        binary: dict[tuple[int, int], list[_Parsed]] = {}
         for msg in batch:
+            parsed.append(self._first_pass(msg, tally, binary))
+        for (n_features, frac_bits), group in binary.items():
+            _decode_records(group, n_features, frac_bits)
+        for item in parsed:
+            if item is None:
+                continue
             try:
-                self._one(msg, frames, labels)
+                self._one(item, frames, labels, tally)
             except WireError as exc:
                 self._reject(exc.reason)
             except _RejectedError as exc:
                 self._reject(exc.reason)
             except Exception:
-                log.exception("unexpected error on %s", msg.topic)
+                log.exception("unexpected error on %s", item.msg.topic)
                 self._reject("internal")
+        tally.flush()
         self.processed += len(batch)
         self.metrics.batch_size.observe(len(batch))
         if frames:
@@ -179,6 +217,40 @@ class Batcher:
         if labels:
             self.sink.on_labels(labels)
         self.metrics.process_seconds.observe(time.perf_counter() - t0)
+
+    def _first_pass(
+        self,
+        msg: Incoming,
+        tally: _Tally,
+        binary: dict[tuple[int, int], list[_Parsed]],
+    ) -> _Parsed | None:
+        """Topic, message counter, size; a telemetry frame's header. ``None``: rejected."""
+        try:
+            t = self._topics.get(msg.topic)
+            if t is None:
+                t = parse_topic(msg.topic)
+                if len(self._topics) >= _TOPIC_CACHE:
+                    self._topics.clear()
+                self._topics[msg.topic] = t
+            fm = self._fleet_metrics(t.fleet)
+            tally.messages[(fm, t.leaf)] += 1
+            if len(msg.payload) > self.max_payload_bytes:
+                raise WireError("oversized", f"{len(msg.payload)} bytes")
+            item = _Parsed(msg, t, fm)
+            if t.leaf == Leaf.TEL:
+                head = decode_telemetry_header(msg.payload, self.max_payload_bytes)
+                if isinstance(head, BinaryHeader):
+                    item.header = head
+                    binary.setdefault((head.n_features, head.frac_bits), []).append(item)
+                else:
+                    item.batch = head
+            return item
+        except WireError as exc:
+            self._reject(exc.reason)
+        except Exception:
+            log.exception("unexpected error on %s", msg.topic)
+            self._reject("internal")
+        return None
 
     def _fleet_metrics(self, fleet: str) -> _FleetMetrics:
         fm = self._fleets.get(fleet)
@@ -210,44 +282,78 @@ class Batcher:
         elif not info.adopted:
             raise _RejectedError("unknown_schema")
 
-    def _one(self, msg: Incoming, frames: list[DeviceFrame], labels: list[DeviceLabels]) -> None:
-        t = parse_topic(msg.topic)
-        fm = self._fleet_metrics(t.fleet)
-        fm.messages[t.leaf].inc()
-        if len(msg.payload) > self.max_payload_bytes:
-            raise WireError("oversized", f"{len(msg.payload)} bytes")
+    def _check_binary(self, info: DeviceInfo, item: _Parsed) -> None:
+        """:meth:`_check_shape` of a binary frame decoded by :func:`_decode_records` (the
+        errors of ``TelemetryBatch.check_shape``)."""
+        schema = self.directory.schema_of(info)
+        head = item.header
+        assert head is not None
+        if schema is not None:
+            if head.n_features != schema.n_features:
+                raise WireError(
+                    "wrong_feature_count",
+                    f"{head.n_features} features, schema has {schema.n_features}",
+                )
+            if item.pred_max >= schema.n_classes:
+                raise WireError("bad_class", f"pred {item.pred_max} ≥ {schema.n_classes} classes")
+        elif not info.adopted:
+            raise _RejectedError("unknown_schema")
+
+    def _one(
+        self,
+        item: _Parsed,
+        frames: list[DeviceFrame],
+        labels: list[DeviceLabels],
+        tally: _Tally,
+    ) -> None:
+        msg, t, fm = item.msg, item.topic, item.fm
         if t.leaf == Leaf.TEL:
-            batch = decode_telemetry(msg.payload, self.max_payload_bytes)
             info = self._known(t.fleet, t.device, msg.recv_ts)
-            self._check_shape(info, batch)
+            head = item.header
+            if head is None:
+                batch = item.batch
+                assert batch is not None
+                self._check_shape(info, batch)
+                head = BinaryHeader(
+                    0, batch.seq, batch.boot, batch.ts_ms, batch.param_version, batch.k, 0
+                )
+                features = np.asarray(batch.features)
+                pred = np.asarray(batch.pred)
+                conf = np.asarray(batch.conf)
+            else:
+                self._check_binary(info, item)
+                assert item.features is not None
+                assert item.pred is not None
+                assert item.conf is not None
+                features, pred, conf = item.features, item.pred, item.conf
             lost_before = info.lost_frames
-            verdict = self.directory.check_sequence(t.fleet, t.device, batch.boot, batch.seq)
+            verdict = self.directory.check_sequence(t.fleet, t.device, head.boot, head.seq)
             if verdict != "ok":
                 raise _RejectedError(verdict)
             if info.lost_frames > lost_before:
-                fm.gaps.inc(info.lost_frames - lost_before)
-            info.readings += batch.k
-            if batch.param_version != info.active_version:
+                tally.gaps[fm] += info.lost_frames - lost_before
+            info.readings += head.k
+            if head.param_version != info.active_version:
                 # an update (or a revert) shows in the telemetry before the next birth
                 info.previous_version, info.active_version = (
                     info.active_version,
-                    batch.param_version,
+                    head.param_version,
                 )
                 info.dirty = True
-            fm.readings.inc(batch.k)
-            fm.lag.observe(max(msg.recv_ts - batch.ts_ms / 1000.0, 0.0))
+            tally.readings[fm] += head.k
+            fm.lag.observe(max(msg.recv_ts - head.ts_ms / 1000.0, 0.0))
             frames.append(
                 DeviceFrame(
                     fleet=t.fleet,
                     device=t.device,
-                    boot=batch.boot,
-                    seq=batch.seq,
-                    ts_ms=batch.ts_ms,
+                    boot=head.boot,
+                    seq=head.seq,
+                    ts_ms=head.ts_ms,
                     recv_ts=msg.recv_ts,
-                    param_version=batch.param_version,
-                    features=np.asarray(batch.features),
-                    pred=np.asarray(batch.pred),
-                    conf=np.asarray(batch.conf),
+                    param_version=head.param_version,
+                    features=features,
+                    pred=pred,
+                    conf=conf,
                 )
             )
         elif t.leaf == Leaf.LBL:
@@ -280,3 +386,65 @@ class Batcher:
         elif t.leaf == Leaf.ACK:
             ack = UpdateAck.from_json(msg.payload, self.max_payload_bytes)
             self.sink.on_ack(t.fleet, t.device, ack, msg.recv_ts)
+
+
+class _Parsed:
+    """A message past the first pass: its topic, its fleet's metrics, a telemetry frame's
+    header (binary; its records once decoded) or decoded batch (JSON)."""
+
+    __slots__ = ("batch", "conf", "features", "fm", "header", "msg", "pred", "pred_max", "topic")
+
+    def __init__(self, msg: Incoming, topic: Topic, fm: _FleetMetrics) -> None:
+        self.msg = msg
+        self.topic = topic
+        self.fm = fm
+        self.header: BinaryHeader | None = None
+        self.batch: TelemetryBatch | None = None
+        self.features: npt.NDArray[np.float64] | None = None
+        self.pred: npt.NDArray[np.int64] | None = None
+        self.conf: npt.NDArray[np.float64] | None = None
+        self.pred_max = 0
+
+
+def _decode_records(group: list[_Parsed], n_features: int, frac_bits: int) -> None:
+    """Decode the records of binary frames with the same ``F`` and ``frac_bits`` at once: the
+    values ``decode_binary`` gives (read-only), as slices of one array per field."""
+    ks = np.fromiter(
+        (item.header.k for item in group if item.header is not None),
+        dtype=np.int64,
+        count=len(group),
+    )
+    records = np.frombuffer(
+        b"".join([item.msg.payload[HEADER_SIZE:] for item in group]),
+        dtype=record_dtype(n_features),
+    )
+    features = np.ldexp(records["features"].astype(np.float64), -frac_bits)
+    pred = records["pred"].astype(np.int64)
+    conf = records["conf"].astype(np.float64) * (1.0 / 256.0)
+    for x in (features, pred, conf):
+        x.flags.writeable = False
+    ends = np.cumsum(ks)
+    starts = ends - ks
+    pred_max = np.maximum.reduceat(pred, starts).tolist()
+    for item, lo, hi, top in zip(group, starts.tolist(), ends.tolist(), pred_max, strict=True):
+        item.features = features[lo:hi]
+        item.pred = pred[lo:hi]
+        item.conf = conf[lo:hi]
+        item.pred_max = top
+
+
+class _Tally:
+    """Counter increments of one batch, added once at its end."""
+
+    def __init__(self) -> None:
+        self.messages: Counter[tuple[_FleetMetrics, Leaf]] = Counter()
+        self.readings: Counter[_FleetMetrics] = Counter()
+        self.gaps: Counter[_FleetMetrics] = Counter()
+
+    def flush(self) -> None:
+        for (fm, leaf), n in self.messages.items():
+            fm.messages[leaf].inc(n)
+        for fm, n in self.readings.items():
+            fm.readings.inc(n)
+        for fm, n in self.gaps.items():
+            fm.gaps.inc(n)

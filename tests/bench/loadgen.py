@@ -115,15 +115,66 @@ class LoadGenerator:
                 )
             self.payloads.append(frames)
         self.topics = [topic(fleet, name, Leaf.TEL) for name in self.names]
+        self.seed = seed
         self.seq = [0] * devices
-        self.client = mqtt.Client(
+        self.client = self._connect(host, port) if host else None
+
+    def take(self, n: int) -> list[tuple[str, bytes]]:
+        """The next ``n`` frames round-robin as ``(topic, payload)``, without publishing them
+        (for in-process harnesses)."""
+        out = []
+        n_dev = len(self.names)
+        i = sum(self.seq)
+        now_ms = int(time.time() * 1000)
+        for _ in range(n):
+            d = i % n_dev
+            frames = self.payloads[d]
+            payload = frames[self.seq[d] % len(frames)]
+            _SEQ.pack_into(payload, 4, self.seq[d])
+            _TS.pack_into(payload, 12, now_ms)
+            out.append((self.topics[d], bytes(payload)))
+            self.seq[d] += 1
+            i += 1
+        return out
+
+    def birth_messages(self) -> list[tuple[str, bytes]]:
+        """Every device's birth as ``(topic, payload)`` (for in-process harnesses)."""
+        caps = Capabilities(max_chunk=1024, telemetry=("bin",), labels=False)
+        return [
+            (
+                topic(self.fleet, name, Leaf.STATUS),
+                Status.create(
+                    online=True,
+                    fw="loadgen",
+                    schema_id=self.fw.schema.schema_id_hex,
+                    active_version=1,
+                    update_state="IDLE",
+                    last_deploy_seq=0,
+                    epoch_floor=0,
+                    boot=1,
+                    ts_ms=int(time.time() * 1000),
+                    caps=caps,
+                ).to_json(),
+            )
+            for name in self.names
+        ]
+
+    def _connect(self, host: str, port: int) -> mqtt.Client:
+        client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"loadgen-{seed}",
+            client_id=f"loadgen-{self.seed}",
             protocol=mqtt.MQTTv311,
         )
-        self.client.max_queued_messages_set(0)
-        self.client.connect(host, port)
-        self.client.loop_start()
+        client.max_queued_messages_set(0)
+        client.connect(host, port)
+        client.loop_start()
+        return client
+
+    def reconnect(self, host: str, port: int) -> None:
+        """The same prebuilt frames to another broker, sequence numbers from 0 again."""
+        self.close()
+        self.seq = [0] * len(self.names)
+        self.client = self._connect(host, port)
 
     def births(self) -> None:
         """Publish every device's retained birth (QoS 1) and wait until sent."""
@@ -153,19 +204,24 @@ class LoadGenerator:
         for name in self.names:
             self.client.publish(topic(self.fleet, name, Leaf.STATUS), b"", 1, True)
 
-    def run(self, readings_per_s: float, seconds: float) -> LoadResult:
-        """Publish frames round-robin over devices at ``readings_per_s`` for ``seconds``."""
+    def run(
+        self, readings_per_s: float, seconds: float, max_frames: int | None = None
+    ) -> LoadResult:
+        """Publish frames round-robin over devices at ``readings_per_s`` for ``seconds`` (or
+        until ``max_frames`` frames are sent)."""
         frames_per_s = readings_per_s / self.k
         n_dev = len(self.names)
         sent = 0
         start = time.perf_counter()
-        i = 0
-        while True:
+        i = sum(self.seq)  # round-robin resumes where the last run stopped
+        while max_frames is None or sent < max_frames:
             now = time.perf_counter()
             elapsed = now - start
             if elapsed >= seconds:
                 break
             due = int(elapsed * frames_per_s) + 1
+            if max_frames is not None:
+                due = min(due, max_frames)
             if sent >= due:
                 time.sleep(min(0.002, (sent - due + 1) / frames_per_s))
                 continue
@@ -190,6 +246,8 @@ class LoadGenerator:
 
     def close(self) -> None:
         """Flush and disconnect."""
+        if self.client is None:
+            return
         time.sleep(0.5)
         self.client.loop_stop()
         self.client.disconnect()

@@ -150,3 +150,109 @@ def test_a_downstream_bug_is_counted_and_ingest_goes_on():
     b.stop()
     assert b.rejections["internal"] == 1
     assert len(sink.frames) == 1
+
+
+def test_one_batch_equals_one_message_at_a_time_and_the_decoder():
+    """The two-pass batch (binary records decoded together) gives the frames, values and
+    rejections of the same messages processed one per batch, and ``decode_telemetry``'s values."""
+    from edge_agent.wire.errors import WireError
+    from edge_agent.wire.telemetry_codec import decode_telemetry
+
+    rng = np.random.default_rng(3)
+    msgs = [msg(f"e{i}", Leaf.STATUS, birth(SCHEMA.schema_id_hex)) for i in range(4)]
+    for s in range(40):
+        dev = f"e{s % 4}"
+        k = int(rng.integers(1, 9))
+        b = TelemetryBatch.create(
+            seq=s // 4,
+            boot=1,
+            ts_ms=1000 * s,
+            param_version=1 + (s > 30),
+            features=rng.normal(0, 3, (k, 3)),
+            pred=rng.integers(0, 3, k),
+            conf=rng.integers(0, 256, k) / 256,
+        )
+        fb = int(rng.choice([4, 8, 11]))
+        payload = encode_binary(b, frac_bits=fb) if s % 7 else b.to_json()
+        msgs.append(msg(dev, Leaf.TEL, payload))
+    # rejections of every kind, amid the good frames
+    bad_class = TelemetryBatch.create(
+        seq=99,
+        boot=1,
+        ts_ms=0,
+        param_version=1,
+        features=np.ones((2, 3)),
+        pred=[0, 7],
+        conf=[0.5] * 2,
+    )
+    msgs[10:10] = [
+        msg("e1", Leaf.TEL, frame(50, f=4)),
+        msg("e1", Leaf.TEL, encode_binary(bad_class, frac_bits=8)),
+        msg("e2", Leaf.TEL, frame(0)),  # duplicate
+        msg("e0", Leaf.TEL, b"TF\x01"),  # truncated
+        msg("e0", Leaf.TEL, frame(60)[:-1]),
+        msg("e0", Leaf.TEL, b"<xml/>"),
+        msg("nobody", Leaf.TEL, frame(0)),
+        Incoming("not/a/topic", b"", time.time()),
+        msg("e3", Leaf.TEL, b""),
+    ]
+    msgs.append(msg("e0", Leaf.TEL, frame(0, boot=0)))  # stale
+    one, one_sink, one_dir = make()
+    for m in msgs:
+        one.process([m])
+    many, many_sink, many_dir = make()
+    many.process(msgs)
+    assert many.rejections == one.rejections
+    assert sum(many.rejections.values()) == 10
+    assert len(many_sink.frames) == len(one_sink.frames) == 40
+    for a, b in zip(many_sink.frames, one_sink.frames, strict=True):
+        assert (a.fleet, a.device, a.boot, a.seq, a.ts_ms, a.param_version) == (
+            b.fleet, b.device, b.boot, b.seq, b.ts_ms, b.param_version
+        )  # fmt: skip
+        for name in ("features", "pred", "conf"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype
+            assert x.tobytes() == y.tobytes()
+            assert not x.flags.writeable
+    decoded = []
+    for m in msgs:
+        try:
+            if m.topic.endswith("/tel"):
+                decoded.append(decode_telemetry(m.payload))
+        except WireError:
+            pass
+    by_seq = {(fr.device, fr.boot, fr.seq): fr for fr in many_sink.frames}
+    for m in msgs:
+        if not m.topic.endswith("/tel"):
+            continue
+        try:
+            tb = decode_telemetry(m.payload)
+        except WireError:
+            continue
+        fr = by_seq.get((m.topic.split("/")[3], tb.boot, tb.seq))
+        if fr is None or fr.pred.shape[0] != tb.k:
+            continue
+        assert fr.features.tobytes() == tb.features.tobytes()
+        assert fr.pred.tobytes() == tb.pred.tobytes()
+        assert fr.conf.tobytes() == tb.conf.tobytes()
+    assert [(i.readings, i.lost_frames, i.active_version) for i in many_dir.all()] == [
+        (i.readings, i.lost_frames, i.active_version) for i in one_dir.all()
+    ]
+    assert decoded
+
+
+def test_the_thread_drains_the_queue_in_batches():
+    b, sink, _ = make()
+    b.max_messages = 7
+    msgs = [msg("d9", Leaf.STATUS, birth(SCHEMA.schema_id_hex))]
+    msgs += [msg("d9", Leaf.TEL, frame(s)) for s in range(40)]
+    for m in msgs:
+        b.source.put(m)
+    b.start()
+    try:
+        assert b.wait_idle(10.0)
+    finally:
+        b.stop()
+    assert b.processed == 41
+    assert [fr.seq for fr in sink.frames] == list(range(40))
+    assert b.source.empty()
