@@ -23,18 +23,10 @@ def decode_telemetry(data: Payload, max_bytes: int = DEFAULT_MAX_BYTES) -> Telem
     Anything else, including an empty payload, raises ``WireError("decode")``; the chosen
     decoder's own ``WireError`` passes through (``oversized`` is checked before anything else).
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise WireError("decode", f"payload must be bytes, not {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > max_bytes:
-        raise WireError("oversized", f"{len(data)} bytes > limit {max_bytes}")
-    if not data:
-        raise WireError("decode", "empty payload")
+    data = _checked(data, max_bytes)
     if data[0] == 0x54:  # "T"
         return decode_binary(data, max_bytes)
-    if data[0] == 0x7B:  # "{"
-        return decode_json(data, max_bytes)
-    raise WireError("decode", f"unknown telemetry encoding, first byte 0x{data[0]:02x}")
+    return decode_json(data, max_bytes)
 
 
 def decode_telemetry_header(
@@ -43,6 +35,14 @@ def decode_telemetry_header(
     """:func:`decode_telemetry` with the same checks and errors, but a binary frame's records
     are not decoded: its :class:`~edge_agent.wire.telemetry_binary.BinaryHeader` is returned
     (the records follow the 28-byte header); a JSON object is decoded whole."""
+    data = _checked(data, max_bytes)
+    if data[0] == 0x54:  # "T"
+        return decode_binary_header(data, max_bytes)
+    return decode_json(data, max_bytes)
+
+
+def _checked(data: Payload, max_bytes: int) -> bytes:
+    """The payload as bytes once its type, size and first byte (``T`` or ``{``) are checked."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError("decode", f"payload must be bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -50,8 +50,6 @@ def decode_telemetry_header(
         raise WireError("oversized", f"{len(data)} bytes > limit {max_bytes}")
     if not data:
         raise WireError("decode", "empty payload")
-    if data[0] == 0x54:  # "T"
-        return decode_binary_header(data, max_bytes)
-    if data[0] == 0x7B:  # "{"
-        return decode_json(data, max_bytes)
-    raise WireError("decode", f"unknown telemetry encoding, first byte 0x{data[0]:02x}")
+    if data[0] not in (0x54, 0x7B):
+        raise WireError("decode", f"unknown telemetry encoding, first byte 0x{data[0]:02x}")
+    return data

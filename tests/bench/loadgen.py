@@ -178,24 +178,7 @@ class LoadGenerator:
 
     def births(self) -> None:
         """Publish every device's retained birth (QoS 1) and wait until sent."""
-        caps = Capabilities(max_chunk=1024, telemetry=("bin",), labels=False)
-        infos = []
-        for name in self.names:
-            st = Status.create(
-                online=True,
-                fw="loadgen",
-                schema_id=self.fw.schema.schema_id_hex,
-                active_version=1,
-                update_state="IDLE",
-                last_deploy_seq=0,
-                epoch_floor=0,
-                boot=1,
-                ts_ms=int(time.time() * 1000),
-                caps=caps,
-            )
-            infos.append(
-                self.client.publish(topic(self.fleet, name, Leaf.STATUS), st.to_json(), 1, True)
-            )
+        infos = [self.client.publish(t, p, 1, True) for t, p in self.birth_messages()]
         for info in infos:
             info.wait_for_publish(30)
 
