@@ -695,25 +695,7 @@ class CohortMonitor:
         out of range (non-finite features, confidence outside [0, 1], unknown class) is
         dropped at accumulation and counted in ``rejected_frames``.
         """
-        if frame.fleet != self.fleet or frame.param_version != self.model_version:
-            raise ValueError(
-                f"frame of ({frame.fleet}, v{frame.param_version}) given to the monitor of "
-                f"({self.fleet}, v{self.model_version})"
-            )
-        k = frame.pred.shape[0]
-        if frame.features.shape != (k, self.layout.n_features) or frame.conf.shape != (k,):
-            self.rejected_frames += 1
-            self._win_rejected += 1
-            return
-        if k == 0:
-            return
-        self._pending.append((self._row(frame.device), frame))
-        self._pending_n += k
-        self._total_readings += k
-        if self._win_first_ts is None:
-            self._win_first_ts = frame.ts_ms
-        if self._pending_n >= self.config.flush_readings:
-            self._flush()
+        self.add_frames((frame,))
 
     def add_frames(self, frames: Sequence[DeviceFrame]) -> None:
         """:meth:`add` for each frame, in order (the same buffering and flushes)."""
@@ -721,7 +703,10 @@ class CohortMonitor:
         flush_at = self.config.flush_readings
         for frame in frames:
             if frame.fleet != self.fleet or frame.param_version != self.model_version:
-                self.add(frame)  # raises
+                raise ValueError(
+                    f"frame of ({frame.fleet}, v{frame.param_version}) given to the monitor of "
+                    f"({self.fleet}, v{self.model_version})"
+                )
             k = frame.pred.shape[0]
             if frame.features.shape != (k, n_features) or frame.conf.shape != (k,):
                 self.rejected_frames += 1

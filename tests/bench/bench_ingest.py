@@ -249,12 +249,17 @@ def run_baseline(gen: Any, rate: float, seconds: float, tmp: Path) -> dict[str, 
             "baseline_mosquitto_cpu_cores": (bcpu1 - bcpu0) / (t1 - t0),
         }
     finally:
-        sub.terminate()
-        try:
-            sub.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sub.kill()
+        _stop(sub, 10.0)
         broker.stop()
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Terminate ``proc``; kill it if it has not exited after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -392,11 +397,7 @@ def run_service(
             "service_rss_kib_per_device": (rss - rss0) * 1024 / devices,
         }
     finally:
-        svc.terminate()
-        try:
-            svc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            svc.kill()
+        _stop(svc, 60.0)
         broker.stop()
 
 
