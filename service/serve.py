@@ -399,7 +399,7 @@ class Service:
                 self.reconciler is not None
                 and d.scope == "device"
                 and d.device
-                and d.signal in ("feature", "feature_sq")
+                and d.signal in ("feature", "feature_var")
             ):
                 self.recent.track((d.fleet, d.device))  # a recalibration will need its readings
         self._submit(lambda: self.writer.record_drift_events(dets))

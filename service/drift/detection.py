@@ -16,7 +16,7 @@ Signal = Literal[
     "confidence_sq",
     "class_mix",
     "feature",
-    "feature_sq",
+    "feature_var",
     "error",
     "multivariate",
     "accuracy_estimate",
@@ -55,7 +55,7 @@ Scope = Literal["device", "cohort"]
 class Detection:
     """One detection. ``device`` is ``None`` for a cohort-level detection.
 
-    ``feature`` names the feature (``feature``/``feature_sq``) or the class (``class_mix``), else
+    ``feature`` names the feature (``feature``/``feature_var``) or the class (``class_mix``), else
     ``None``. ``score`` is the statistic divided by its threshold (≥ 1 is over the line).
     ``readings`` counts the readings the device (or cohort) had sent for this model version when
     the detection fired, so delays can be measured in readings.

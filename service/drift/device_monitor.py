@@ -7,9 +7,10 @@ Lifecycle per (device, model version)
    ``σ_ref`` of the raw features, then, with the features standardised and clipped
    (``z = clip((x − μ_ref)/σ_ref, ±4)``), the mean ``m_ref``, per-reading standard deviation
    ``s_ref`` and skewness ``γ`` of every signal (confidence, confidence², class indicators,
-   ``z``, ``z²``; :mod:`service.drift.signals`). The buffer is dropped once the reference is
-   complete. A frame that straddles the end of the reference is split: the rest of it is
-   monitored. Nothing is detected during the reference.
+   ``z`` and, per frame, the within-frame variance of ``z``; :mod:`service.drift.signals`:
+   per reading, its squared deviation from its frame's mean). The buffer is dropped once the
+   reference is complete. A frame that straddles the end of the reference is split: the rest
+   of it is monitored. Nothing is detected during the reference.
 2. **Null learning (calibrating).** Each frame of ``k`` readings gives one value per stream:
    the standardised, skew-corrected frame mean ``u = WH((m − m_ref) · √k / s_ref, γ/√k)``
    (≈ N(0, 1) for independent readings; :func:`service.drift.signals.skew_normalise`). Real
@@ -42,7 +43,7 @@ Lifecycle per (device, model version)
    its blocks from the labels alone.
 3. **Monitoring.** A calibrated stream adds ``u`` to its open block; each completed block's
    mean, centred, divided by the learnt block standard deviation and skew-corrected with the
-   learnt block skewness (dependence keeps block means of ``z²`` far from normal), is fed as
+   learnt block skewness (dependence keeps block means of skewed signals far from normal), is fed as
    ``clip(v, ±6) · 4`` to one river ``ADWIN(delta=δ, clock=1, min_window_length=2)`` per
    stream and tier (:data:`service.drift.calibration.FRAME_ADWIN`). δ comes from the
    false-alarm budget for ``b · k_nom`` readings per value (:mod:`service.drift.calibration`;
@@ -186,8 +187,10 @@ from service.drift.signals import (
     Stream,
     batch_frame_means_arrays,
     frame_means_arrays,
+    reading_deviations,
     reading_signals,
     skew_normalise,
+    standardised_means,
 )
 from service.ingest.frames import DeviceFrame, DeviceLabels
 
@@ -529,6 +532,9 @@ class DeviceMonitor:
         self._ref_mean: FloatArray | None = None
         self._inv_sd: FloatArray | None = None
         self._skew: FloatArray | None = None  # per-reading skewness of each stream
+        # whether feature_var is the within-frame variance (False: the mean of z², for devices
+        # whose reference frames held one reading, and checkpoints from before the stream)
+        self._var_within = True
         self._k_nom = 1
         self._horizon = 1  # frames of dependence checked before a stream starts
         self._settings = AdwinSettings()
@@ -823,13 +829,21 @@ class DeviceMonitor:
             cfg.z_clip,
         )
         n = values.shape[0]
-        ref_mean = values.mean(axis=0)
-        sd = np.maximum(values.std(axis=0), _SD_FLOOR)
+        assert self._ref_takes is not None
+        takes = np.asarray(self._ref_takes, dtype=np.int64)
+        # feature_var: the within-frame variance, described by the per-reading deviations from
+        # their frame's mean, unless the reference frames held one reading each (then z²)
+        within = float(np.median(takes)) >= 2.0
+        if within:
+            dev = reading_deviations(values[:, lay.z_slice], takes)
+            values[:, lay.var_slice] = dev
+        ref_mean = np.nanmean(values, axis=0)
+        sd = np.maximum(np.nanstd(values, axis=0), _SD_FLOOR)
         # class indicators: a class never (or always) predicted in the reference still gets a
         # finite scale, from the Laplace-smoothed rate
         p = (values[:, lay.class_slice].sum(axis=0) + 0.5) / (n + 1.0)
         sd[lay.class_slice] = np.maximum(sd[lay.class_slice], np.sqrt(p * (1.0 - p)))
-        skew = (((values - ref_mean) / sd) ** 3).mean(axis=0)
+        skew = np.nanmean(((values - ref_mean) / sd) ** 3, axis=0)
         skew[lay.class_slice] = (1.0 - 2.0 * p) / np.sqrt(p * (1.0 - p))
         k_nom = cfg.frame_readings or max(1, int(np.median(self._ref_ks)))
         self._k_nom = k_nom
@@ -849,11 +863,10 @@ class DeviceMonitor:
         self._ref_mean = ref_mean
         self._inv_sd = 1.0 / sd
         self._skew = skew
+        self._var_within = within
         self._win[:] = 0.0
         self._s_win[:] = 0.0
         # the reference frames are the first steps of the null-learning stretch
-        assert self._ref_takes is not None
-        takes = np.asarray(self._ref_takes, dtype=np.int64)
         ref_means = batch_frame_means_arrays(
             x,
             self._buf_pred.astype(np.int64),
@@ -864,10 +877,9 @@ class DeviceMonitor:
             lay.n_classes,
             cfg.z_clip,
         )
-        root_k = np.sqrt(takes)[:, None]
-        x_std = (ref_means - ref_mean) * (root_k * self._inv_sd[None, :])
+        u = standardised_means(ref_means, takes, ref_mean, self._inv_sd, skew, lay, within)
         self._bm = DyadicBatchMeans(lay.n_streams)
-        for row in skew_normalise(x_std, skew[None, :] / root_k):
+        for row in u:
             self._bm.add(row)
         self._buf_x = self._buf_pred = self._buf_conf = None
         self._ref_ks = self._ref_takes = None
@@ -1078,9 +1090,16 @@ class DeviceMonitor:
         assert self._ref_mean is not None
         assert self._inv_sd is not None
         assert self._skew is not None
-        root_k = math.sqrt(k)
-        x_std = (means - self._ref_mean) * (root_k * self._inv_sd)
-        return self._monitor_u(skew_normalise(x_std, self._skew / root_k), frame)
+        u = standardised_means(
+            means[None, :],
+            np.array([k]),
+            self._ref_mean,
+            self._inv_sd,
+            self._skew,
+            self.layout,
+            self._var_within,
+        )
+        return self._monitor_u(u[0], frame)
 
     def _monitor_u(self, u: FloatArray, frame: DeviceFrame) -> Outcome:
         """:meth:`_monitor_means` once the frame's standardised means ``u`` are known."""
@@ -1458,6 +1477,7 @@ class DeviceMonitor:
                 state["_clock"].stop()
         state.setdefault("normal", None)
         state.setdefault("_err_cusum", None)  # written before the CUSUM: built on the next block
+        state.setdefault("_var_within", False)  # written before feature_var: the mean of z²
         obj = cls.__new__(cls)
         obj.__dict__.update(state)
         return obj
@@ -1597,9 +1617,8 @@ def update_frames(
         ref_mean = np.stack([m._ref_mean for m in mons if m._ref_mean is not None])
         inv_sd = np.stack([m._inv_sd for m in mons if m._inv_sd is not None])
         skew = np.stack([m._skew for m in mons if m._skew is not None])
-        root_k = np.sqrt(ks.astype(np.float64))[:, None]
-        x_std = (rows - ref_mean) * (root_k * inv_sd)
-        u = skew_normalise(x_std, skew / root_k)
+        within = np.fromiter((m._var_within for m in mons), dtype=np.bool_, count=len(mons))
+        u = standardised_means(rows, ks, ref_mean, inv_sd, skew, mons[0].layout, within)
         for j, i in enumerate(idx):
             us[i] = u[j]
     out: list[Detection] = []

@@ -10,29 +10,44 @@ stream                value per reading          ``Stream``
 1                     ``c²``                     ``("confidence_sq", None)``
 2 … 1+C               ``1[pred = j]``            ``("class_mix", class_names[j])``
 2+C … 1+C+F           ``z_i``                    ``("feature", feature_names[i])``
-2+C+F … 1+C+2F        ``z_i²``                   ``("feature_sq", feature_names[i])``
+2+C+F … 1+C+2F        ``(z_i − z̄_i)²·k/(k−1)``  ``("feature_var", feature_names[i])``
 ====================  =========================  =============================================
 
 ``z = clip((x − μ_ref) / σ_ref, −z_clip, z_clip)`` standardises a feature with the device's fixed
 reference. The clip (default ±4, :data:`DEFAULT_Z_CLIP`) is the device model's own input range
-(its int8 input saturates at ±4σ) and it bounds the tails of ``z²``: without it a few extreme
-windows (a sprint, a knock) give ``z²`` frame means with kurtosis in the hundreds and ADWIN false
-alarms at up to 30× the Gaussian rate (measured on the simulator; see
+(its int8 input saturates at ±4σ) and it bounds the tails of squared deviations: without it a
+few extreme windows (a sprint, a knock) give ``z²`` frame means with kurtosis in the hundreds
+and ADWIN false alarms at up to 30× the Gaussian rate (measured on the simulator; see
 ``service/drift/calibration.py``).
 
-ADWIN consumes one value per stream per frame: the frame's mean (:func:`frame_means`). The ingest
-path drains batches, so :func:`batch_frame_means` computes the means of many frames of many
-devices at once with one ``np.add.reduceat`` over the concatenated readings; every frame carries its
-own device's reference.
+ADWIN consumes one value per stream per frame: the frame's mean (:func:`frame_means`), except
+for ``feature_var``, whose frame value is the unbiased **within-frame variance** of ``z``,
+``Σ(z − z̄)² / (k − 1)``: the mean over the frame of the per-reading values of
+:func:`reading_deviations`. Unlike the mean of ``z²`` (which it replaces) it does not contain
+``z̄²``, the square of the frame's own mean: on a slow sensor (AR(1), φ = 0.99) ``z̄`` wanders
+for thousands of readings, and its square gives frame and block means of ``z²`` a
+chi-square-like upper tail that no block size removes (skewness 0.5–0.6 after the
+Wilson–Hilferty map at every block size, against ≈ 0.1 for independent readings), the cause of
+every strict false alarm on such sensors (README, "Detection"). The level is the ``feature``
+stream's job; the within-frame variance keeps the noise level, the spread a gain or a noisier
+sensor changes and a stuck one loses, and its block means are nearly normal and nearly
+independent. It is the classical rational-subgroup split of Shewhart charts: ``x̄`` for the
+level, ``s²`` within subgroups for the spread (Montgomery, *Introduction to Statistical Quality
+Control*, ch. 6). A frame of one reading has no within-frame variance: the value is ``NaN``
+(the monitor reads it as no evidence).
+
+The ingest path drains batches, so :func:`batch_frame_means` computes the means of many frames of
+many devices at once with one ``np.add.reduceat`` over the concatenated readings; every frame
+carries its own device's reference.
 
 >>> lay = SignalLayout.create(["a", "b"], ["no", "yes"])
 >>> lay.n_streams, lay.streams[2], lay.streams[-1]
-(8, Stream(signal='class_mix', feature='no'), Stream(signal='feature_sq', feature='b'))
+(8, Stream(signal='class_mix', feature='no'), Stream(signal='feature_var', feature='b'))
 >>> x = np.array([[1.0, 10.0], [3.0, 10.0]])
 >>> m = frame_means_arrays(x, np.array([0, 1]), np.array([0.5, 1.0]), np.array([2.0, 10.0]),
 ...                        np.array([1.0, 1.0]), n_classes=2)
->>> m.tolist()
-[0.75, 0.625, 0.5, 0.5, 0.0, 0.0, 1.0, 0.0]
+>>> m.tolist()  # z of a: -1 and 1 (mean 0, within variance 2); b is constant
+[0.75, 0.625, 0.5, 0.5, 0.0, 0.0, 2.0, 0.0]
 """
 
 from __future__ import annotations
@@ -86,7 +101,7 @@ class SignalLayout:
         streams: list[Stream] = [Stream("confidence", None), Stream("confidence_sq", None)]
         streams += [Stream("class_mix", c) for c in classes]
         streams += [Stream("feature", f) for f in feats]
-        streams += [Stream("feature_sq", f) for f in feats]
+        streams += [Stream("feature_var", f) for f in feats]
         return cls(feats, classes, tuple(streams))
 
     @property
@@ -116,8 +131,8 @@ class SignalLayout:
         return slice(start, start + self.n_features)
 
     @property
-    def z2_slice(self) -> slice:
-        """Columns of ``z²``."""
+    def var_slice(self) -> slice:
+        """Columns of ``z²`` per reading, of the within-frame variance of ``z`` per frame."""
         start = 2 + self.n_classes + self.n_features
         return slice(start, start + self.n_features)
 
@@ -146,6 +161,9 @@ def reading_signals(
     z_clip: float = DEFAULT_Z_CLIP,
 ) -> FloatArray:
     """The ``[n, S]`` matrix of per-reading signal values (``mu``/``sigma``: ``[F]`` or ``[n, F]``).
+
+    The ``feature_var`` columns hold ``z²``, from which the frame functions form the within-frame
+    variance (:func:`reading_deviations` gives per-reading values whose frame mean it is).
 
     >>> reading_signals(np.array([[0.0], [9.0]]), np.array([1, 0]), np.array([0.5, 0.25]),
     ...                 np.zeros(1), np.ones(1), n_classes=2, z_clip=4.0).tolist()
@@ -177,7 +195,8 @@ def frame_means_arrays(
     n_classes: int,
     z_clip: float = DEFAULT_Z_CLIP,
 ) -> FloatArray:
-    """Means over one frame's readings of every stream, ``float64[S]`` (the fast single path)."""
+    """Means over one frame's readings of every stream, ``float64[S]`` (the fast single path);
+    the within-frame variance for ``feature_var``."""
     x = np.asarray(features, dtype=np.float64)
     p = np.asarray(pred, dtype=np.int64)
     c = np.asarray(conf, dtype=np.float64)
@@ -192,9 +211,20 @@ def frame_means_arrays(
     out[0] = c.sum() * inv_k
     out[1] = np.dot(c, c) * inv_k
     out[2 : 2 + n_classes] = np.bincount(p, minlength=n_classes) * inv_k
-    out[2 + n_classes : 2 + n_classes + f] = z.sum(axis=0) * inv_k
-    out[2 + n_classes + f :] = np.einsum("ij,ij->j", z, z) * inv_k
+    s1 = z.sum(axis=0)
+    out[2 + n_classes : 2 + n_classes + f] = s1 * inv_k
+    out[2 + n_classes + f :] = _within_variance(s1, np.einsum("ij,ij->j", z, z), k, inv_k)
     return out
+
+
+def _within_variance(
+    s1: FloatArray, s2: FloatArray, k: int | IntArray, inv_k: float | FloatArray
+) -> FloatArray:
+    """Unbiased variance from the sum ``s1`` and the sum of squares ``s2`` of ``k`` values
+    (``NaN`` where ``k = 1``; never below 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var: FloatArray = np.maximum(s2 - s1 * s1 * inv_k, 0.0) / (np.asarray(k) - 1.0)
+    return np.where(np.asarray(k) > 1, var, np.nan)
 
 
 def frame_means(
@@ -233,7 +263,8 @@ def batch_frame_means_arrays(
     n_classes: int,
     z_clip: float = DEFAULT_Z_CLIP,
 ) -> FloatArray:
-    """Per-frame stream means ``[n_frames, S]`` of concatenated readings.
+    """Per-frame stream means ``[n_frames, S]`` of concatenated readings (the within-frame
+    variance for ``feature_var``, ``NaN`` for a frame of one reading).
 
     ``ks`` are the frames' reading counts (each ≥ 1, summing to the number of readings);
     ``mu``/``sigma`` are ``[F]`` (one reference) or ``[n_frames, F]`` (each frame its device's).
@@ -241,7 +272,7 @@ def batch_frame_means_arrays(
     >>> x = np.array([[0.0], [2.0], [4.0]])
     >>> batch_frame_means_arrays(x, np.array([0, 1, 1]), np.array([1.0, 0.5, 0.5]),
     ...     np.array([2, 1]), np.array([[1.0], [4.0]]), np.ones((2, 1)), n_classes=2).tolist()
-    [[0.75, 0.625, 0.5, 0.5, 0.0, 1.0], [0.5, 0.25, 0.0, 1.0, 0.0, 0.0]]
+    [[0.75, 0.625, 0.5, 0.5, 0.0, 2.0], [0.5, 0.25, 0.0, 1.0, 0.0, nan]]
     """
     k = np.asarray(ks, dtype=np.int64)
     if k.ndim != 1 or k.size == 0 or int(k.min()) < 1:
@@ -260,8 +291,33 @@ def batch_frame_means_arrays(
     starts = np.zeros(k.size, dtype=np.int64)
     np.cumsum(k[:-1], out=starts[1:])
     sums: FloatArray = np.add.reduceat(values, starts, axis=0)
-    sums /= k[:, None]
+    inv_k = 1.0 / k[:, None]
+    zc = slice(2 + n_classes, 2 + n_classes + features.shape[1])
+    vc = slice(zc.stop, None)
+    var = _within_variance(sums[:, zc], sums[:, vc], k[:, None], inv_k)
+    sums *= inv_k
+    sums[:, vc] = var
     return sums
+
+
+def reading_deviations(z: FloatArray, ks: IntArray) -> FloatArray:
+    """Per reading, ``(z − z̄)² · k / (k − 1)`` with ``z̄`` and ``k`` of its own frame (``z``:
+    ``[n, F]``, ``ks``: the frames' sizes); ``NaN`` in frames of one reading.
+
+    Their mean over a frame is the frame's within-frame variance (the ``feature_var`` value):
+    the reference's per-reading scale and skewness of that stream come from them.
+
+    >>> reading_deviations(np.array([[1.0], [3.0], [5.0]]), np.array([2, 1])).tolist()
+    [[2.0], [2.0], [nan]]
+    """
+    k = np.asarray(ks, dtype=np.int64)
+    starts = np.zeros(k.size, dtype=np.int64)
+    np.cumsum(k[:-1], out=starts[1:])
+    zbar = np.add.reduceat(z, starts, axis=0) / k[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(k > 1, k / (k - 1.0), np.nan)
+    dev: FloatArray = (z - np.repeat(zbar, k, axis=0)) ** 2 * np.repeat(scale, k)[:, None]
+    return dev
 
 
 MAX_FRAME_SKEW: Final = 3.0
@@ -301,6 +357,47 @@ def skew_normalise(x: FloatArray, skew: FloatArray) -> FloatArray:
     long_side = (np.cbrt(1.0 + 0.5 * ga * np.maximum(y, 0.0)) - 1.0) * (6.0 / ga)
     out: FloatArray = np.where((y > 0.0) & (np.abs(g) >= 1e-6), long_side * sign, x)
     return out
+
+
+def standardised_means(
+    rows: FloatArray,
+    ks: IntArray,
+    ref_mean: FloatArray,
+    inv_sd: FloatArray,
+    skew: FloatArray,
+    layout: SignalLayout,
+    within: bool | npt.NDArray[np.bool_] = True,
+) -> FloatArray:
+    """Frame means ``[n, S]`` of frames of ``ks`` readings → the monitored values ``u``.
+
+    ``u = WH((m − m_ref) · √k / s_ref, γ/√k)`` (:func:`skew_normalise`) with the reference's
+    per-reading mean, ``1/s_ref`` and skewness (``[S]`` or ``[n, S]``). ``within`` (per row or for
+    all): whether the device's reference describes the within-frame variance of ``feature_var``;
+    where it does not (a monitor checkpointed before that stream existed, or a device whose
+    reference frames held one reading each) the frame's mean of ``z²`` is rebuilt from it,
+    ``s²·(k − 1)/k + z̄²``. A ``feature_var`` value of a frame of one reading is ``NaN``: its
+    ``u`` is 0, no evidence either way.
+
+    >>> lay = SignalLayout.create(["a"], ["no", "yes"])
+    >>> rows = np.array([[0.5, 0.25, 0.5, 0.5, 0.0, 1.0], [0.5, 0.25, 0.5, 0.5, 0.0, np.nan]])
+    >>> u = standardised_means(rows, np.array([4, 1]), rows[0], np.ones(6), np.zeros(6), lay)
+    >>> u.tolist()
+    [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+    """
+    k = np.asarray(ks, dtype=np.float64)[:, None]
+    vc = layout.var_slice
+    legacy = ~np.asarray(within, dtype=np.bool_)
+    if legacy.any():
+        rows = rows.copy()
+        zbar = rows[:, layout.z_slice]
+        var = rows[:, vc]
+        z2 = np.where(k > 1.0, var * (k - 1.0) / k, 0.0) + zbar * zbar
+        rows[:, vc] = np.where(legacy[:, None] if legacy.ndim else legacy, z2, var)
+    root_k = np.sqrt(k)
+    u = skew_normalise((rows - ref_mean) * (root_k * inv_sd), skew / root_k)
+    tail = u[:, vc]
+    np.copyto(tail, 0.0, where=np.isnan(tail))
+    return u
 
 
 def batch_frame_means(

@@ -308,7 +308,7 @@ class CandidateProposer:
         """Devices whose features are still off their reference and have readings buffered."""
         out = []
         for d in self.devices_of(fleet):
-            if not {"feature", "feature_sq"} & set(d.drifting):
+            if not {"feature", "feature_var"} & set(d.drifting):
                 continue
             if self.recent.count((fleet, d.device)) >= self.settings.min_recent_readings:
                 out.append(d.device)

@@ -32,7 +32,7 @@ Counted per kind:
   monitored; per 10⁶ device-readings of those windows, with the 95 % upper bound.
 
 - **what the update policy would see**: every :data:`POLICY_EVERY` frames while monitoring,
-  whether ``mon.drifting`` lists a feature stream (``feature``/``feature_sq``): the update
+  whether ``mon.drifting`` lists a feature stream (``feature``/``feature_var``): the update
   policy proposes a recalibration for such a device (``CandidateProposer.drifting_devices``),
   which a seasonal or session pattern must not get.
 
@@ -204,7 +204,7 @@ def run_task(args: tuple[str, tuple[int, ...], int]) -> TaskResult:
             for j, st in enumerate(states):
                 if st:
                     res[j].policy_checks += 1
-                    feats = {x.signal for x in mons[j].drifting} & {"feature", "feature_sq"}
+                    feats = {x.signal for x in mons[j].drifting} & {"feature", "feature_var"}
                     res[j].policy_hits += bool(feats)
         for j, d in enumerate(data):
             idx = lab_idx[j][bounds[j][f] : bounds[j][f + 1]]

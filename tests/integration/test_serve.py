@@ -124,7 +124,7 @@ def test_drifting_devices_are_found_and_stationary_ones_stay_quiet(service, flee
     assert drifting <= devices
     assert devices <= drifting, f"false alarms on {sorted(devices - drifting)}"
     # an offset on every axis moves the mean features
-    assert any(e.signal in ("feature", "feature_sq") for e in events)
+    assert any(e.signal in ("feature", "feature_var") for e in events)
     text = scrape(service.metrics_port)
     assert metric(text, "tinydrift_drift_detections_total", fleet=FLEET, scope="device") >= 3
     assert metric(text, "tinydrift_readings_received_total", fleet=FLEET) > 10_000

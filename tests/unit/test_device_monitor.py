@@ -365,7 +365,7 @@ def test_gradual_gain_on_all_axes_is_caught_during_the_ramp(model):
     _, first = _post(dets)
     assert first - CHANGE <= ramp  # before the gain reaches its full 30 %
     sigs = {d.signal for d in dets}
-    assert sigs & {"feature", "feature_sq"}
+    assert sigs & {"feature", "feature_var"}
 
 
 @pytest.mark.parametrize("seed", [231, 232])
@@ -378,12 +378,13 @@ def test_sensor_noise_flags_the_std_features(model, seed):
     feats = {(d.signal, d.feature) for d in after if d.signal.startswith("feature")}
     assert any(f in STD_FEATURES for _, f in feats)
     drifting = set(mon.drifting)
-    assert any(Stream("feature_sq", f) in drifting for f in STD_FEATURES)
+    assert any(Stream("feature_var", f) in drifting for f in STD_FEATURES)
     assert any(Stream("feature", f) in drifting for f in STD_FEATURES)
 
 
-def test_variance_only_change_is_caught_by_the_square_stream():
-    """A feature whose spread doubles with the same mean: only z² shifts (research §3.2)."""
+def test_variance_only_change_is_caught_by_the_within_frame_variance():
+    """A feature whose spread doubles with the same mean: only its within-frame variance
+    shifts (research §3.2)."""
     rng = np.random.default_rng(7)
     mon = DeviceMonitor("fleet", "v", ["a", "b"], ["n", "p"])
     dets = []
@@ -398,8 +399,8 @@ def test_variance_only_change_is_caught_by_the_square_stream():
     assert min(d.readings for d in dets) > 1700 * K
     first = min(d.readings for d in dets)
     assert first - 1700 * K <= 300
-    assert {(d.signal, d.feature) for d in dets if d.readings == first} == {("feature_sq", "b")}
-    assert Stream("feature_sq", "b") in mon.drifting
+    assert {(d.signal, d.feature) for d in dets if d.readings == first} == {("feature_var", "b")}
+    assert Stream("feature_var", "b") in mon.drifting
     assert Stream("feature", "b") not in mon.drifting
 
 
@@ -743,7 +744,7 @@ def test_signal_layout_and_means():
     assert lay.streams[:2] == (Stream("confidence", None), Stream("confidence_sq", None))
     assert [s.feature for s in lay.streams[lay.class_slice]] == list(CLASSES)
     assert {s.signal for s in lay.streams[lay.z_slice]} == {"feature"}
-    assert [s.feature for s in lay.streams[lay.z2_slice]] == list(FEATURES)
+    assert [s.feature for s in lay.streams[lay.var_slice]] == list(FEATURES)
     rng = np.random.default_rng(3)
     frames, mus, sigmas = [], [], []
     for d in range(3):
@@ -764,8 +765,13 @@ def test_signal_layout_and_means():
     z = np.clip((fr.features - mu) / sigma, -4, 4)
     want = np.concatenate([[fr.conf.mean(), (fr.conf**2).mean()],
                            np.bincount(fr.pred, minlength=4) / fr.k,
-                           z.mean(0), (z**2).mean(0)])  # fmt: skip
+                           z.mean(0),
+                           z.var(0, ddof=1) if fr.k > 1 else np.full(8, np.nan)])  # fmt: skip
     np.testing.assert_allclose(single[0], want, rtol=1e-12)
+    # a frame of one reading has no within-frame variance
+    ones = [i for i, f in enumerate(frames) if f.k == 1]
+    assert all(np.isnan(batch[i, lay.var_slice]).all() for i in ones)
+    assert not np.isnan(np.delete(batch, ones, axis=0)).any()
     vals = reading_signals(fr.features, fr.pred, fr.conf, mu, sigma, 4)
     assert vals.shape == (fr.k, 22)
     assert vals[:, lay.z_slice].max() <= 4.0

@@ -102,8 +102,9 @@ def reference_update_frames(
 
 
 class Device:
-    """A synthetic device: independent, slow (AR(1) features: blocks > 1 frame) or skewed
-    (a rare class, ``z²`` far from normal); ``shift`` moves feature ``a`` from frame ``at``."""
+    """A synthetic device: independent, slow (AR(1) features: blocks > 1 frame or not yet
+    calibrated) or skewed (a rare class, within-frame variance far from normal); ``shift``
+    moves feature ``a`` from frame ``at``."""
 
     def __init__(self, name: str, seed: int, kind: str, shift: float = 0.0, at: int = 0) -> None:
         self.name, self.kind, self.shift, self.at = name, kind, shift, at
@@ -234,7 +235,10 @@ def test_vectorised_batches_equal_the_per_frame_paths(seed, normal):
     # suspicions, a model-version switch
     states = {k[1]: m.calibration() for k, m in vec.items()}
     assert states["indep"].state == "monitoring"
-    assert states["slow"].block_readings_max > 16
+    if normal is None:  # the slow features cannot be calibrated from the reference yet
+        assert states["slow"].state == "calibrating"
+    else:  # declared sessions: blocks of several frames
+        assert states["slow"].block_readings_max > 16
     assert {d.device for d in got_a} >= {"drift", "skewed"}
     assert got_s
     assert vec[("f", "switch")]._saved_version is not None
