@@ -152,7 +152,12 @@ class SuspicionWindowReport:
     detection: Detection | None
 
 
+_RENAMED: Final = {"feature_sq": "feature_var"}
+"""Signals of older checkpoints under their current name (the same stream of each feature)."""
+
+
 def _signal(name: object) -> Signal:
+    name = _RENAMED.get(str(name), name)
     if name not in SIGNALS:
         raise ValueError(f"unknown signal {name!r}")
     return cast(Signal, name)

@@ -179,6 +179,16 @@ def test_checkpoint_round_trip_and_refusals():
         SuspicionCohort.from_state_bytes(blob.replace(b'"error"', b'"nonsense"'))
 
 
+def test_a_checkpoint_written_before_feature_var_restores_its_suspicions_under_the_new_name():
+    cohort = SuspicionCohort("f", 2, SuspicionCohortConfig(window_ms=W))
+    cohort.add_readings("d0", 300, RATE)
+    cohort.add_suspicion(suspicion("d0", "feature_var", "std_x"))
+    old = cohort.state_bytes().replace(b'"feature_var"', b'"feature_sq"')
+    assert b'"feature_sq"' in old
+    back = SuspicionCohort.from_state_bytes(old)
+    assert back.state_bytes() == cohort.state_bytes()
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
