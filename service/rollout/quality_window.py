@@ -1,7 +1,8 @@
 """Canary-vs-control figures from live telemetry: :class:`QualityWindow`.
 
 The quality gate (:mod:`service.rollout.gates`) decides on :class:`QualityFigures` that the
-caller measures. This module measures them: for every device it watches it accumulates, per
+caller measures. This module measures them: for every device it watches, keyed by (fleet,
+device) since fleets may reuse device ids, it accumulates, per
 model version, the readings, the sum of reported confidences, the predicted-class counts and,
 from labels, the labelled readings and errors, since the window was last reset for that device.
 
@@ -15,10 +16,11 @@ on the rollout worker; one lock guards the accumulators (a few dict lookups per 
 
 >>> import numpy as np
 >>> w = QualityWindow()
->>> w.watch(["c1", "k1"], now_ms=0)
->>> w.add("c1", 2, np.array([0, 1, 1]), np.array([0.9, 0.8, 0.7]))
->>> w.add("k1", 1, np.array([0, 0]), np.array([0.6, 0.6]))
->>> q = w.figures({"c1": 2}, {"k1": 1}, now_ms=1000)
+>>> w.watch("f", ["c1", "k1"], now_ms=0)
+>>> w.add("f", "c1", 2, np.array([0, 1, 1]), np.array([0.9, 0.8, 0.7]))
+>>> w.add("f", "k1", 1, np.array([0, 0]), np.array([0.6, 0.6]))
+>>> w.add("g", "c1", 2, np.array([1]), np.array([0.1]))  # another fleet's c1: not watched
+>>> q = w.figures("f", {"c1": 2}, {"k1": 1}, now_ms=1000)
 >>> q.canary.readings, round(q.canary.mean_confidence, 2), q.control.readings
 (3, 0.8, 2)
 """
@@ -46,6 +48,10 @@ class FrameLike(Protocol):
     """What :meth:`QualityWindow.add_frames` reads of a frame (``DeviceFrame`` has it)."""
 
     @property
+    def fleet(self) -> str:
+        """Fleet id."""
+
+    @property
     def device(self) -> str:
         """Device id."""
 
@@ -64,6 +70,10 @@ class FrameLike(Protocol):
 
 class LabelsLike(Protocol):
     """What :meth:`QualityWindow.add_label_batches` reads (``DeviceLabels`` has it)."""
+
+    @property
+    def fleet(self) -> str:
+        """Fleet id."""
 
     @property
     def device(self) -> str:
@@ -112,35 +122,35 @@ def js_divergence(p: npt.ArrayLike, q: npt.ArrayLike) -> float:
 
 
 class QualityWindow:
-    """Per-device, per-version accumulators of the devices in active rollouts."""
+    """Per-(fleet, device), per-version accumulators of the devices in active rollouts."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._acc: dict[str, dict[int, _Acc]] = {}
-        self._since: dict[str, int] = {}
+        self._acc: dict[tuple[str, str], dict[int, _Acc]] = {}
+        self._since: dict[tuple[str, str], int] = {}
 
-    @property
-    def watched(self) -> frozenset[str]:
-        """Devices currently accumulated."""
+    def watched(self, fleet: str) -> frozenset[str]:
+        """Devices of ``fleet`` currently accumulated."""
         with self._lock:
-            return frozenset(self._acc)
+            return frozenset(dev for f, dev in self._acc if f == fleet)
 
-    def watch(self, devices: Iterable[str], now_ms: int) -> None:
-        """Start (or restart) the window of ``devices`` at ``now_ms``."""
-        with self._lock:
-            for dev in devices:
-                self._acc[dev] = {}
-                self._since[dev] = now_ms
-
-    def unwatch(self, devices: Iterable[str]) -> None:
-        """Stop accumulating ``devices``."""
+    def watch(self, fleet: str, devices: Iterable[str], now_ms: int) -> None:
+        """Start (or restart) the window of ``fleet``'s ``devices`` at ``now_ms``."""
         with self._lock:
             for dev in devices:
-                self._acc.pop(dev, None)
-                self._since.pop(dev, None)
+                self._acc[(fleet, dev)] = {}
+                self._since[(fleet, dev)] = now_ms
+
+    def unwatch(self, fleet: str, devices: Iterable[str]) -> None:
+        """Stop accumulating ``fleet``'s ``devices``."""
+        with self._lock:
+            for dev in devices:
+                self._acc.pop((fleet, dev), None)
+                self._since.pop((fleet, dev), None)
 
     def add(
         self,
+        fleet: str,
         device: str,
         version: int,
         pred: npt.NDArray[np.int64],
@@ -148,7 +158,7 @@ class QualityWindow:
     ) -> None:
         """Count one telemetry frame of ``device`` on model ``version`` (ignored if unwatched)."""
         with self._lock:
-            self._add(device, version, pred, conf)
+            self._add((fleet, device), version, pred, conf)
 
     def add_frames(self, frames: Iterable[FrameLike]) -> None:
         """Count a drained batch of frames (one lock; unwatched devices cost a dict lookup)."""
@@ -156,11 +166,11 @@ class QualityWindow:
             return
         with self._lock:
             for fr in frames:
-                self._add(fr.device, fr.param_version, fr.pred, fr.conf)
+                self._add((fr.fleet, fr.device), fr.param_version, fr.pred, fr.conf)
 
     def _add(
         self,
-        device: str,
+        device: tuple[str, str],
         version: int,
         pred: npt.NDArray[np.int64],
         conf: npt.NDArray[np.float64],
@@ -175,11 +185,13 @@ class QualityWindow:
         for cls in np.flatnonzero(counts).tolist():
             acc.classes[cls] = acc.classes.get(cls, 0) + int(counts[cls])
 
-    def seed_labels(self, device: str, version: int, labelled: int, errors: int) -> None:
+    def seed_labels(
+        self, fleet: str, device: str, version: int, labelled: int, errors: int
+    ) -> None:
         """Count labels of ``device`` on ``version`` from before the window (the label buffer),
         so a device's error *before* its update is known when the rollout starts at once."""
         with self._lock:
-            per = self._acc.get(device)
+            per = self._acc.get((fleet, device))
             if per is None:
                 return
             acc = per.setdefault(version, _Acc())
@@ -187,11 +199,16 @@ class QualityWindow:
             acc.errors += errors
 
     def add_labels(
-        self, device: str, version: int, pred: npt.NDArray[np.int64], label: npt.NDArray[np.int64]
+        self,
+        fleet: str,
+        device: str,
+        version: int,
+        pred: npt.NDArray[np.int64],
+        label: npt.NDArray[np.int64],
     ) -> None:
         """Count labelled readings of ``device`` on ``version`` (ignored if unwatched)."""
         with self._lock:
-            self._add_labels(device, version, pred, label)
+            self._add_labels((fleet, device), version, pred, label)
 
     def add_label_batches(self, batches: Iterable[LabelsLike]) -> None:
         """Count a drained list of label batches (one lock, like :meth:`add_frames`)."""
@@ -199,10 +216,14 @@ class QualityWindow:
             return
         with self._lock:
             for lb in batches:
-                self._add_labels(lb.device, lb.param_version, lb.pred, lb.label)
+                self._add_labels((lb.fleet, lb.device), lb.param_version, lb.pred, lb.label)
 
     def _add_labels(
-        self, device: str, version: int, pred: npt.NDArray[np.int64], label: npt.NDArray[np.int64]
+        self,
+        device: tuple[str, str],
+        version: int,
+        pred: npt.NDArray[np.int64],
+        label: npt.NDArray[np.int64],
     ) -> None:
         per = self._acc.get(device)
         if per is None:
@@ -211,7 +232,9 @@ class QualityWindow:
         acc.labelled += int(label.shape[0])
         acc.errors += int(np.count_nonzero(pred != label))
 
-    def _arm(self, members: Mapping[str, int]) -> tuple[ArmFigures, dict[int, int], int]:
+    def _arm(
+        self, fleet: str, members: Mapping[str, int]
+    ) -> tuple[ArmFigures, dict[int, int], int]:
         means: list[float] = []
         err_rates: list[float] = []
         readings = labelled = errors = 0
@@ -219,8 +242,8 @@ class QualityWindow:
         classes: dict[int, int] = {}
         start = 0
         for dev, version in members.items():
-            acc = self._acc.get(dev, {}).get(version)
-            start = max(start, self._since.get(dev, 0))
+            acc = self._acc.get((fleet, dev), {}).get(version)
+            start = max(start, self._since.get((fleet, dev), 0))
             if acc is None or acc.readings == 0:
                 continue
             if acc.labelled >= MIN_DEVICE_LABELS:
@@ -246,12 +269,12 @@ class QualityWindow:
         return arm, classes, start
 
     def _paired(
-        self, canary: Mapping[str, int], before: Mapping[str, int]
+        self, fleet: str, canary: Mapping[str, int], before: Mapping[str, int]
     ) -> tuple[int, float | None, float | None]:
         diffs: list[float] = []
         variances: list[float] = []
         for dev, new_version in canary.items():
-            per = self._acc.get(dev, {})
+            per = self._acc.get((fleet, dev), {})
             new, old = per.get(new_version), per.get(before.get(dev, -1))
             if new is None or old is None:
                 continue
@@ -270,20 +293,22 @@ class QualityWindow:
 
     def figures(
         self,
+        fleet: str,
         canary: Mapping[str, int],
         control: Mapping[str, int],
         now_ms: int,
         before: Mapping[str, int] | None = None,
     ) -> QualityFigures:
-        """Figures of ``canary`` (device → new version) vs ``control`` (device → old version).
+        """Figures of ``fleet``'s ``canary`` (device → new version) vs ``control`` (device → old
+        version).
 
         ``before`` (canary device → its version before the update) adds the paired, before/after
         error comparison of the canary devices (:attr:`QualityFigures.paired_error_delta`).
         """
         with self._lock:
-            can, can_cls, s1 = self._arm(canary)
-            ctl, ctl_cls, s2 = self._arm(control)
-            paired = self._paired(canary, before) if before else (0, None, None)
+            can, can_cls, s1 = self._arm(fleet, canary)
+            ctl, ctl_cls, s2 = self._arm(fleet, control)
+            paired = self._paired(fleet, canary, before) if before else (0, None, None)
         keys = sorted(set(can_cls) | set(ctl_cls))
         js = js_divergence([can_cls.get(k, 0) for k in keys], [ctl_cls.get(k, 0) for k in keys])
         return QualityFigures(

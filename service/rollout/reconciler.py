@@ -249,7 +249,7 @@ class RolloutReconciler:
         if ctl.state.status in ACTIVE_STATES:
             # every member and the control from now on; the members' labels on the previous
             # version from the label buffer, so each canary device is also its own control
-            self.quality.watch(sorted(members - self.quality.watched), self._now_ms())
+            self.quality.watch(fleet, sorted(members - self.quality.watched(fleet)), self._now_ms())
             self._seed_before(ctl, members)
 
     def _seed_before(self, ctl: RolloutController, members: set[str]) -> None:
@@ -271,7 +271,7 @@ class RolloutReconciler:
                 c[0] += 1
                 c[1] += int(pred != label)
         for dev, (n, errors) in counts.items():
-            self.quality.seed_labels(dev, plan.previous.version, n, errors)
+            self.quality.seed_labels(plan.fleet, dev, plan.previous.version, n, errors)
 
     def _load_blobs(self, plan: RolloutPlan) -> None:
         for ref in [*plan.targets(), plan.previous]:
@@ -381,7 +381,7 @@ class RolloutReconciler:
             control = before
         else:
             control = {d: plan.previous.version for d in ctl.state.control}
-        return {group.name: self.quality.figures(canary, control, now, before)}
+        return {group.name: self.quality.figures(plan.fleet, canary, control, now, before)}
 
     def _run(self, ctl: RolloutController, actions: Iterable[Action]) -> None:
         """Carry out ``actions`` of ``ctl``: persist first, then publish, then metrics."""
@@ -441,13 +441,13 @@ class RolloutReconciler:
             if a.to_state not in ACTIVE_STATES:  # FINISHED, STOPPED, ROLLED_BACK
                 self._ended_at[fleet] = a.at_ms / 1000
                 self.quality.unwatch(
-                    [*ctl.state.control, *(d for g in ctl.state.groups for d in g.devices)]
+                    fleet, [*ctl.state.control, *(d for g in ctl.state.groups for d in g.devices)]
                 )
             return
         log.info("rollout %s group %s: %s → %s", a.rollout_id, a.name, a.from_state, a.to_state)
         if a.to_state in (GroupStatus.PASSED, GroupStatus.FAILED):
             group = next(g for g in ctl.state.groups if g.name == a.name)
-            self.quality.unwatch(group.devices)
+            self.quality.unwatch(fleet, group.devices)
 
     def _persist(self) -> bool:
         """Write dirty rollouts, pending transitions, audit entries, bad marks: one transaction."""
