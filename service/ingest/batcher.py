@@ -38,6 +38,7 @@ SERVICE_REASONS = (
     "unknown_schema",
     "duplicate",
     "stale",
+    "sequence_jump",
     "queue_full",
     "internal",
 )

@@ -1,24 +1,15 @@
 """The devices the service knows: their births, schemas and telemetry sequence numbers.
 
-Every telemetry and label batch carries ``(boot, seq)``: ``seq`` counts frames and restarts at 0
-when the device reboots, ``boot`` counts reboots. Per device the directory remembers the last
-accepted pair and classifies each new frame:
-
-- same boot, ``seq = last + 1``: in order;
-- same boot, ``seq > last + 1``: accepted, and ``seq − last − 1`` frames count as lost
-  (device → service loss);
-- same boot, ``seq ≤ last``: a duplicate or a replay: rejected (``duplicate``), so re-processing
-  a batch after a crash never double-counts;
-- newer boot: accepted (a reboot is not a replay); the ``seq`` frames before it in the new boot
-  count as lost;
-- older boot: rejected (``stale``).
-
-``seq`` is a u32 that would wrap after 2³² frames (136 years at one frame a second): not handled.
+Every telemetry and label batch carries ``(boot, seq)``; per device the directory keeps one
+:class:`~service.ingest.sequence_check.SequenceState` for telemetry and one for labels, which
+classify each batch as in order, lost frames before it, a duplicate, stale, or a far jump held
+until following frames confirm it (see that module). A birth rebases both (a re-flashed device
+restarts its boot counter).
 
 >>> d = DeviceDirectory(SchemaCatalog(), unknown_devices="adopt")
 >>> [d.check_sequence("f", "a", boot, seq) for boot, seq in
-...  [(1, 0), (1, 1), (1, 1), (1, 4), (2, 0), (1, 5)]]
-['ok', 'ok', 'duplicate', 'ok', 'ok', 'stale']
+...  [(1, 0), (1, 1), (1, 1), (1, 4), (2, 0), (1, 5), (2, 0xFFFFFFFF), (2, 1)]]
+['ok', 'ok', 'duplicate', 'ok', 'ok', 'stale', 'sequence_jump', 'ok']
 >>> d.get("f", "a").lost_frames
 2
 """
@@ -32,8 +23,9 @@ from typing import Any, Literal
 from edge_agent.blob import ParameterSchema
 from edge_agent.wire.messages import Status
 from service.ingest.schema_catalog import SchemaCatalog
+from service.ingest.sequence_check import SequenceState, SequenceVerdict
 
-SequenceVerdict = Literal["ok", "duplicate", "stale"]
+__all__ = ["DeviceDirectory", "DeviceInfo", "SequenceVerdict"]
 
 
 @dataclass
@@ -55,13 +47,10 @@ class DeviceInfo:
     caps: dict[str, Any] = field(default_factory=dict)
     first_seen: float = 0.0
     last_seen: float = 0.0
-    seq_boot: int | None = None
-    """Boot of the last accepted telemetry frame."""
-    seq: int | None = None
-    """``seq`` of the last accepted telemetry frame."""
-    lbl_boot: int | None = None
-    lbl_seq: int | None = None
-    """``(boot, seq)`` of the last accepted label batch (labels have their own sequence)."""
+    tel_seq: SequenceState = field(default_factory=SequenceState)
+    """The telemetry frames' sequence."""
+    lbl_seq: SequenceState = field(default_factory=SequenceState)
+    """The label batches' sequence (labels have their own)."""
     lost_frames: int = 0
     frames: int = 0
     readings: int = 0
@@ -73,6 +62,11 @@ class DeviceInfo:
     """Signals still outside the fixed reference, comma-separated, or ``ok``."""
     written: float = 0.0
     """When the registry last got this device (service clock)."""
+
+    @property
+    def seq(self) -> int | None:
+        """``seq`` of the last accepted telemetry frame."""
+        return self.tel_seq.seq
 
     @property
     def key(self) -> tuple[str, str]:
@@ -122,6 +116,9 @@ class DeviceDirectory:
                 info.update_state = status.update_state
                 info.fw = status.fw
                 info.boot = status.boot
+                if status.boot is not None:
+                    info.tel_seq.rebase(status.boot)
+                    info.lbl_seq.rebase(status.boot)
                 info.last_deploy_seq = status.last_deploy_seq
                 info.epoch_floor = status.epoch_floor
                 info.caps = status.caps.model_dump() if status.caps is not None else {}
@@ -161,38 +158,20 @@ class DeviceDirectory:
             if info is None:
                 info = DeviceInfo(fleet, device, adopted=True)
                 self._devices[(fleet, device)] = info
-            return _advance(info, boot, seq)
+            verdict, lost = info.tel_seq.advance(boot, seq)
+            if verdict == "ok":
+                info.lost_frames += lost
+                info.frames += 1
+            return verdict
 
     def check_label_sequence(self, fleet: str, device: str, boot: int, seq: int) -> SequenceVerdict:
         """Like :meth:`check_sequence` for label batches (their own sequence; QoS 1 may repeat)."""
         with self._lock:
             info = self._devices.setdefault((fleet, device), DeviceInfo(fleet, device))
-            if info.lbl_boot is not None and info.lbl_seq is not None:
-                if boot < info.lbl_boot:
-                    return "stale"
-                if boot == info.lbl_boot and seq <= info.lbl_seq:
-                    return "duplicate"
-            info.lbl_boot, info.lbl_seq = boot, seq
-            return "ok"
+            return info.lbl_seq.advance(boot, seq)[0]
 
     def restore_sequence(self, fleet: str, device: str, boot: int, seq: int) -> None:
         """Set the last accepted ``(boot, seq)`` from a checkpoint (replays are then skipped)."""
         with self._lock:
             info = self._devices.setdefault((fleet, device), DeviceInfo(fleet, device))
-            info.seq_boot, info.seq = boot, seq
-
-
-def _advance(info: DeviceInfo, boot: int, seq: int) -> SequenceVerdict:
-    if info.seq_boot is None or info.seq is None:
-        pass  # the first frame seen: nothing is known about what came before
-    elif boot < info.seq_boot:
-        return "stale"
-    elif boot == info.seq_boot:
-        if seq <= info.seq:
-            return "duplicate"
-        info.lost_frames += seq - info.seq - 1
-    else:
-        info.lost_frames += seq  # frames 0 … seq−1 of the new boot never arrived
-    info.seq_boot, info.seq = boot, seq
-    info.frames += 1
-    return "ok"
+            info.tel_seq.restore(boot, seq)

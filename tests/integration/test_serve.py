@@ -157,37 +157,40 @@ def _publish(mosquitto, items: list[tuple[str, bytes]]) -> None:
     c.disconnect()
 
 
-def test_every_bad_input_is_counted_by_reason_and_ingest_goes_on(service, fleet, mosquitto, bundle):
-    dev = "probe-1"
-    fw = bundle.firmware()
-    birth = Status.create(
+def _birth(bundle: Bundle, boot: int) -> bytes:
+    return Status.create(
         online=True,
         fw="test",
-        schema_id=fw.schema.schema_id_hex,
+        schema_id=bundle.firmware().schema.schema_id_hex,
         active_version=1,
         update_state="IDLE",
         last_deploy_seq=0,
         epoch_floor=0,
-        boot=3,
+        boot=boot,
         ts_ms=0,
         caps={"max_chunk": 512, "telemetry": ["bin"], "labels": True},
+    ).to_json()
+
+
+def frame(seq: int, boot: int, f: int = 8) -> bytes:
+    """A binary telemetry frame of two readings."""
+    b = TelemetryBatch.create(
+        seq=seq,
+        boot=boot,
+        ts_ms=int(time.time() * 1000),
+        param_version=1,
+        features=np.zeros((2, f)),
+        pred=[0, 1],
+        conf=[0.5, 0.6],
     )
-    _publish(mosquitto, [(topic(FLEET, dev, Leaf.STATUS), birth.to_json())])
+    return encode_binary(b, frac_bits=11)
+
+
+def test_every_bad_input_is_counted_by_reason_and_ingest_goes_on(service, fleet, mosquitto, bundle):
+    dev = "probe-1"
+    _publish(mosquitto, [(topic(FLEET, dev, Leaf.STATUS), _birth(bundle, 3))])
     wait(lambda: service.directory.get(FLEET, dev) is not None, 10, "the probe's birth")
     t = topic(FLEET, dev, Leaf.TEL)
-
-    def frame(seq: int, boot: int, f: int = 8) -> bytes:
-        b = TelemetryBatch.create(
-            seq=seq,
-            boot=boot,
-            ts_ms=int(time.time() * 1000),
-            param_version=1,
-            features=np.zeros((2, f)),
-            pred=[0, 1],
-            conf=[0.5, 0.6],
-        )
-        return encode_binary(b, frac_bits=11)
-
     good = frame(0, 3)
     nan_json = encode_json(
         TelemetryBatch.from_obj(
@@ -250,6 +253,38 @@ def test_every_bad_input_is_counted_by_reason_and_ingest_goes_on(service, fleet,
     # the fleet keeps flowing
     n = service.status().readings
     wait(lambda: service.status().readings > n + 1000, 20, "ingest continuing")
+
+
+def test_a_poisoned_or_restarted_sequence_does_not_lock_a_device_out(service, mosquitto, bundle):
+    """One frame with ``seq`` or ``boot`` = 0xFFFFFFFF is held as an unconfirmed jump (the
+    device's real frames go on being accepted, no gap is counted); a re-flashed device whose
+    boot counter restarts at 0 is taken back by its birth."""
+    dev = "probe-2"
+    t = topic(FLEET, dev, Leaf.TEL)
+    _publish(mosquitto, [(topic(FLEET, dev, Leaf.STATUS), _birth(bundle, 3))])
+    wait(lambda: service.directory.get(FLEET, dev) is not None, 10, "the probe's birth")
+    info = service.directory.get(FLEET, dev)
+    before = dict(service.batcher.rejections)
+
+    def delta(reason: str) -> int:
+        return service.batcher.rejections.get(reason, 0) - before.get(reason, 0)
+
+    u32 = 0xFFFFFFFF
+    _publish(mosquitto, [(t, frame(0, 3)), (t, frame(u32, 3)), (t, frame(0, u32)),
+                         (t, frame(1, 3)), (t, frame(2, 3))])  # fmt: skip
+    wait(lambda: info.seq == 2 and delta("sequence_jump") == 2, 20, "the real frames after")
+    assert (info.tel_seq.boot, info.frames, info.lost_frames) == (3, 3, 0)
+    # re-flashed: the boot counter restarts; without a birth its frames are stale
+    _publish(mosquitto, [(t, frame(0, 0))])
+    wait(lambda: delta("stale") == 1, 20, "a stale frame of boot 0")
+    _publish(mosquitto, [(topic(FLEET, dev, Leaf.STATUS), _birth(bundle, 0))])
+    wait(lambda: info.boot == 0, 20, "the re-flashed device's birth")
+    _publish(mosquitto, [(t, frame(0, 0)), (t, frame(1, 0))])
+    wait(lambda: info.tel_seq.boot == 0 and info.seq == 1, 20, "frames of the new epoch")
+    assert (info.frames, info.lost_frames) == (5, 0)
+    assert (delta("sequence_jump"), delta("stale"), delta("duplicate")) == (2, 1, 0)
+    text = scrape(service.metrics_port)
+    assert metric(text, "tinydrift_ingest_rejected_total", reason="sequence_jump") >= 2
 
 
 def test_restart_resumes_from_checkpoints(mosquitto, db_url, service, fleet):
