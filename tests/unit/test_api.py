@@ -338,6 +338,8 @@ def test_openapi_document_and_docs(api: Api):
         ("/fleets/plant/devices", {"limit": -1}, "limit"),
         ("/fleets/plant/devices", {"limit": 100_000}, "limit"),
         ("/fleets/plant/devices", {"offset": -1}, "offset"),
+        ("/fleets/plant/devices", {"offset": 2**63}, "offset"),  # was a 500 from the driver
+        ("/drift-events", {"since": "0001-01-01T00:00:00+23:59"}, "since"),  # before year 1 UTC
         ("/drift-events", {"limit": "many"}, "limit"),
         ("/drift-events", {"since": "2025-11-01T12:00:00"}, "since"),  # no time zone
         ("/parameter-sets", {"status": "great"}, "status"),
