@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class MqttConsumer:
         self.client.max_queued_messages_set(10_000)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -139,6 +141,20 @@ class MqttConsumer:
             log.warning("%s", self.last_error)
         if self.on_connection_change is not None:
             self.on_connection_change(False, False)
+
+    def _on_connect_fail(self, _c: mqtt.Client, _ud: Any) -> None:
+        # paho calls this from inside its ``except OSError`` and logs nothing else at error
+        # level: the exception being handled is the reason. Logged when it changes (paho
+        # retries every 1–30 s).
+        exc = sys.exc_info()[1]
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "no reason given"
+        error = (
+            f"cannot connect to the broker {self.host}:{self.port} ({reason}); retrying "
+            "(check --broker, that the broker runs and this host may reach it, TLS settings)"
+        )
+        if error != self.last_error:
+            log.error("%s", error)
+        self.last_error = error
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         if self._fleet_set is not None:

@@ -16,7 +16,7 @@ from tests.integration.polling import wait
 pytestmark = pytest.mark.integration
 
 
-def test_service_survives_a_broker_restart(bundle, tmp_path):
+def test_service_survives_a_broker_restart(bundle, tmp_path, caplog):
     port = free_port()
     broker = start_mosquitto(port)
     url = f"sqlite:///{tmp_path / 'r.db'}"
@@ -49,7 +49,10 @@ def test_service_survives_a_broker_restart(bundle, tmp_path):
         broker.stop()
         wait(lambda: not svc.consumer.connected.is_set(), 15, "the service to notice")
         assert svc.consumer.last_error is not None
-        assert "reconnecting" in svc.consumer.last_error
+        assert "reconnecting" in svc.consumer.last_error or "retrying" in svc.consumer.last_error
+        # the failed reconnections say why (paho itself logs nothing at error level)
+        wait(lambda: "refused" in (svc.consumer.last_error or ""), 15, "the reason logged")
+        assert "cannot connect to the broker" in (svc.consumer.last_error or "")
         time.sleep(2.0)  # the service keeps running while the broker is down
         assert svc.batcher._thread.is_alive()
         broker = start_mosquitto(port)
@@ -58,6 +61,10 @@ def test_service_survives_a_broker_restart(bundle, tmp_path):
         wait(lambda: svc.status().readings > n + 500, 40, "telemetry after the outage")
         assert svc.metrics.mqtt_reconnects._value.get() >= 1
         assert svc.metrics.mqtt_connected._value.get() == 1
+        refused = [r for r in caplog.records if "cannot connect to the broker" in r.getMessage()]
+        assert refused
+        assert all(r.levelname == "ERROR" for r in refused)
+        assert len(refused) < 5  # once per reason, not once per retry
         # the very same detector objects carry on: nothing was relearned
         assert all(svc.engine.monitors[k] is m for k, m in monitors.items())
     finally:
