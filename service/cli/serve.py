@@ -16,6 +16,7 @@ from edge_agent.blob import (
     BlobRejectedError,
     KeyFileError,
     load_public_key,
+    load_signing_key,
     trusted_keys,
     verify_blob,
 )
@@ -189,13 +190,34 @@ def import_blob(
     files: Annotated[list[Path], typer.Argument(help="Signed blob files.")],
     db: Annotated[str, typer.Option(help="Registry URL.")] = "sqlite:///tinydrift.db",
     pubkey: Annotated[Path | None, typer.Option(help="Release public key to verify with.")] = None,
+    release_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TINYDRIFT_RELEASE_KEY",
+            help="The service's private release key: without --pubkey, its public half is "
+            "the key the blobs must be signed with.",
+        ),
+    ] = None,
     status: Annotated[str, typer.Option(help="good, candidate or bad")] = "good",
 ) -> None:
-    """Register parameter sets (e.g. a factory blob) so the service knows their schema."""
+    """Register parameter sets (e.g. a factory blob) so the service knows their schema.
+
+    Every blob must verify against the release key (``--pubkey``, else the public half of
+    ``--release-key``): a set signed by another key would be refused by every device and
+    spend a canary."""
     if status not in ("good", "candidate", "bad"):
         fail("--status must be good, candidate or bad")
     try:
-        trusted = trusted_keys([load_public_key(pubkey)]) if pubkey else None
+        if pubkey is not None:
+            key = load_public_key(pubkey)
+        elif release_key is not None:
+            key = load_signing_key(release_key).public
+        else:
+            fail(
+                "no key to verify the blobs with: give --pubkey (the release public key, e.g. "
+                "build/firmware/release.pub) or --release-key / TINYDRIFT_RELEASE_KEY"
+            )
+        trusted = trusted_keys([key])
         reg = Registry(db)
     except (KeyFileError, RegistryError) as exc:
         fail(str(exc))

@@ -936,3 +936,41 @@ def test_fleet_sim_checks_the_broker_url_before_doing_anything(tmp_path: Path):
     result = invoke("fleet-sim", "--broker", "tcp://127.0.0.1:1883", "--state-dir", tmp_path / "s")
     assert_one_line_error(result, "bad broker URL 'tcp://127.0.0.1:1883'")
     assert not (tmp_path / "s").exists()
+
+
+def test_registry_import_blob_verifies_against_the_release_key(
+    keys: Keys, blobs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A set signed by another key is refused (devices would refuse it and a canary would be
+    spent); without a key to verify with nothing is imported."""
+    from service.registry.store import Registry
+
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    monkeypatch.delenv("TINYDRIFT_RELEASE_KEY", raising=False)
+    assert_one_line_error(
+        invoke("registry", "import-blob", blobs["iris"], "--db", db), "no key", "--pubkey"
+    )
+    assert_one_line_error(
+        invoke("registry", "import-blob", blobs["iris_other"], "--db", db, "--pubkey", keys.pub),
+        "blob rejected",
+        "unknown_key",
+    )
+    monkeypatch.setenv("TINYDRIFT_RELEASE_KEY", str(keys.key))  # the service's own key
+    assert_one_line_error(
+        invoke("registry", "import-blob", blobs["iris_other"], "--db", db), "unknown_key"
+    )
+    reg = Registry(db)
+    try:
+        assert reg.list_parameter_sets() == []
+    finally:
+        reg.close()
+    ok = invoke("registry", "import-blob", blobs["iris"], "--db", db)
+    assert ok.exit_code == 0, ok.output
+    assert "registered" in ok.output
+    ok = invoke("registry", "import-blob", blobs["cancer"], "--db", db, "--pubkey", keys.pub)
+    assert ok.exit_code == 0, ok.output
+    reg = Registry(db)
+    try:
+        assert len(reg.list_parameter_sets()) == 2
+    finally:
+        reg.close()
