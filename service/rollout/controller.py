@@ -41,6 +41,13 @@ from service.rollout.groups import (
 from service.rollout.plan import ParamRef, RolloutPlan
 
 STATE_FORMAT: Final = 1
+
+MAX_DEPLOY_SEQ: Final = 0xFFFFFFFF
+"""``deploy_seq`` is a u32 that must grow with every intent: a device that reports this one
+(or a birth claiming it) can take no further update."""
+
+EXHAUSTED: Final = "deploy_seq_exhausted"
+"""Reason of a device the rollout excluded because it can take no further ``deploy_seq``."""
 """Version of :meth:`RolloutState.to_json`'s layout."""
 
 SYSTEM_ACTOR: Final = "rollout-controller"
@@ -487,7 +494,7 @@ class RolloutController:
                 return self._issue(dev, group.name, "install", "target", False, now_ms)
             return []
         progress = self.state.devices.get(dev)
-        if progress is None:
+        if progress is None or progress.reason == EXHAUSTED:
             return []
         if info.last_deploy_seq > progress.deploy_seq:
             # the device saw a manifest newer than ours (another rollout, or a lost state): reissue
@@ -733,8 +740,11 @@ class RolloutController:
         now_ms: int,
         phase: Literal["forward", "rollback"] | None = None,
     ) -> list[Action]:
-        """Give ``device`` a new intent under a strictly larger ``deploy_seq``."""
+        """Give ``device`` a new intent under a strictly larger ``deploy_seq`` (none left: the
+        device is excluded and reported, :meth:`_exclude`)."""
         seq = self._next_seq(device)
+        if seq > MAX_DEPLOY_SEQ:
+            return self._exclude(device, group, now_ms)
         p = self.state.devices.get(device)
         if p is None:
             p = DeviceProgress(device, group, first_seq=seq)
@@ -753,6 +763,36 @@ class RolloutController:
             p.result_ms = None
         self.state.known_seq[device] = seq
         return [self._publish(p)]
+
+    def _exclude(self, device: str, group: str, now_ms: int) -> list[Action]:
+        """``device`` can take no larger ``deploy_seq``: it leaves the rollout's figures (its
+        group goes on without it), audited and counted once."""
+        p = self.state.devices.get(device)
+        if p is not None and p.reason == EXHAUSTED:
+            return []
+        if p is None:
+            p = DeviceProgress(device, group)
+            self.state.devices[device] = p
+        p.status = DeviceStatus.FAILED
+        p.reason = EXHAUSTED
+        p.intent = "none"
+        p.result_ms = now_ms
+        known = self.state.known_seq.get(device, 0)
+        return [
+            AuditAction(
+                SYSTEM_ACTOR,
+                "rollout.device_excluded",
+                self.target,
+                {"device": device, "reason": EXHAUSTED, "last_deploy_seq": known},
+            ),
+            MetricEvent(
+                "update_results", {"code": "409", "reason": EXHAUSTED, "phase": p.phase}, 1
+            ),
+        ]
+
+    def _excluded(self, device: str) -> bool:
+        p = self.state.devices.get(device)
+        return p is not None and p.reason == EXHAUSTED
 
     def _publish(self, p: DeviceProgress) -> PublishManifest:
         ref = self.plan.target_for(p.device) if p.param == "target" else self.plan.previous
@@ -826,7 +866,8 @@ class RolloutController:
     def _figures(self, group: GroupProgress) -> tuple[DeliveryFigures, HealthFigures]:
         trial = confirmed = errors = pending = kat = fault = 0
         by_reason: dict[str, int] = {}
-        for dev in group.devices:
+        members = [dev for dev in group.devices if not self._excluded(dev)]
+        for dev in members:
             p = self.state.devices.get(dev)
             if p is None or p.status in IN_PROGRESS:
                 pending += 1
@@ -841,7 +882,7 @@ class RolloutController:
                 kat += p.reason in KAT_REASONS
                 fault += p.reason in FAULT_REASONS
         return (
-            DeliveryFigures(len(group.devices), trial, confirmed, errors, pending, by_reason),
+            DeliveryFigures(len(members), trial, confirmed, errors, pending, by_reason),
             HealthFigures(kat, fault),
         )
 

@@ -402,6 +402,16 @@ class RolloutReconciler:
                 publish.append(a)
             elif isinstance(a, AuditAction):
                 self._pending_audit.append(a)
+                if a.action == "rollout.device_excluded":
+                    log.warning(
+                        "rollout %s: %s/%s excluded: it reported deploy_seq %s, the largest "
+                        "there is, and can take no further update (re-provision its update "
+                        "state to update it again)",
+                        rid,
+                        ctl.plan.fleet,
+                        a.details.get("device"),
+                        a.details.get("last_deploy_seq"),
+                    )
             elif isinstance(a, RecordTransition):
                 self._pending_events.setdefault(rid, []).append(
                     RolloutEventRecord(

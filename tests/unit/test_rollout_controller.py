@@ -9,6 +9,7 @@ import pytest
 
 from service.rollout.controller import (
     Action,
+    AuditAction,
     DeviceStatus,
     GroupStatus,
     IllegalTransitionError,
@@ -258,3 +259,39 @@ def test_desired_for_is_the_final_intent_and_stale_acks_are_ignored() -> None:
     assert want.param == NEW
     assert want.deploy_seq == sim.sent[dev][-1].deploy_seq
     assert ctl.desired_for(ctl.state.control[0]) is None
+
+
+def test_a_device_that_can_take_no_larger_deploy_seq_is_excluded_not_blocking() -> None:
+    """A birth claiming ``last_deploy_seq = 0xFFFFFFFF`` (issue 11: the rollout persisted as
+    RUNNING with no manifest): the device is excluded, audited and counted; its group goes on."""
+    devices = fleet()
+    stuck = "d39"  # the most recently active: in the canary
+    devices = [
+        replace(d, last_deploy_seq=0xFFFFFFFF) if d.device_id == stuck else d for d in devices
+    ]
+    ctl, _ = RolloutController.create(plan(), devices, 0)
+    sim = Sim(ctl)
+    sim.take(ctl.start(0))
+    actions = sim.take(ctl.approve("alice", 0))
+    assert stuck in ctl.state.groups[0].devices
+    assert stuck not in sim.sent
+    assert all(m.deploy_seq <= 0xFFFFFFFF for m in publishes(actions))
+    audits = [a for a in actions if isinstance(a, AuditAction)]
+    assert [a.details["device"] for a in audits if a.action == "rollout.device_excluded"] == [stuck]
+    assert ctl.state.devices[stuck].reason == "deploy_seq_exhausted"
+    # a birth of the excluded device publishes nothing and reports nothing twice
+    assert ctl.on_birth(DeviceInfo(stuck, 0xFFFFFFFF, 1), MIN) == []
+    # the canary passes on the other three, and the rollout finishes
+    t = 0
+    while ctl.state.status is RolloutStatus.RUNNING:
+        t += MIN
+        sim.ack_all("TRIAL", "trial", t)
+        sim.take(ctl.tick(t, {"canary": GOOD}))
+        sim.confirm_pending(t)
+        assert t < 1000 * MIN
+    assert ctl.state.status is RolloutStatus.FINISHED
+    assert ctl.state.groups[0].status is GroupStatus.PASSED
+    assert ctl.summary().confirmed == 35
+    # and the exclusion survives a restart
+    back, _ = RolloutController.restore(ctl.state.to_json(), t)
+    assert back.state.devices[stuck].reason == "deploy_seq_exhausted"
