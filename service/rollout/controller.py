@@ -383,9 +383,29 @@ class RolloutController:
 
     @classmethod
     def restore(cls, state_json: str, now_ms: int) -> tuple[RolloutController, list[Action]]:
-        """Resume a rollout after a restart: devices in TRIAL past their deadline are reverted."""
+        """Resume a rollout after a restart: devices in TRIAL past their deadline are reverted,
+        and a group that was soaking soaks again from ``now_ms``: its canary-vs-control evidence
+        is measured in memory and went with the old process, so the minimum soak must be
+        served again on new evidence (a canary passed on 6 s of data after a restart)."""
         ctl = cls(RolloutState.from_json(state_json))
-        return ctl, ctl._expire_trials(now_ms)
+        actions = ctl._expire_trials(now_ms)
+        group = ctl._group()
+        if (
+            group is not None
+            and group.status is GroupStatus.SOAKING
+            and ctl.state.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED)
+        ):
+            was = group.soak_started_ms
+            group.soak_started_ms = now_ms
+            group.deadline_ms = now_ms + ctl.plan.gates.quality.max_soak_ms
+            actions.append(
+                ctl._audit(
+                    SYSTEM_ACTOR,
+                    "rollout.soak_restarted",
+                    {"group": group.name, "soak_started_ms": was, "restarted_ms": now_ms},
+                )
+            )
+        return ctl, actions
 
     def resync(self, now_ms: int) -> list[Action]:
         """After a restart: re-issue every unsettled device's intent under a newer ``deploy_seq``.

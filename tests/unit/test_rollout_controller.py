@@ -295,3 +295,24 @@ def test_a_device_that_can_take_no_larger_deploy_seq_is_excluded_not_blocking() 
     # and the exclusion survives a restart
     back, _ = RolloutController.restore(ctl.state.to_json(), t)
     assert back.state.devices[stuck].reason == "deploy_seq_exhausted"
+
+
+def test_a_restart_restarts_the_soak_of_the_soaking_group() -> None:
+    """The canary-vs-control evidence lives in memory: after a restart the group must soak its
+    minimum time again on new evidence, not pass on seconds of data (issue 11 item 8)."""
+    sim, _ = started()
+    ctl = sim.ctl
+    sim.ack_all("TRIAL", "trial", MIN)
+    sim.take(ctl.tick(MIN, {}))
+    canary = ctl.state.groups[0]
+    assert canary.status is GroupStatus.SOAKING
+    assert canary.soak_started_ms == MIN
+    restart = 9 * MIN  # 8 of the 10 minutes of soak served before the restart
+    again, actions = RolloutController.restore(ctl.to_json(), restart)
+    group = again.state.groups[0]
+    assert (group.soak_started_ms, group.deadline_ms) == (restart, restart + 60 * MIN)
+    assert [a.action for a in actions if isinstance(a, AuditAction)] == ["rollout.soak_restarted"]
+    again.tick(restart + 5 * MIN, {"canary": GOOD})  # new evidence, but only 5 minutes of it
+    assert group.status is GroupStatus.SOAKING
+    again.tick(restart + 10 * MIN, {"canary": GOOD})
+    assert group.status is GroupStatus.PASSED
