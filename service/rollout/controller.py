@@ -12,13 +12,15 @@ States (fleet-update-anchors §8.10)::
 
 Groups go ``SCHEDULED → RUNNING → SOAKING → PASSED | FAILED``: the canary first, then the waves;
 the control group is never touched. Devices run in server-confirm mode: a device in TRIAL is
-confirmed only when its group's gates pass, and success counts only at CONFIRMED (code 200).
+confirmed only when its group's gates pass, and success counts only at CONFIRMED (code 200):
+the rollout is FINISHED once every group passed and every updated device confirmed, or timed
+out (its confirm not acked within the ack timeout).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal
@@ -559,6 +561,8 @@ class RolloutController:
             )
         if new is DeviceStatus.TRIAL and progress.intent == "install":
             actions += self._confirm_if_cleared(progress, now_ms)
+        if self._group() is None:
+            actions += self._finish_if_settled(now_ms)
         return actions
 
     # -- time ----------------------------------------------------------------------------------
@@ -575,9 +579,10 @@ class RolloutController:
         if self.state.status is not RolloutStatus.RUNNING:
             return actions
         group = self._group()
-        if group is None:
-            return actions
-        actions += self._timeouts(group, now_ms)
+        if group is None:  # every group passed: the last confirmations
+            actions += self._timeouts(list(self.state.devices), now_ms, confirms=True)
+            return actions + self._finish_if_settled(now_ms)
+        actions += self._timeouts(group.devices, now_ms)
         figures = self._evaluate(group, now_ms, (quality or {}).get(group.name))
         group.figures = figures.to_dict()
         if figures.verdict is Verdict.FAIL:
@@ -736,14 +741,28 @@ class RolloutController:
                 group = GroupProgress(CONTROL_GROUP, list(self.state.control))
                 self.state.groups.append(group)
         if group is None:
-            return actions + self._transition(
-                RolloutStatus.FINISHED, now_ms, SYSTEM_ACTOR, "all groups passed"
-            )
+            return actions + self._finish_if_settled(now_ms)
         actions += self._group_transition(group, GroupStatus.RUNNING, now_ms, None)
         group.started_ms = now_ms
         for dev in group.devices:
             actions += self._issue(dev, group.name, "install", "target", False, now_ms)
         return actions
+
+    def _settled(self) -> bool:
+        """Every device the rollout updated has its result: confirmed, or an error."""
+        return not any(
+            p.phase == "forward" and (p.status in IN_PROGRESS or p.status is DeviceStatus.TRIAL)
+            for p in self.state.devices.values()
+        )
+
+    def _finish_if_settled(self, now_ms: int) -> list[Action]:
+        """Every group passed: FINISHED once the last devices confirmed (success counts only
+        at CONFIRMED; a device that never confirms ends by its trial or ack timeout)."""
+        if self.state.status is not RolloutStatus.RUNNING or not self._settled():
+            return []
+        return self._transition(
+            RolloutStatus.FINISHED, now_ms, SYSTEM_ACTOR, "all groups passed, every device settled"
+        )
 
     def _next_seq(self, device: str) -> int:
         p = self.state.devices.get(device)
@@ -841,21 +860,30 @@ class RolloutController:
             return self._issue(p.device, p.group, "confirm", "target", False, now_ms)
         return []
 
-    def _timeouts(self, group: GroupProgress, now_ms: int) -> list[Action]:
+    def _timeouts(
+        self, devices: Iterable[str], now_ms: int, *, confirms: bool = False
+    ) -> list[Action]:
+        """Devices with no result within the ack timeout of their intent: ``TIMED_OUT``; with
+        ``confirms``, also a device in TRIAL that never acked its confirm (it is not counted
+        as a success; a later CONFIRMED ack still counts)."""
         timeout = self.plan.gates.delivery.ack_timeout_ms
         actions: list[Action] = []
-        for dev in group.devices:
+        for dev in devices:
             p = self.state.devices.get(dev)
-            if p is None or p.status not in IN_PROGRESS or now_ms - p.issued_ms < timeout:
+            if p is None or now_ms - p.issued_ms < timeout:
+                continue
+            if p.status in IN_PROGRESS:
+                reason = "in_progress_timeout"
+            elif confirms and p.status is DeviceStatus.TRIAL and p.intent == "confirm":
+                reason = "confirm_timeout"
+            else:
                 continue
             p.status = DeviceStatus.TIMED_OUT
-            p.reason = "in_progress_timeout"
+            p.reason = reason
             p.result_ms = now_ms
             actions.append(
                 MetricEvent(
-                    "update_results",
-                    {"code": "504", "reason": "in_progress_timeout", "phase": p.phase},
-                    1,
+                    "update_results", {"code": "504", "reason": reason, "phase": p.phase}, 1
                 )
             )
         return actions

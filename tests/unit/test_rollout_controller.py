@@ -316,3 +316,37 @@ def test_a_restart_restarts_the_soak_of_the_soaking_group() -> None:
     assert group.status is GroupStatus.SOAKING
     again.tick(restart + 10 * MIN, {"canary": GOOD})
     assert group.status is GroupStatus.PASSED
+
+
+def test_finished_only_once_every_device_confirmed_or_timed_out() -> None:
+    """FINISHED means what the README says: every updated device confirmed (issue 11 item 11);
+    a device that never acks its confirm ends as TIMED_OUT after the ack timeout."""
+    sim, _ = started()
+    ctl = sim.ctl
+    silent = None
+    t = 0
+    while ctl._group() is not None:
+        t += MIN
+        sim.ack_all("TRIAL", "trial", t)
+        sim.take(ctl.tick(t, {"canary": GOOD}))
+        if silent is None and ctl.state.groups[0].status is GroupStatus.PASSED:
+            silent = ctl.state.groups[0].devices[0]  # its confirm is never acked
+        for dev, ms in list(sim.sent.items()):  # the devices confirm, but for the silent one
+            if ms[-1].action == "confirm" and dev != silent:
+                sim.take(ctl.on_ack(dev, ms[-1].deploy_seq, "CONFIRMED", "confirmed", t))
+        assert t < 1000 * MIN
+    assert silent is not None
+    assert ctl.state.status is RolloutStatus.RUNNING  # all groups passed, one confirm missing
+    assert ctl.state.devices[silent].status is DeviceStatus.TRIAL
+    timeout = ctl.plan.gates.delivery.ack_timeout_ms
+    issued = ctl.state.devices[silent].issued_ms
+    sim.take(ctl.tick(issued + timeout - 1, {}))
+    assert ctl.state.status is RolloutStatus.RUNNING
+    sim.take(ctl.tick(issued + timeout, {}))
+    assert ctl.state.status is RolloutStatus.FINISHED
+    p = ctl.state.devices[silent]
+    assert (p.status, p.reason) == (DeviceStatus.TIMED_OUT, "confirm_timeout")
+    # its late CONFIRMED still counts
+    ctl.on_ack(silent, p.deploy_seq, "CONFIRMED", "confirmed", issued + timeout + MIN)
+    assert ctl.state.devices[silent].status is DeviceStatus.CONFIRMED
+    assert ctl.summary().confirmed == 36
