@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 SUBSCRIBED_LEAVES = (Leaf.STATUS, Leaf.TEL, Leaf.LBL, Leaf.ACK)
 """Births first, so a retained birth arrives before the device's telemetry."""
 
+SHORT_CONNECTION_S = 10.0
+"""A connection the broker drops sooner than this counts towards a takeover warning."""
+
+TAKEOVER_DROPS = 3
+"""Short connections in a row that name a takeover: MQTT 3.1.1 gives no reason when the broker
+drops a client because another connected with the same client id."""
+
 
 class Incoming(NamedTuple):
     """One received message, stamped with the receive time (Unix seconds)."""
@@ -69,6 +76,9 @@ class MqttConsumer:
         self.connected = threading.Event()
         self.connects = 0
         self.dropped = 0
+        self.client_id = client_id
+        self._connected_at = 0.0
+        self._short_drops = 0
         self.last_error: str | None = None
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -122,6 +132,7 @@ class MqttConsumer:
         reconnect = self.connects > 0
         self.connects += 1
         self.last_error = None
+        self._connected_at = time.monotonic()
         if "+" not in self.fleets:
             # a persistent session keeps the filters of an earlier run (e.g. all fleets): drop
             # the all-fleet ones, so a narrowed --fleet really narrows what arrives
@@ -137,8 +148,22 @@ class MqttConsumer:
         was = self.connected.is_set()
         self.connected.clear()
         if was:
-            self.last_error = f"lost the broker {self.host}:{self.port} ({reason}); reconnecting"
-            log.warning("%s", self.last_error)
+            short = time.monotonic() - self._connected_at < SHORT_CONNECTION_S
+            self._short_drops = self._short_drops + 1 if short else 0
+            if self._short_drops >= TAKEOVER_DROPS:
+                self.last_error = (
+                    f"the broker {self.host}:{self.port} dropped this connection "
+                    f"{self._short_drops} times in a row right after it was made ({reason}): "
+                    f"another client probably uses the client id {self.client_id!r} (a second "
+                    "tinydrift serve with the same --mqtt-client-id or broker account? give "
+                    "each instance its own); reconnecting"
+                )
+                log.error("%s", self.last_error)
+            else:
+                self.last_error = (
+                    f"lost the broker {self.host}:{self.port} ({reason}); reconnecting"
+                )
+                log.warning("%s", self.last_error)
         if self.on_connection_change is not None:
             self.on_connection_change(False, False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from edge_agent.device.fleet import Fleet, FleetConfig
 from service.config import load_settings
 from service.embedded_broker import free_port, start_mosquitto
+from service.ingest.mqtt_consumer import MqttConsumer
 from service.registry.store import Registry
 from service.serve import Service
 from tests.integration.polling import wait
@@ -71,3 +73,32 @@ def test_service_survives_a_broker_restart(bundle, tmp_path, caplog):
         fleet.stop()
         svc.stop()
         broker.stop()
+
+
+def test_two_clients_with_one_client_id_are_named_as_a_takeover(mosquitto, caplog):
+    """Two service instances with the same client id knock each other off; each says so, with
+    the id, instead of logging an endless series of anonymous reconnections."""
+    consumers = [
+        MqttConsumer(
+            host=mosquitto.host,
+            port=mosquitto.port,
+            client_id="takeover-probe",
+            fleets=["takeover"],
+            out=queue.Queue(maxsize=10),
+        )
+        for _ in range(2)
+    ]
+    for c in consumers:
+        c.start()
+    try:
+        wait(
+            lambda: any("takeover-probe" in (c.last_error or "") for c in consumers),
+            60,
+            "a takeover named",
+        )
+    finally:
+        for c in consumers:
+            c.stop()
+    named = [r for r in caplog.records if "another client probably uses" in r.getMessage()]
+    assert named
+    assert all(r.levelname == "ERROR" for r in named)

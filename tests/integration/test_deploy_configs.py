@@ -406,6 +406,7 @@ class Client:
     password: str | None
     client_id: str
     connack: Any = None
+    disconnects: int = 0
     subacks: dict[int, list[Any]] = field(default_factory=dict)
     received: list[tuple[str, bytes, bool]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -420,6 +421,7 @@ class Client:
         if self.username is not None:
             self.c.username_pw_set(self.username, self.password)
         self.c.on_connect = self._on_connect
+        self.c.on_disconnect = self._on_disconnect
         self.c.on_subscribe = self._on_subscribe
         self.c.on_message = self._on_message
         self.c.connect("127.0.0.1", self.port, keepalive=30)
@@ -429,6 +431,9 @@ class Client:
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         if self.connack is None:
             self.connack = reason
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _reason: Any, _p: Any) -> None:
+        self.disconnects += 1
 
     def _on_subscribe(self, _c: Any, _u: Any, mid: int, reasons: list[Any], _p: Any) -> None:
         self.subacks[mid] = reasons
@@ -541,6 +546,20 @@ def test_a_device_reads_only_its_own_desired_state(clients):
     # dev-b still gets its own retained manifest
     b.subscribe(desired_b)
     wait(lambda: b.got(desired_b, b"manifest-b"), 10, "dev-b's own retained manifest")
+
+
+def test_another_devices_client_id_does_not_take_its_connection_over(clients):
+    """With dev-a's credentials and dev-b's client id, the broker names the connection dev-a:
+    dev-b stays connected and keeps receiving (issue 11: takeovers every second)."""
+    b = clients.b
+    assert b.subscribe(topic(FLEET, "dev-b", Leaf.DESIRED)) is not None
+    for _ in range(3):
+        intruder = clients.connect("dev-a", clients.broker.passwords["dev-a"], b.client_id)
+        assert not intruder.refused
+    clients.svc.publish(topic(FLEET, "dev-b", Leaf.DESIRED), b"still-mine")
+    wait(lambda: b.got(topic(FLEET, "dev-b", Leaf.DESIRED), b"still-mine"), 10, "dev-b's manifest")
+    assert b.disconnects == 0
+    assert b.c.is_connected()
 
 
 def test_wrong_unknown_and_anonymous_logins_are_refused(clients, deploy_broker):
