@@ -1567,7 +1567,7 @@ def update_frames(
     found: list[tuple[DeviceFrame, DeviceMonitor]] = []
     reasons: list[str | None] = []
     for fr in frames:
-        mon = monitors.get(fr.key)
+        mon = monitors.get((fr.fleet, fr.device))
         if mon is None:
             reasons.append("no monitor")
             continue
@@ -1587,22 +1587,19 @@ def update_frames(
             rejected.append((fr, bad))
         else:
             accepted.append(pair)
-    # the fast prefix of each device: reference complete, same model version
+    # the fast prefix of each device (reference complete, same model version), grouped by shape
     slow_devices: set[tuple[str, str]] = set()
-    fast: list[int] = []
+    groups: dict[tuple[int, int, float], list[int]] = {}
     for i, (fr, mon) in enumerate(accepted):
-        if fr.key in slow_devices:
+        key = (fr.fleet, fr.device)
+        if key in slow_devices:
             continue
         if mon._fast_ok(fr):
-            fast.append(i)
+            lay = mon.layout
+            groups.setdefault((lay.n_features, lay.n_classes, mon.config.z_clip), []).append(i)
         else:
-            slow_devices.add(fr.key)
-    us: dict[int, FloatArray] = {}
-    groups: dict[tuple[int, int, float], list[int]] = {}
-    for i in fast:
-        lay = accepted[i][1].layout
-        key = (lay.n_features, lay.n_classes, accepted[i][1].config.z_clip)
-        groups.setdefault(key, []).append(i)
+            slow_devices.add(key)
+    us: list[FloatArray | None] = [None] * len(accepted)
     for (_, n_classes, z_clip), idx in groups.items():
         frs = [accepted[i][0] for i in idx]
         mons = [accepted[i][1] for i in idx]
@@ -1629,8 +1626,7 @@ def update_frames(
             us[i] = u[j]
     out: list[Detection] = []
     suspicions: list[Detection] = []
-    for i, (fr, mon) in enumerate(accepted):
-        row = us.get(i)
+    for (fr, mon), row in zip(accepted, us, strict=True):
         if row is None:
             res = mon.observe(fr)
         else:
