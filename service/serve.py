@@ -2,7 +2,8 @@
 
 Threads: paho's network thread (enqueue only) → the batcher (decode, validate, layer A,
 layer-B accumulation) → the registry writer (batched commits). A timer thread closes cohort
-windows, refreshes the device gauges, writes changed devices and checkpoints detector state.
+windows, refreshes the device gauges, writes changed devices, checkpoints detector state and
+freezes the long-lived heap for the cyclic garbage collector (:func:`_freeze_heap`).
 Shutdown (SIGINT/SIGTERM or :meth:`Service.stop`) drains the queue, evaluates nothing new,
 checkpoints every monitor and flushes the registry, so a restart resumes.
 """

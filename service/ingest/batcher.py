@@ -186,7 +186,8 @@ class Batcher:
         decoder); the records of the binary frames are then decoded together, one
         ``np.frombuffer`` per feature count and ``frac_bits`` (the same values as
         ``decode_telemetry``). The second takes the messages in arrival order against the
-        device directory, as one message at a time would. Counters are added once per batch.
+        device directory, as one message at a time would. Counters and the lag histogram are added
+        once per batch.
         """
         t0 = time.perf_counter()
         frames: list[DeviceFrame] = []
