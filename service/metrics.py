@@ -15,7 +15,7 @@ True
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 import numpy as np
@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 import service
 
@@ -41,6 +42,7 @@ class BulkHistogram(Collector):
 
     ``prometheus_client.Histogram.observe`` costs a Python call per value; the ingest path
     observes every reading's confidence, so it counts a frame's readings in one vectorised step.
+    ``le_format`` writes the bucket bounds (``floatToGoString``: as ``prometheus_client``).
 
     >>> h = BulkHistogram("x_conf", "Confidence.", ("fleet",), (0.5, 1.0))
     >>> h.observe_many(("f",), np.array([0.2, 0.7, 0.9]))
@@ -49,12 +51,18 @@ class BulkHistogram(Collector):
     """
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        le_format: Callable[[float], str] = "{:g}".format,
     ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self.bounds = np.asarray(buckets, dtype=np.float64)
+        self._le = [le_format(float(b)) for b in buckets]
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, ...], npt.NDArray[np.int64]] = {}
         self._sums: dict[tuple[str, ...], float] = {}
@@ -79,7 +87,7 @@ class BulkHistogram(Collector):
             items = [(k, v.copy(), self._sums[k]) for k, v in self._counts.items()]
         for labels, counts, total in items:
             cum = np.cumsum(counts)
-            buckets = [(f"{b:g}", float(c)) for b, c in zip(self.bounds, cum[:-1], strict=True)]
+            buckets = [(le, float(c)) for le, c in zip(self._le, cum[:-1], strict=True)]
             buckets.append(("+Inf", float(cum[-1])))
             fam.add_metric(list(labels), buckets, total)
         yield fam
@@ -120,13 +128,15 @@ class ServiceMetrics:
             ["fleet"],
             registry=r,
         )
-        self.lag = Histogram(
+        # observed once per batch (one value per telemetry frame), bounds written as before
+        self.lag = BulkHistogram(
             "tinydrift_ingest_lag_seconds",
             "Service receive time minus device timestamp.",
-            ["fleet"],
-            buckets=LAG_BUCKETS,
-            registry=r,
+            ("fleet",),
+            LAG_BUCKETS,
+            le_format=floatToGoString,
         )
+        r.register(self.lag)
         self.batch_size = Histogram(
             "tinydrift_ingest_batch_size",
             "Messages per batch drained from the queue.",

@@ -701,8 +701,9 @@ class CohortMonitor:
         """:meth:`add` for each frame, in order (the same buffering and flushes)."""
         n_features = self.layout.n_features
         flush_at = self.config.flush_readings
+        fleet, version, index = self.fleet, self.model_version, self._index
         for frame in frames:
-            if frame.fleet != self.fleet or frame.param_version != self.model_version:
+            if frame.fleet != fleet or frame.param_version != version:
                 raise ValueError(
                     f"frame of ({frame.fleet}, v{frame.param_version}) given to the monitor of "
                     f"({self.fleet}, v{self.model_version})"
@@ -714,7 +715,10 @@ class CohortMonitor:
                 continue
             if k == 0:
                 continue
-            self._pending.append((self._row(frame.device), frame))
+            row = index.get(frame.device)
+            if row is None:
+                row = self._row(frame.device)
+            self._pending.append((row, frame))
             self._pending_n += k
             self._total_readings += k
             if self._win_first_ts is None:
@@ -783,7 +787,7 @@ class CohortMonitor:
         lay = self.layout
         dev = np.repeat(
             np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items)),
-            np.fromiter((fr.k for _, fr in items), dtype=np.int64, count=len(items)),
+            np.fromiter((fr.pred.shape[0] for _, fr in items), dtype=np.int64, count=len(items)),
         )
         x = np.concatenate([fr.features for _, fr in items]).astype(np.float64, copy=False)
         pred = np.concatenate([fr.pred for _, fr in items]).astype(np.int64, copy=False)

@@ -634,7 +634,7 @@ class DeviceMonitor:
         """Calibrated suspicions per reading under no drift (with the model margin, as if
         every reading were labelled): what the cohort rule assumes. ``None`` while the
         sensitive tier is not running (reference, or turned off)."""
-        if self._s_thr is None or not self._ready.any():
+        if self._s_thr is None or not np.count_nonzero(self._ready):  # any(), without its wrapper
             return None
         share = float(self._ready.mean())
         return self._s_thr.null_rate_per_reading * share
@@ -1003,11 +1003,11 @@ class DeviceMonitor:
         """
         strict = sensitive = None
         ready = self._ready
-        if ready.any():
+        if np.count_nonzero(ready):  # any(): one C call, no Python wrapper (per frame)
             self._bsum += u
             self._bn += 1
             done = ready & (self._bn >= self._block)
-            if done.any():
+            if np.count_nonzero(done):
                 idx = np.flatnonzero(done)
                 v = (self._bsum[idx] / self._bn[idx] - self._center[idx]) / self._bsd[idx]
                 self._raw[idx] += v
@@ -1544,6 +1544,12 @@ def _validate(
     return reasons
 
 
+def _rows(vectors: list[FloatArray]) -> FloatArray:
+    """``np.stack`` of equally long vectors, as one ``concatenate`` (no view per vector)."""
+    out: FloatArray = np.concatenate(vectors).reshape(len(vectors), -1)
+    return out
+
+
 def update_frames(
     monitors: Mapping[tuple[str, str], DeviceMonitor], frames: Sequence[DeviceFrame]
 ) -> BatchResult:
@@ -1561,7 +1567,7 @@ def update_frames(
     found: list[tuple[DeviceFrame, DeviceMonitor]] = []
     reasons: list[str | None] = []
     for fr in frames:
-        mon = monitors.get(fr.key)
+        mon = monitors.get((fr.fleet, fr.device))
         if mon is None:
             reasons.append("no monitor")
             continue
@@ -1581,28 +1587,25 @@ def update_frames(
             rejected.append((fr, bad))
         else:
             accepted.append(pair)
-    # the fast prefix of each device: reference complete, same model version
+    # the fast prefix of each device (reference complete, same model version), grouped by shape
     slow_devices: set[tuple[str, str]] = set()
-    fast: list[int] = []
+    groups: dict[tuple[int, int, float], list[int]] = {}
     for i, (fr, mon) in enumerate(accepted):
-        if fr.key in slow_devices:
+        key = (fr.fleet, fr.device)
+        if key in slow_devices:
             continue
         if mon._fast_ok(fr):
-            fast.append(i)
+            lay = mon.layout
+            groups.setdefault((lay.n_features, lay.n_classes, mon.config.z_clip), []).append(i)
         else:
-            slow_devices.add(fr.key)
-    us: dict[int, FloatArray] = {}
-    groups: dict[tuple[int, int, float], list[int]] = {}
-    for i in fast:
-        lay = accepted[i][1].layout
-        key = (lay.n_features, lay.n_classes, accepted[i][1].config.z_clip)
-        groups.setdefault(key, []).append(i)
+            slow_devices.add(key)
+    us: list[FloatArray | None] = [None] * len(accepted)
     for (_, n_classes, z_clip), idx in groups.items():
         frs = [accepted[i][0] for i in idx]
         mons = [accepted[i][1] for i in idx]
         ks = np.fromiter((f.pred.shape[0] for f in frs), dtype=np.int64, count=len(frs))
-        mu = np.stack([m._mu for m in mons if m._mu is not None])
-        sigma = np.stack([m._sigma for m in mons if m._sigma is not None])
+        mu = _rows([m._mu for m in mons if m._mu is not None])
+        sigma = _rows([m._sigma for m in mons if m._sigma is not None])
         rows = batch_frame_means_arrays(
             np.concatenate([f.features for f in frs]).astype(np.float64, copy=False),
             np.concatenate([f.pred for f in frs]).astype(np.int64, copy=False),
@@ -1614,17 +1617,16 @@ def update_frames(
             z_clip,
         )
         # DeviceMonitor._monitor_means, every frame of the group at once
-        ref_mean = np.stack([m._ref_mean for m in mons if m._ref_mean is not None])
-        inv_sd = np.stack([m._inv_sd for m in mons if m._inv_sd is not None])
-        skew = np.stack([m._skew for m in mons if m._skew is not None])
+        ref_mean = _rows([m._ref_mean for m in mons if m._ref_mean is not None])
+        inv_sd = _rows([m._inv_sd for m in mons if m._inv_sd is not None])
+        skew = _rows([m._skew for m in mons if m._skew is not None])
         within = np.fromiter((m._var_within for m in mons), dtype=np.bool_, count=len(mons))
         u = standardised_means(rows, ks, ref_mean, inv_sd, skew, mons[0].layout, within)
         for j, i in enumerate(idx):
             us[i] = u[j]
     out: list[Detection] = []
     suspicions: list[Detection] = []
-    for i, (fr, mon) in enumerate(accepted):
-        row = us.get(i)
+    for (fr, mon), row in zip(accepted, us, strict=True):
         if row is None:
             res = mon.observe(fr)
         else:

@@ -303,8 +303,9 @@ class DriftEngine:
             schema_ids: dict[tuple[str, str], str] = {}
             known: dict[tuple[str, str], tuple[str, ParameterSchema] | None] = {}
             to_cohorts: dict[int, tuple[CohortMonitor, list[DeviceFrame]]] = {}
+            cohorts = self.cohorts
             for fr in frames:
-                key = fr.key
+                key = (fr.fleet, fr.device)
                 if key in known:
                     found = known[key]
                 else:
@@ -316,7 +317,9 @@ class DriftEngine:
                     self.stats.frames_without_schema += 1
                     continue
                 routed.append(fr)
-                cohort = self._cohort(fr.fleet, found[0], fr.param_version)
+                cohort = cohorts.get((fr.fleet, found[0], fr.param_version))
+                if cohort is None:
+                    cohort = self._cohort(fr.fleet, found[0], fr.param_version)
                 if cohort is not None:
                     entry = to_cohorts.get(id(cohort))
                     if entry is None:
@@ -337,7 +340,7 @@ class DriftEngine:
             refused = {id(fr) for fr, _ in result.rejected}
             rates: dict[tuple[str, str], float | None] = {}
             for fr in routed:
-                key = fr.key
+                key = (fr.fleet, fr.device)
                 if key in rates:
                     rate = rates[key]
                 else:

@@ -148,20 +148,39 @@ class DyadicBatchMeans:
         return int(self.total.shape[1])
 
     def add(self, row: FloatArray) -> None:
-        """One step: the value of every series."""
+        """One step: the value of every series.
+
+        The step reaches level 0 and, while it completes a twin, the next level up: the block
+        means of those levels are formed first, then every sum is updated once for all of them
+        (the same values as level by level)."""
         mean = np.asarray(row, dtype=np.float64)
         steps = self.steps
         self.steps = steps + 1
-        for j in range(self.levels):
-            self.count[j] += 1
-            self.total[j] += mean
+        levels = self.levels
+        n = 1  # the levels this step reaches
+        while n < levels and (steps >> (n - 1)) & 1:
+            n += 1
+        if n == 1:
+            self.count[0] += 1
             sq = mean * mean
-            self.total_sq[j] += sq
-            self.total_cu[j] += sq * mean
-            if not (steps >> j) & 1:  # the first of a pair: wait for its twin
-                self._pending[j] = mean
-                return
-            mean = (self._pending[j] + mean) * 0.5
+            self.total[0] += mean
+            self.total_sq[0] += sq
+            self.total_cu[0] += sq * mean
+            if not steps & 1:  # the first of a pair: it waits for its twin
+                self._pending[0] = mean
+            return
+        means = np.empty((n, mean.shape[0]), dtype=np.float64)
+        means[0] = mean
+        pending = self._pending
+        for j in range(n - 1):
+            means[j + 1] = (pending[j] + means[j]) * 0.5
+        self.count[:n] += 1
+        sq = means * means
+        self.total[:n] += means
+        self.total_sq[:n] += sq
+        self.total_cu[:n] += sq * means
+        if not (steps >> (n - 1)) & 1:
+            pending[n - 1] = means[n - 1]
 
     def mean(self) -> FloatArray:
         """Mean of every series over the completed steps (NaN before the first)."""

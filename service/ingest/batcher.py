@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from edge_agent.wire.topics import Leaf, Topic, parse_topic
 from service.ingest.device_directory import DeviceDirectory, DeviceInfo
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.ingest.mqtt_consumer import Incoming
-from service.metrics import ServiceMetrics
+from service.metrics import BulkHistogram, ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class _FleetMetrics:
     messages: dict[Leaf, Any]
     readings: Any
     gaps: Any
-    lag: Any
+    lag: BulkHistogram
+    lag_labels: tuple[str]
     labels: Any
 
 
@@ -186,7 +187,8 @@ class Batcher:
         decoder); the records of the binary frames are then decoded together, one
         ``np.frombuffer`` per feature count and ``frac_bits`` (the same values as
         ``decode_telemetry``). The second takes the messages in arrival order against the
-        device directory, as one message at a time would. Counters are added once per batch.
+        device directory, as one message at a time would. Counters and the lag histogram are added
+        once per batch.
         """
         t0 = time.perf_counter()
         frames: list[DeviceFrame] = []
@@ -262,9 +264,11 @@ class Batcher:
                 messages={leaf: m.messages.labels(fleet=fleet, kind=leaf.value) for leaf in Leaf},
                 readings=m.readings.labels(fleet=fleet),
                 gaps=m.sequence_gaps.labels(fleet=fleet),
-                lag=m.lag.labels(fleet=fleet),
+                lag=m.lag,
+                lag_labels=(fleet,),
                 labels=m.labels.labels(fleet=fleet),
             )
+            m.lag.observe_many(fm.lag_labels, np.empty(0))  # the fleet's series, at 0
         return fm
 
     def _known(self, fleet: str, device: str, recv_ts: float) -> DeviceInfo:
@@ -342,7 +346,7 @@ class Batcher:
                 )
                 info.dirty = True
             tally.readings[fm] += head.k
-            fm.lag.observe(max(msg.recv_ts - head.ts_ms / 1000.0, 0.0))
+            tally.lags[fm].append(msg.recv_ts - head.ts_ms / 1000.0)
             frames.append(
                 DeviceFrame(
                     fleet=t.fleet,
@@ -435,14 +439,19 @@ def _decode_records(group: list[_Parsed], n_features: int, frac_bits: int) -> No
 
 
 class _Tally:
-    """Counter increments of one batch, added once at its end."""
+    """Counter increments and lag observations of one batch, added once at its end."""
 
     def __init__(self) -> None:
         self.messages: Counter[tuple[_FleetMetrics, Leaf]] = Counter()
         self.readings: Counter[_FleetMetrics] = Counter()
         self.gaps: Counter[_FleetMetrics] = Counter()
+        self.lags: defaultdict[_FleetMetrics, list[float]] = defaultdict(list)
+        """Receive time minus device timestamp of each accepted frame (negative: not yet
+        clipped to 0)."""
 
     def flush(self) -> None:
+        for fm, lags in self.lags.items():
+            fm.lag.observe_many(fm.lag_labels, np.maximum(np.asarray(lags), 0.0))
         for (fm, leaf), n in self.messages.items():
             fm.messages[leaf].inc(n)
         for fm, n in self.readings.items():
