@@ -33,6 +33,9 @@ class DeviceInfo:
     last_active_ms: int = 0
     """Last telemetry or birth time (used to sample the canary)."""
     active_version: int | None = None
+    online: bool = True
+    """Connected when the groups are formed: the canary is drawn from online devices first (an
+    offline canary cannot report, and its ack timeout would fail the delivery gate)."""
 
 
 def bucket(device_id: str, rollout_id: str) -> int:
@@ -70,7 +73,8 @@ def assign_groups(
     """Split ``devices`` into (canary, control, waves) for ``plan``.
 
     Explicit canary/control lists win (unknown ids are refused); otherwise the canary is the
-    ``canary_size`` most recently active devices and the control the ``control_size`` devices
+    ``canary_size`` most recently active online devices (offline ones only if too few are
+    online) and the control the ``control_size`` devices
     with the lowest bucket among the rest. Waves cover every other device.
     """
     known = {d.device_id for d in devices}
@@ -80,7 +84,7 @@ def assign_groups(
     if plan.canary_devices:
         canary = tuple(plan.canary_devices)
     else:
-        recent = sorted(devices, key=lambda d: (-d.last_active_ms, d.device_id))
+        recent = sorted(devices, key=lambda d: (not d.online, -d.last_active_ms, d.device_id))
         canary = tuple(d.device_id for d in recent if d.device_id not in plan.control_devices)[
             : plan.canary_size
         ]

@@ -283,7 +283,9 @@ class CandidateProposer:
     @staticmethod
     def _infos(devices: Sequence[FleetDevice], members: set[str]) -> list[DeviceInfo]:
         return [
-            DeviceInfo(d.device, d.last_deploy_seq, int(d.last_seen * 1000), d.active_version)
+            DeviceInfo(
+                d.device, d.last_deploy_seq, int(d.last_seen * 1000), d.active_version, d.online
+            )
             for d in devices
             if d.device in members
         ]

@@ -93,6 +93,19 @@ def test_groups_are_deterministic_nested_and_disjoint() -> None:
     assert assign_groups(plan(), list(reversed(fleet())))[2] == waves
 
 
+def test_the_canary_is_drawn_from_online_devices_first() -> None:
+    """The device that just went offline is the most recently active (its Will stamps it), but
+    it could not report: the canary is the most recently active online devices."""
+    devices = fleet()
+    devices = [replace(d, online=False) if d.device_id == "d39" else d for d in devices]
+    canary, _, waves = assign_groups(plan(), devices)
+    assert canary.devices == ("d38", "d37", "d36", "d35")
+    assert "d39" in {d for w in waves for d in w.devices}
+    # with too few online devices, offline ones fill the canary
+    few = [replace(d, online=d.device_id in ("d00", "d01")) for d in fleet()]
+    assert assign_groups(plan(), few)[0].devices == ("d01", "d00", "d39", "d38")
+
+
 def test_happy_path_canary_waves_finished_counting_only_confirmed() -> None:
     sim, actions = started()
     ctl = sim.ctl
