@@ -806,9 +806,9 @@ class RolloutController:
     def _exclude(self, device: str, group: str, now_ms: int) -> list[Action]:
         """``device`` can take no larger ``deploy_seq``: it leaves the rollout's figures (its
         group goes on without it), audited and counted once."""
-        p = self.state.devices.get(device)
-        if p is not None and p.reason == EXHAUSTED:
+        if self._excluded(device):
             return []
+        p = self.state.devices.get(device)
         if p is None:
             p = DeviceProgress(device, group)
             self.state.devices[device] = p
@@ -818,10 +818,9 @@ class RolloutController:
         p.result_ms = now_ms
         known = self.state.known_seq.get(device, 0)
         return [
-            AuditAction(
+            self._audit(
                 SYSTEM_ACTOR,
                 "rollout.device_excluded",
-                self.target,
                 {"device": device, "reason": EXHAUSTED, "last_deploy_seq": known},
             ),
             MetricEvent(
