@@ -52,6 +52,9 @@ class DeviceInfo:
     lbl_seq: SequenceState = field(default_factory=SequenceState)
     """The label batches' sequence (labels have their own)."""
     lost_frames: int = 0
+    """Telemetry frames lost between the device and the service (sequence gaps)."""
+    lost_labels: int = 0
+    """Label batches lost between the device and the service (gaps in their own sequence)."""
     frames: int = 0
     readings: int = 0
     adopted: bool = False
@@ -165,10 +168,14 @@ class DeviceDirectory:
             return verdict
 
     def check_label_sequence(self, fleet: str, device: str, boot: int, seq: int) -> SequenceVerdict:
-        """Like :meth:`check_sequence` for label batches (their own sequence; QoS 1 may repeat)."""
+        """Like :meth:`check_sequence` for label batches (their own sequence; QoS 1 may repeat);
+        counts lost label batches."""
         with self._lock:
             info = self._devices.setdefault((fleet, device), DeviceInfo(fleet, device))
-            return info.lbl_seq.advance(boot, seq)[0]
+            verdict, lost = info.lbl_seq.advance(boot, seq)
+            if verdict == "ok":
+                info.lost_labels += lost
+            return verdict
 
     def restore_sequence(self, fleet: str, device: str, boot: int, seq: int) -> None:
         """Set the last accepted ``(boot, seq)`` from a checkpoint (replays are then skipped)."""
