@@ -279,8 +279,10 @@ def test_lost_label_batches_are_counted_exactly(service, mosquitto, bundle):
     _publish(mosquitto, [(t, labels(seq, boot)) for boot, seq in sent])
     # 6 batches accepted (one duplicate); lost: 2, 3, 4 of boot 3 and 0 of boot 4
     wait(
-        lambda: metric(scrape(service.metrics_port), "tinydrift_labels_received_total", fleet=fleet)
-        == 12,
+        lambda: (
+            metric(scrape(service.metrics_port), "tinydrift_labels_received_total", fleet=fleet)
+            == 12
+        ),
         20,
         "the probe's labels",
     )
