@@ -258,8 +258,13 @@ class ServiceMetrics:
             registry=r,
         )
         self.checkpoints = Counter(
-            "tinydrift_checkpoints", "Detector checkpoints written.", ["outcome"], registry=r
+            "tinydrift_checkpoints",
+            "Detector checkpoints: committed to the database (ok) or never (error).",
+            ["outcome"],
+            registry=r,
         )
+        for outcome in ("ok", "error"):  # at 0: the first failure shows in increase()
+            self.checkpoints.labels(outcome=outcome)
         # candidates (service/learn)
         self.candidate_runs = Counter(
             "tinydrift_candidate_runs",

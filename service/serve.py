@@ -648,7 +648,8 @@ class Service:
             self._submit(lambda: self.writer.upsert_devices(recs))
 
     def checkpoint(self) -> int:
-        """Write every monitor's state to the registry; returns how many records."""
+        """Queue every monitor's state for the registry; returns how many records. The
+        checkpoint counts as ``outcome="ok"`` once committed, ``"error"`` if it never is."""
         try:
             records = self.engine.checkpoint()
         except Exception:
@@ -656,13 +657,16 @@ class Service:
             log.exception("checkpoint failed")
             return 0
         try:
-            self.writer.save_checkpoints(records)
+            self.writer.save_checkpoints(records, on_settled=self._checkpoint_settled)
         except (WriterBackpressureError, RegistryError) as exc:
             self.metrics.checkpoints.labels(outcome="error").inc()
             log.error("checkpoint not written: %s", exc)
             return 0
-        self.metrics.checkpoints.labels(outcome="ok").inc()
         return len(records)
+
+    def _checkpoint_settled(self, committed: bool) -> None:
+        """The writer thread: a queued checkpoint committed (``ok``) or failed for good."""
+        self.metrics.checkpoints.labels(outcome="ok" if committed else "error").inc()
 
     def _calibration_of(self, fleet: str, device: str) -> dict[str, Any] | None:
         """Layer A's calibration of one device, for the API (``None``: no monitor)."""
