@@ -24,6 +24,7 @@ from edge_agent.blob import ParameterSchema
 from edge_agent.wire.messages import Status
 from service.ingest.schema_catalog import SchemaCatalog
 from service.ingest.sequence_check import SequenceState, SequenceVerdict
+from service.ingest.sequence_positions import Position
 
 __all__ = ["DeviceDirectory", "DeviceInfo", "SequenceVerdict"]
 
@@ -177,8 +178,22 @@ class DeviceDirectory:
                 info.lost_labels += lost
             return verdict
 
-    def restore_sequence(self, fleet: str, device: str, boot: int, seq: int) -> None:
-        """Set the last accepted ``(boot, seq)`` from a checkpoint (replays are then skipped)."""
+    def restore_sequence(
+        self, fleet: str, device: str, boot: int, seq: int, *, labels: bool = False
+    ) -> None:
+        """Set the last accepted ``(boot, seq)`` of the device's telemetry (or ``labels``) from
+        what a previous process saved (replays are then skipped, gaps counted from there)."""
         with self._lock:
             info = self._devices.setdefault((fleet, device), DeviceInfo(fleet, device))
-            info.tel_seq.restore(boot, seq)
+            (info.lbl_seq if labels else info.tel_seq).restore(boot, seq)
+
+    def positions(self) -> dict[str, dict[str, Position]]:
+        """Every device's last accepted telemetry and label ``(boot, seq)``, by fleet (devices
+        with neither are left out)."""
+        out: dict[str, dict[str, Position]] = {}
+        with self._lock:
+            for (fleet, device), info in self._devices.items():
+                t, lb = info.tel_seq, info.lbl_seq
+                if t.seq is not None or lb.seq is not None:
+                    out.setdefault(fleet, {})[device] = (t.boot, t.seq, lb.boot, lb.seq)
+        return out
