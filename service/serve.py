@@ -311,7 +311,12 @@ class Service:
             try:
                 positions = read_positions(rec)
             except PositionsFormatError as exc:
-                log.error("saved sequence positions of fleet %s unreadable (%s)", rec.fleet, exc)
+                log.error(
+                    "saved sequence positions of fleet %s unreadable (%s): its devices' "
+                    "sequences start over from their checkpoints or their next message",
+                    rec.fleet,
+                    exc,
+                )
                 continue
             for device, (t_boot, t_seq, l_boot, l_seq) in positions.items():
                 saved.add((rec.fleet, device))
