@@ -2,9 +2,10 @@
 
 Labels are limited to ``fleet`` (tens), ``model_version`` (a few live), ``kind``, ``reason``,
 ``signal``, ``detector``, ``scope``, ``feature`` (≤ the schema's features), ``class`` (≤ its
-classes) and ``state``: 100k devices as a label made a 91 MiB, 10.8 s scrape in
-``../shared/research/mqtt-observability-anchors.md`` §1.9. Device ids travel as exemplars on
-the drift-detection counter (OpenMetrics, limit 128 characters). The set follows §8.5 there.
+classes), ``state`` and ``stream`` (``telemetry`` or ``labels``): 100k devices as a label made
+a 91 MiB, 10.8 s scrape in ``../shared/research/mqtt-observability-anchors.md`` §1.9. Device
+ids travel as exemplars on the drift-detection counter (OpenMetrics, limit 128 characters).
+The set follows §8.5 there.
 
 >>> m = ServiceMetrics()
 >>> m.rejected.labels(reason="decode").inc()
@@ -32,6 +33,9 @@ LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 CONF_BUCKETS = tuple(i / 20 for i in range(5, 21))
 
+
+SEQUENCE_STREAMS: Final = ("telemetry", "labels")
+"""The device streams whose sequence gaps are counted (label values of the gap counter)."""
 
 CANDIDATE_KINDS: Final = ("recalibration", "retrain")
 """Kinds of candidate the service builds (label values of the candidate metrics)."""
@@ -124,8 +128,9 @@ class ServiceMetrics:
         )
         self.sequence_gaps = Counter(
             "tinydrift_ingest_sequence_gaps",
-            "Telemetry frames lost between device and service (sequence gaps).",
-            ["fleet"],
+            "Messages lost between device and service (sequence gaps), by stream: telemetry "
+            "frames or label batches.",
+            ["fleet", "stream"],
             registry=r,
         )
         # observed once per batch (one value per telemetry frame), bounds written as before
@@ -253,8 +258,13 @@ class ServiceMetrics:
             registry=r,
         )
         self.checkpoints = Counter(
-            "tinydrift_checkpoints", "Detector checkpoints written.", ["outcome"], registry=r
+            "tinydrift_checkpoints",
+            "Detector checkpoints: committed to the database (ok) or never (error).",
+            ["outcome"],
+            registry=r,
         )
+        for outcome in ("ok", "error"):  # at 0: the first failure shows in increase()
+            self.checkpoints.labels(outcome=outcome)
         # candidates (service/learn)
         self.candidate_runs = Counter(
             "tinydrift_candidate_runs",
@@ -359,7 +369,8 @@ class ServiceMetrics:
             return
         self._fleets.add(fleet)
         self.readings.labels(fleet=fleet)
-        self.sequence_gaps.labels(fleet=fleet)
+        for stream in SEQUENCE_STREAMS:
+            self.sequence_gaps.labels(fleet=fleet, stream=stream)
         self.labels.labels(fleet=fleet)
         # update counters exist at 0, so increase() and alerts see the first rollback or push
         for cause in ("gate", "operator"):

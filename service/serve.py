@@ -47,10 +47,21 @@ from service.ingest.device_directory import DeviceDirectory, DeviceInfo
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.ingest.mqtt_consumer import Incoming, MqttConsumer
 from service.ingest.schema_catalog import SchemaCatalog
+from service.ingest.sequence_positions import (
+    POSITIONS_KIND,
+    PositionSaver,
+    PositionsFormatError,
+    read_positions,
+)
 from service.learn.recent_readings import RecentReadings
 from service.metrics import ServiceMetrics
 from service.registry.errors import RegistryError, WriterBackpressureError
-from service.registry.records import DeviceRecord, label_records, utc_from_unix
+from service.registry.records import (
+    CheckpointRecord,
+    DeviceRecord,
+    label_records,
+    utc_from_unix,
+)
 from service.registry.store import Registry
 from service.registry.writer import RegistryWriter
 from service.rollout.operations import UpdateOperations
@@ -192,8 +203,12 @@ class Service:
             log.info("fleet %s declares its normal: %s", fleet, normal.describe())
         if discard_checkpoints:
             log.warning("discarding stored detector checkpoints: references are relearned")
+            self._restore_positions(self.registry.load_checkpoints(kind=POSITIONS_KIND))
         else:
             self._restore_checkpoints()
+        self.positions = PositionSaver(
+            lambda rec, settled: self.writer.save_checkpoints([rec], on_settled=settled)
+        )
         self.queue: queue.Queue[Incoming] = queue.Queue(settings.queue_size)
         self.consumer = MqttConsumer(
             host=settings.broker_host,
@@ -282,11 +297,41 @@ class Service:
     def _restore_checkpoints(self) -> None:
         records = self.registry.load_checkpoints()
         n = self.engine.restore(records)
-        for rec in records:
-            if rec.device is not None and rec.last_boot is not None and rec.last_seq is not None:
-                self.directory.restore_sequence(rec.fleet, rec.device, rec.last_boot, rec.last_seq)
+        self._restore_positions(records)
         if n:
             log.info("restored %d detector checkpoints", n)
+
+    def _restore_positions(self, records: list[CheckpointRecord]) -> None:
+        """Each device's sequences where the previous process left them: its saved positions
+        (:mod:`service.ingest.sequence_positions`), else its detector checkpoint's last frame."""
+        saved: set[tuple[str, str]] = set()
+        for rec in records:
+            if rec.kind != POSITIONS_KIND:
+                continue
+            try:
+                positions = read_positions(rec)
+            except PositionsFormatError as exc:
+                log.error(
+                    "saved sequence positions of fleet %s unreadable (%s): its devices' "
+                    "sequences start over from their checkpoints or their next message",
+                    rec.fleet,
+                    exc,
+                )
+                continue
+            for device, (t_boot, t_seq, l_boot, l_seq) in positions.items():
+                saved.add((rec.fleet, device))
+                if t_boot is not None and t_seq is not None:
+                    self.directory.restore_sequence(rec.fleet, device, t_boot, t_seq)
+                if l_boot is not None and l_seq is not None:
+                    self.directory.restore_sequence(rec.fleet, device, l_boot, l_seq, labels=True)
+        for rec in records:
+            if (
+                rec.device is not None
+                and (rec.fleet, rec.device) not in saved
+                and rec.last_boot is not None
+                and rec.last_seq is not None
+            ):
+                self.directory.restore_sequence(rec.fleet, rec.device, rec.last_boot, rec.last_seq)
 
     def start(self) -> None:
         """Serve the API and ``/metrics``, connect to the broker, start processing.
@@ -646,9 +691,11 @@ class Service:
             )
         if recs:
             self._submit(lambda: self.writer.upsert_devices(recs))
+        self._submit(lambda: self.positions.save(self.directory.positions(), wait=self._stopped))
 
     def checkpoint(self) -> int:
-        """Write every monitor's state to the registry; returns how many records."""
+        """Queue every monitor's state for the registry; returns how many records. The
+        checkpoint counts as ``outcome="ok"`` once committed, ``"error"`` if it never is."""
         try:
             records = self.engine.checkpoint()
         except Exception:
@@ -656,13 +703,16 @@ class Service:
             log.exception("checkpoint failed")
             return 0
         try:
-            self.writer.save_checkpoints(records)
+            self.writer.save_checkpoints(records, on_settled=self._checkpoint_settled)
         except (WriterBackpressureError, RegistryError) as exc:
             self.metrics.checkpoints.labels(outcome="error").inc()
             log.error("checkpoint not written: %s", exc)
             return 0
-        self.metrics.checkpoints.labels(outcome="ok").inc()
         return len(records)
+
+    def _checkpoint_settled(self, committed: bool) -> None:
+        """The writer thread: a queued checkpoint committed (``ok``) or failed for good."""
+        self.metrics.checkpoints.labels(outcome="ok" if committed else "error").inc()
 
     def _calibration_of(self, fleet: str, device: str) -> dict[str, Any] | None:
         """Layer A's calibration of one device, for the API (``None``: no monitor)."""

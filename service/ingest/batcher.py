@@ -68,6 +68,9 @@ class _FleetMetrics:
     messages: dict[Leaf, Any]
     readings: Any
     gaps: Any
+    """Telemetry frames lost (``stream="telemetry"``)."""
+    label_gaps: Any
+    """Label batches lost (``stream="labels"``)."""
     lag: BulkHistogram
     lag_labels: tuple[str]
     labels: Any
@@ -263,7 +266,8 @@ class Batcher:
             fm = self._fleets[fleet] = _FleetMetrics(
                 messages={leaf: m.messages.labels(fleet=fleet, kind=leaf.value) for leaf in Leaf},
                 readings=m.readings.labels(fleet=fleet),
-                gaps=m.sequence_gaps.labels(fleet=fleet),
+                gaps=m.sequence_gaps.labels(fleet=fleet, stream="telemetry"),
+                label_gaps=m.sequence_gaps.labels(fleet=fleet, stream="labels"),
                 lag=m.lag,
                 lag_labels=(fleet,),
                 labels=m.labels.labels(fleet=fleet),
@@ -336,7 +340,7 @@ class Batcher:
             if verdict != "ok":
                 raise _RejectedError(verdict)
             if info.lost_frames > lost_before:
-                tally.gaps[fm] += info.lost_frames - lost_before
+                tally.gaps[fm.gaps] += info.lost_frames - lost_before
             info.readings += head.k
             if head.param_version != info.active_version:
                 # an update (or a revert) shows in the telemetry before the next birth
@@ -365,9 +369,12 @@ class Batcher:
             lb = LabelBatch.from_json(msg.payload, self.max_payload_bytes)
             info = self._known(t.fleet, t.device, msg.recv_ts)
             self._check_shape(info, lb)
+            lost_before = info.lost_labels
             verdict = self.directory.check_label_sequence(t.fleet, t.device, lb.boot, lb.seq)
             if verdict != "ok":
                 raise _RejectedError(verdict)
+            if info.lost_labels > lost_before:
+                tally.gaps[fm.label_gaps] += info.lost_labels - lost_before
             fm.labels.inc(lb.k)
             labels.append(
                 DeviceLabels(
@@ -444,7 +451,8 @@ class _Tally:
     def __init__(self) -> None:
         self.messages: Counter[tuple[_FleetMetrics, Leaf]] = Counter()
         self.readings: Counter[_FleetMetrics] = Counter()
-        self.gaps: Counter[_FleetMetrics] = Counter()
+        self.gaps: Counter[Any] = Counter()
+        """Lost messages per gap counter child (a fleet's telemetry or label stream)."""
         self.lags: defaultdict[_FleetMetrics, list[float]] = defaultdict(list)
         """Receive time minus device timestamp of each accepted frame (negative: not yet
         clipped to 0)."""
@@ -456,5 +464,5 @@ class _Tally:
             fm.messages[leaf].inc(n)
         for fm, n in self.readings.items():
             fm.readings.inc(n)
-        for fm, n in self.gaps.items():
-            fm.gaps.inc(n)
+        for child, n in self.gaps.items():
+            child.inc(n)

@@ -24,6 +24,7 @@ from edge_agent.blob import ParameterSchema
 from edge_agent.wire.messages import Status
 from service.ingest.schema_catalog import SchemaCatalog
 from service.ingest.sequence_check import SequenceState, SequenceVerdict
+from service.ingest.sequence_positions import Position
 
 __all__ = ["DeviceDirectory", "DeviceInfo", "SequenceVerdict"]
 
@@ -52,6 +53,9 @@ class DeviceInfo:
     lbl_seq: SequenceState = field(default_factory=SequenceState)
     """The label batches' sequence (labels have their own)."""
     lost_frames: int = 0
+    """Telemetry frames lost between the device and the service (sequence gaps)."""
+    lost_labels: int = 0
+    """Label batches lost between the device and the service (gaps in their own sequence)."""
     frames: int = 0
     readings: int = 0
     adopted: bool = False
@@ -165,13 +169,31 @@ class DeviceDirectory:
             return verdict
 
     def check_label_sequence(self, fleet: str, device: str, boot: int, seq: int) -> SequenceVerdict:
-        """Like :meth:`check_sequence` for label batches (their own sequence; QoS 1 may repeat)."""
+        """Like :meth:`check_sequence` for label batches (their own sequence; QoS 1 may repeat);
+        counts lost label batches."""
         with self._lock:
             info = self._devices.setdefault((fleet, device), DeviceInfo(fleet, device))
-            return info.lbl_seq.advance(boot, seq)[0]
+            verdict, lost = info.lbl_seq.advance(boot, seq)
+            if verdict == "ok":
+                info.lost_labels += lost
+            return verdict
 
-    def restore_sequence(self, fleet: str, device: str, boot: int, seq: int) -> None:
-        """Set the last accepted ``(boot, seq)`` from a checkpoint (replays are then skipped)."""
+    def restore_sequence(
+        self, fleet: str, device: str, boot: int, seq: int, *, labels: bool = False
+    ) -> None:
+        """Set the last accepted ``(boot, seq)`` of the device's telemetry (or ``labels``) from
+        what a previous process saved (replays are then skipped, gaps counted from there)."""
         with self._lock:
             info = self._devices.setdefault((fleet, device), DeviceInfo(fleet, device))
-            info.tel_seq.restore(boot, seq)
+            (info.lbl_seq if labels else info.tel_seq).restore(boot, seq)
+
+    def positions(self) -> dict[str, dict[str, Position]]:
+        """Every device's last accepted telemetry and label ``(boot, seq)``, by fleet (devices
+        with neither are left out)."""
+        out: dict[str, dict[str, Position]] = {}
+        with self._lock:
+            for (fleet, device), info in self._devices.items():
+                t, lb = info.tel_seq, info.lbl_seq
+                if t.seq is not None or lb.seq is not None:
+                    out.setdefault(fleet, {})[device] = (t.boot, t.seq, lb.boot, lb.seq)
+        return out

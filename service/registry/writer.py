@@ -22,6 +22,12 @@ Policy when the database is slow or gone:
   caller learns the write was not queued. Nothing queued is dropped silently.
 - **Closing** flushes; if the database is still failing when the close timeout ends, the writer
   gives up, logs an error and counts the ops it could not commit in ``abandoned``.
+
+A caller that must know whether its write reached the database passes ``on_settled`` to
+:meth:`~RegistryWriter.submit`: the writer thread calls it once, with ``True`` after the op's
+transaction committed, ``False`` when the op failed for good or was abandoned (never for an op
+still being retried). Queueing is not committing: ``tinydrift_checkpoints_total{outcome="ok"}``
+counts checkpoints this way.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from types import TracebackType
@@ -57,6 +63,9 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.02
 """How often a waiting batch checks for a flush request or a stop."""
+
+Settled = Callable[[bool], None]
+"""Told whether a submitted op committed (``True``) or failed for good (``False``)."""
 
 
 class TransactionSource(Protocol):
@@ -123,6 +132,8 @@ class RegistryWriter:
         self._abandon = threading.Event()
         self._outage_since: float | None = None
         self._outage_retries = 0
+        self._on_settled: dict[int, Settled] = {}
+        """Callbacks of queued ops, by ``id(op)`` (the op stays referenced by the queue)."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -140,14 +151,19 @@ class RegistryWriter:
         with self._cond:
             return max(0, self._submitted - self._done)
 
-    def submit(self, op: WriteOp) -> bool:
+    def submit(self, op: WriteOp, on_settled: Settled | None = None) -> bool:
         """Queue ``op``; ``False`` if it was dropped (droppable kind, queue full).
 
+        ``on_settled`` is called from the writer thread once the op committed (``True``) or
+        failed for good (``False``); not at all when ``submit`` raises or drops the op.
         Raises :class:`WriterBackpressureError` when a non-droppable op found the queue full for
         ``put_timeout_s``, :class:`WriterClosedError` after :meth:`close`.
         """
         if self._closed:
             raise WriterClosedError("the registry writer is closed; this write was not queued")
+        if on_settled is not None:
+            with self._cond:
+                self._on_settled[id(op)] = on_settled
         try:
             if op.kind in self.droppable:
                 self._queue.put_nowait(op)
@@ -155,6 +171,7 @@ class RegistryWriter:
                 self._queue.put(op, timeout=self.put_timeout_s)
         except queue.Full:
             with self._cond:
+                self._on_settled.pop(id(op), None)
                 if op.kind in self.droppable:
                     self.dropped_writes += 1
                     self.dropped_by_kind[op.kind] += 1
@@ -185,9 +202,11 @@ class RegistryWriter:
         """Queue labelled readings for the label buffer."""
         return self.submit(AddLabels(tuple(records), per_device_cap))
 
-    def save_checkpoints(self, records: Iterable[CheckpointRecord]) -> bool:
-        """Queue detector checkpoints (upserted by key)."""
-        return self.submit(SaveCheckpoints(tuple(records)))
+    def save_checkpoints(
+        self, records: Iterable[CheckpointRecord], on_settled: Settled | None = None
+    ) -> bool:
+        """Queue detector checkpoints (upserted by key); ``on_settled`` as in :meth:`submit`."""
+        return self.submit(SaveCheckpoints(tuple(records)), on_settled)
 
     def append_audit(
         self, actor: str, action: str, target: str, details: Mapping[str, Any] | None = None
@@ -252,6 +271,7 @@ class RegistryWriter:
                 except Exception:  # pragma: no cover - a bug; count and keep going
                     log.exception("registry writer: writing a batch of %d failed", len(batch))
                     self._finish(len(batch), errors=len(batch))
+                    self._settle(batch, committed=False)
 
     def _collect(self) -> list[WriteOp] | None:
         """The next batch; ``[]`` when idle; ``None`` when stopping with nothing left."""
@@ -281,6 +301,7 @@ class RegistryWriter:
             failure = self._apply_with_retry(merge_consecutive(batch))
             if failure is None:
                 self._finish(len(batch), committed=len(batch), batches=1)
+                self._settle(batch, committed=True)
                 return
             # A permanent failure somewhere in the batch: one op per transaction.
             for op in batch:
@@ -292,9 +313,11 @@ class RegistryWriter:
                         "registry writer: %s write of %d refused: %s", op.kind, op.size, failure
                     )
                     self._finish(1, errors=1)
+                self._settle([op], committed=failure is None)
         except _AbandonedError:
             left = self._submitted_not_done()
             self._finish(left, abandoned=left)
+            self._settle(batch, committed=False)
             left += self._drain_abandoned()
             log.error(
                 "registry writer: gave up at close with the database failing; "
@@ -369,13 +392,26 @@ class RegistryWriter:
             return max(0, self._submitted - self._done - self._queue.qsize())
 
     def _drain_abandoned(self) -> int:
-        n = 0
+        ops: list[WriteOp] = []
         while True:
             try:
-                self._queue.get_nowait()
+                ops.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-            n += 1
-        if n:
-            self._finish(n, abandoned=n)
-        return n
+        if ops:
+            self._finish(len(ops), abandoned=len(ops))
+            self._settle(ops, committed=False)
+        return len(ops)
+
+    def _settle(self, ops: Iterable[WriteOp], *, committed: bool) -> None:
+        """Tell the callers of ``ops`` that asked (outside the lock; a failing callback is
+        logged, the writer goes on)."""
+        with self._cond:
+            if not self._on_settled:
+                return
+            callbacks = [cb for op in ops if (cb := self._on_settled.pop(id(op), None))]
+        for cb in callbacks:
+            try:
+                cb(committed)
+            except Exception:
+                log.exception("registry writer: an on_settled callback failed")

@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.device.fleet import Fleet, FleetConfig, plan_drift
-from edge_agent.wire.messages import Status, TelemetryBatch
+from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch
 from edge_agent.wire.telemetry_binary import encode_binary
 from edge_agent.wire.telemetry_json import encode_json
 from edge_agent.wire.topics import Leaf, topic
@@ -253,6 +253,46 @@ def test_every_bad_input_is_counted_by_reason_and_ingest_goes_on(service, fleet,
     # the fleet keeps flowing
     n = service.status().readings
     wait(lambda: service.status().readings > n + 1000, 20, "ingest continuing")
+
+
+def labels(seq: int, boot: int) -> bytes:
+    """A label batch of two labelled readings."""
+    return LabelBatch.create(
+        seq=seq,
+        boot=boot,
+        ts_ms=int(time.time() * 1000),
+        param_version=1,
+        features=np.zeros((2, 8)),
+        pred=[0, 1],
+        label=[1, 1],
+    ).to_json()
+
+
+def test_lost_label_batches_are_counted_exactly(service, mosquitto, bundle):
+    """Labels carry their own ``(boot, seq)``: a hole in it is counted as lost label batches
+    (``stream="labels"``), a repeat is a duplicate, a reboot's missing first batches are lost."""
+    fleet, dev = "lblgap", "probe-3"  # a fleet of its own: the counts below are exact
+    _publish(mosquitto, [(topic(fleet, dev, Leaf.STATUS), _birth(bundle, 3))])
+    wait(lambda: service.directory.get(fleet, dev) is not None, 10, "the probe's birth")
+    t = topic(fleet, dev, Leaf.LBL)
+    sent = [(3, 0), (3, 1), (3, 5), (3, 5), (3, 6), (4, 1), (4, 2)]
+    _publish(mosquitto, [(t, labels(seq, boot)) for boot, seq in sent])
+    # 6 batches accepted (one duplicate); lost: 2, 3, 4 of boot 3 and 0 of boot 4
+    wait(
+        lambda: (
+            metric(scrape(service.metrics_port), "tinydrift_labels_received_total", fleet=fleet)
+            == 12
+        ),
+        20,
+        "the probe's labels",
+    )
+    text = scrape(service.metrics_port)
+    gaps = {
+        stream: metric(text, "tinydrift_ingest_sequence_gaps_total", fleet=fleet, stream=stream)
+        for stream in ("telemetry", "labels")
+    }
+    assert gaps == {"telemetry": 0, "labels": 4}
+    assert service.directory.get(fleet, dev).lost_labels == 4
 
 
 def test_a_poisoned_or_restarted_sequence_does_not_lock_a_device_out(service, mosquitto, bundle):

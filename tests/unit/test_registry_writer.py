@@ -212,3 +212,32 @@ def test_close_with_the_database_down_abandons_loudly(
     assert w.committed == 0
     assert w.retries >= 1
     assert any("not committed" in r.getMessage() for r in caplog.records)
+
+
+def test_on_settled_says_committed_only_after_the_commit_and_failed_for_good(fake: FakeRegistry):
+    """Queued is not committed: the callback waits for the transaction; a refused op and an op
+    abandoned at close are told ``False``; an op still being retried is told nothing."""
+    outcomes: list[tuple[str, bool]] = []
+
+    def told(name: str) -> Any:
+        return lambda committed: outcomes.append((name, committed))
+
+    fake.down = True
+    w = RegistryWriter(fake, max_batch=10, flush_interval_s=0.01, backoff_initial_s=0.01)
+    w.save_checkpoints([CheckpointRecord("f", "c", "device", 1, b"s")], on_settled=told("ckpt"))
+    w.submit(devices("a"))  # asks for nothing
+    deadline = time.monotonic() + 10
+    while w.retries < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert w.retries >= 3
+    assert outcomes == []  # the database is down: nothing committed, nothing failed for good
+    fake.down = False
+    assert w.flush(timeout=10)
+    assert outcomes == [("ckpt", True)]
+    w.submit(devices("poison"), on_settled=told("poison"))
+    assert w.flush(timeout=10)
+    assert outcomes[-1] == ("poison", False)
+    fake.down = True
+    w.submit(devices("b"), on_settled=told("abandoned"))
+    assert w.close(timeout=0.5) is False
+    assert outcomes == [("ckpt", True), ("poison", False), ("abandoned", False)]
