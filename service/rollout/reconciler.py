@@ -415,7 +415,8 @@ class RolloutReconciler:
         """Judge a reported version; an unsanctioned one is audited, counted, logged, and the
         device is given its last sanctioned version back (README, reliability)."""
         approved = self.versions.last_sanctioned(fleet, device)
-        verdict = self.versions.report(fleet, device, version, self.intents.given(fleet, device))
+        given = self.intents.given(fleet, device)
+        verdict = self.versions.report(fleet, device, version, given, birth=source == "birth")
         if verdict != "unsanctioned":
             return
         owned = any(

@@ -13,6 +13,8 @@ once per ``(fleet, device, version)``. Used only on the rollout worker thread: n
 ('unsanctioned', 'known')
 >>> w.last_sanctioned("f", "d"), w.report("f", "d", 1, frozenset())
 (2, 'sanctioned')
+>>> w.report("f", "e", 5, frozenset(), birth=False), w.report("f", "e", 1, frozenset())
+('unsanctioned', 'sanctioned')
 """
 
 from __future__ import annotations
@@ -39,14 +41,18 @@ class VersionWatch:
         self._last.setdefault((fleet, device), version)
 
     def report(
-        self, fleet: str, device: str, version: int, given: frozenset[int]
+        self, fleet: str, device: str, version: int, given: frozenset[int], *, birth: bool = True
     ) -> VersionVerdict:
-        """The device runs ``version``; ``given`` are the versions rollouts gave it."""
+        """The device runs ``version``; ``given`` are the versions rollouts gave it.
+
+        Only a birth can be the first sight: an ack of a version no rollout gave, from a device
+        not yet seen, is unsanctioned (a forged ack must not become the device's baseline).
+        """
         key = (fleet, device)
         baseline = self._baseline.get(key)
-        if baseline is None:  # first sight: what the device was provisioned with
+        if baseline is None and birth:  # first sight: what the device was provisioned with
             self._baseline[key] = {version}
-        elif version not in baseline and version not in given:
+        elif version not in (baseline or ()) and version not in given:
             if (fleet, device, version) in self._flagged:
                 return "known"
             self._flagged.add((fleet, device, version))

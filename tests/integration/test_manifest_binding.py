@@ -220,8 +220,11 @@ def test_a_version_no_rollout_gave_is_audited_alarmed_and_given_back(
         spy.publish(topic(b, rogue, Leaf.STATUS), birth(1))
         wait(lambda: version_of(rogue) == 1, 30, "the rogue's first birth")
         spy.publish(topic(b, rogue, Leaf.STATUS), birth(2))
-        # a real device of B acks CONFIRMED for a version it was never given
+        # a real device of B (seen running v1) acks CONFIRMED for a version it was never given
         dev = fb.agents[1].config.device_id
+        reconciler = svc.reconciler
+        assert reconciler is not None
+        wait(lambda: reconciler.versions.last_sanctioned(b, dev) == 1, 30, f"{b}/{dev}'s birth")
         ack = UpdateAck.create(deploy_seq=99, state="CONFIRMED", code=200, reason="confirmed",
                                param_version=2, ts_ms=int(time.time() * 1000))  # fmt: skip
         spy.publish(topic(b, dev, Leaf.ACK), ack.to_json())
@@ -258,9 +261,7 @@ def test_a_version_no_rollout_gave_is_audited_alarmed_and_given_back(
         # point up to which the broker has delivered, in order)
         spy.publish(topic(b, rogue, Leaf.STATUS), birth(2))
         spy.publish(topic(b, "dev-marker", Leaf.STATUS), birth(1))
-        wait(lambda: version_of("dev-marker") == 1, 30, "the marker's birth")
-        assert svc.reconciler is not None
-        svc.reconciler.flush()
+        wait(lambda: reconciler.versions.last_sanctioned(b, "dev-marker") == 1, 30, "the marker")
         assert metric(scrape(svc.metrics_port), "tinydrift_unsanctioned_versions_total",
                       fleet=b, source="birth") == 1  # fmt: skip
         assert len([e for e in entries() if e["device"] == rogue]) == 1
