@@ -39,6 +39,10 @@ SEQUENCE_STREAMS: Final = ("telemetry", "labels")
 
 CANDIDATE_KINDS: Final = ("recalibration", "retrain")
 """Kinds of candidate the service builds (label values of the candidate metrics)."""
+FETCH_REFUSALS: Final = ("no_intent", "other_blob", "malformed")
+"""Why a chunk request got no data (``reason`` of ``tinydrift_blob_requests_refused``)."""
+VERSION_SOURCES: Final = ("birth", "ack")
+"""Where a device reported its running version (``source`` of the unsanctioned counter)."""
 
 
 class BulkHistogram(Collector):
@@ -355,6 +359,22 @@ class ServiceMetrics:
             ["fleet"],
             registry=r,
         )
+        self.blob_requests_refused = Counter(
+            "tinydrift_blob_requests_refused",
+            "Chunk requests answered with no data: no current install intent of the requesting "
+            "device names the blob (no_intent, other_blob), or a malformed request.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in FETCH_REFUSALS:
+            self.blob_requests_refused.labels(reason=reason)
+        self.unsanctioned_versions = Counter(
+            "tinydrift_unsanctioned_versions",
+            "Devices that reported (in a birth or an ack) a parameter version no rollout of the "
+            "service gave them; once per device and version. Audited, with the device id.",
+            ["fleet", "source"],
+            registry=r,
+        )
         for kind in CANDIDATE_KINDS:  # at 0: the first build shows in increase()
             self.candidate_seconds.labels(kind=kind)
 
@@ -381,6 +401,8 @@ class ServiceMetrics:
             for outcome in ("accepted", "refused"):
                 self.candidate_runs.labels(fleet=fleet, kind=kind, outcome=outcome)
         self.blob_bytes.labels(fleet=fleet)
+        for source in VERSION_SOURCES:
+            self.unsanctioned_versions.labels(fleet=fleet, source=source)
 
     def exposition(self) -> bytes:
         """The text exposition (what ``/metrics`` serves)."""

@@ -233,6 +233,9 @@ class Service:
                 self.registry, self.consumer.client, deploy, self.metrics
             )
             self.consumer.extra_subscriptions = self.reconciler.subscriptions
+            for info in self.directory.all():  # versions stored before this start: sanctioned
+                if info.active_version is not None:
+                    self.reconciler.seed_version(info.fleet, info.device, info.active_version)
             self.proposer = CandidateProposer(
                 self.registry,
                 self.reconciler,
@@ -427,6 +430,15 @@ class Service:
         """Births and Wills are written with the next device flush; births go to rollouts."""
         info.dirty = True
         if self.reconciler is not None and info.online:
+            if info.active_version is not None:
+                self.reconciler.on_version(
+                    info.fleet,
+                    info.device,
+                    info.active_version,
+                    "birth",
+                    info.schema_id,
+                    info.last_deploy_seq or 0,
+                )
             self.reconciler.on_birth(
                 info.fleet, info.device, info.last_deploy_seq or 0, info.active_version
             )
@@ -440,6 +452,16 @@ class Service:
             info.dirty = True
         self.metrics.update_acks.labels(fleet=fleet, state=ack.state, reason=ack.reason).inc()
         if self.reconciler is not None:
+            if ack.state in ("TRIAL", "CONFIRMED") and ack.param_version is not None:
+                # the device now runs param_version (other acks name the manifest's version)
+                self.reconciler.on_version(
+                    fleet,
+                    device,
+                    ack.param_version,
+                    "ack",
+                    None if info is None else info.schema_id,
+                    max(ack.deploy_seq, 0 if info is None else info.last_deploy_seq or 0),
+                )
             self.reconciler.on_ack(fleet, device, ack)
 
     # -- helpers ---------------------------------------------------------------------------

@@ -103,7 +103,9 @@ class Fleet:
                 label_rate=config.label_rate,
                 codec="json" if config.codec == "json" else "bin",
             )
-            machine = UpdateMachine(firmware, root / name, clock=clock, fsync=False)
+            machine = UpdateMachine(
+                firmware, root / name, fleet=config.fleet, device=name, clock=clock, fsync=False
+            )
             sensor = SensorSimulator(seed=config.seed * 100_003 + i, drift=plan.get(name))
             agent = EdgeAgent(acfg, machine, sensor, start_time=start, seed=config.seed + i)
             # spread the first frames over one period so the fleet does not publish in lockstep

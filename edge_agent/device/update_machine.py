@@ -44,7 +44,7 @@ from edge_agent.wire.messages import (
     Status,
     UpdateAck,
 )
-from edge_agent.wire.topics import Leaf
+from edge_agent.wire.topics import Leaf, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class MachineCounters:
     """What the device rejected or ignored, for its own diagnostics and the tests."""
 
     bad_manifest: int = 0
+    wrong_device: int = 0
     stale_manifest: int = 0
     stray_chunks: int = 0
     bad_chunks: int = 0
@@ -91,6 +92,9 @@ class MachineCounters:
 
 class UpdateMachine:
     """A/B parameter slots, the persisted state record and the update protocol of one device.
+
+    ``fleet`` and ``device`` are the device's own ids (its topic prefix): a manifest naming any
+    other is refused (``REJECTED wrong_device``) before anything else happens.
 
     Construction is a boot: it reads the state record (or creates the factory state), bumps the
     boot counter, loads and re-verifies the active slot, and applies the restart rules: a trial
@@ -103,12 +107,16 @@ class UpdateMachine:
         firmware: Firmware,
         storage: Path,
         *,
+        fleet: str,
+        device: str,
         clock: Callable[[], float] = time.time,
         fault_reset: bool = False,
         tuning: TransferTuning | None = None,
         fsync: bool = True,
     ) -> None:
         self.fw = firmware
+        self.fleet = validate_id(fleet)
+        self.device = validate_id(device)
         self.clock = clock
         self.tuning = tuning or TransferTuning()
         self.counters = MachineCounters()
@@ -180,6 +188,19 @@ class UpdateMachine:
         except ManifestSignatureError as exc:
             self.counters.bad_manifest += 1
             return [self._ack(m.deploy_seq, "REJECTED", "bad_manifest", detail=str(exc))]
+        if (m.fleet, m.device) != (self.fleet, self.device):
+            # a manifest signed for another device (a replay): nothing changes, not even the seq
+            self.counters.wrong_device += 1
+            return [
+                self._ack(
+                    m.deploy_seq,
+                    "REJECTED",
+                    "wrong_device",
+                    m.param.version,
+                    detail=f"manifest is for {m.fleet}/{m.device}, "
+                    f"this is {self.fleet}/{self.device}",
+                )
+            ]
         if not seq_newer(m.deploy_seq, self.rec.last_deploy_seq):
             self.counters.stale_manifest += 1
             return [
@@ -604,6 +625,13 @@ class UpdateMachine:
         return self._factory_blob()
 
     def _apply_restart_rules(self, fault_reset: bool) -> None:
+        if self.rec.desired is not None and self._stored_manifest() is None:
+            # a manifest stored by an older firmware (format v1, bound to no device): a download
+            # or verification it started is dropped (the service re-issues its intent); a trial
+            # goes on, it needs only the trial record
+            if self.rec.update_state in ("DOWNLOADING", "VERIFYING"):
+                self._discard_download()
+            self.rec.desired = None
         state = self.rec.update_state
         if state == "TRIAL" and self.rec.trial is not None:
             if fault_reset:
@@ -628,6 +656,13 @@ class UpdateMachine:
     def _desired(self) -> Manifest:
         assert self.rec.desired is not None
         return Manifest.model_validate(self.rec.desired)
+
+    def _stored_manifest(self) -> Manifest | None:
+        """The manifest in the state record, or ``None`` if it is not of the current format."""
+        try:
+            return Manifest.from_obj(self.rec.desired, wire=False)
+        except WireError:
+            return None
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)

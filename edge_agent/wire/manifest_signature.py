@@ -5,7 +5,7 @@ blobs the release key signed (Uptane's split, ``../shared/research/fleet-update-
 
 >>> from edge_agent.blob.keys import generate_key, trusted_keys
 >>> key = generate_key()
->>> m = Manifest.create(deploy_seq=1, action="none",
+>>> m = Manifest.create(fleet="f1", device="d1", deploy_seq=1, action="none",
 ...     param=dict(version=1, schema_id="00" * 8, security_epoch=0, blob_len=200,
 ...                blob_sha256="00" * 32, key_id=0),
 ...     trial=dict(confirm="server", timeout_s=60, min_inferences=0), issued_ms=0)

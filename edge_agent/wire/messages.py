@@ -48,6 +48,7 @@ from edge_agent.wire.errors import WireError
 
 __all__ = [
     "ACK_CODE_REASONS",
+    "MANIFEST_VERSION",
     "MAX_FEATURES",
     "MAX_READINGS",
     "STATE_CODE",
@@ -72,7 +73,10 @@ __all__ = [
 ]
 
 WIRE_VERSION: Final = 1
-"""The ``v`` of every JSON message and the binary telemetry frame version."""
+"""The ``v`` of every JSON message but the manifest, and the binary telemetry frame version."""
+MANIFEST_VERSION: Final = 2
+"""The ``v`` of a desired-state manifest: 2 since it names its ``fleet`` and ``device`` (a
+version-1 manifest, bound to no device, is refused as ``bad_version``)."""
 U32_MAX: Final = 2**32 - 1
 U64_MAX: Final = 2**64 - 1
 MAX_READINGS: Final = 4096
@@ -84,6 +88,8 @@ U32 = Annotated[StrictInt, Field(ge=0, le=U32_MAX)]
 U64 = Annotated[StrictInt, Field(ge=0, le=U64_MAX)]
 Hex16 = Annotated[StrictStr, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
 Hex64 = Annotated[StrictStr, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Id = Annotated[StrictStr, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+"""A fleet or device id (README §1)."""
 ChunkSize = Annotated[StrictInt, Field(ge=64, le=65535)]
 
 AckState = Literal[
@@ -111,6 +117,7 @@ AckReason = Literal[
     "unsupported_format",
     "truncated",
     "bad_manifest",
+    "wrong_device",
     "kat_mismatch",
     "trial_timeout",
     "server_revert",
@@ -148,6 +155,7 @@ ACK_CODE_REASONS: Final[Mapping[int, frozenset[str]]] = {
             "unsupported_format",
             "truncated",
             "bad_manifest",
+            "wrong_device",
         }
     ),
     409: frozenset({"kat_mismatch", "trial_timeout", "server_revert", "fault_reset"}),
@@ -158,8 +166,8 @@ ACK_CODE_REASONS: Final[Mapping[int, frozenset[str]]] = {
 _WIRE_CONTEXT: Final = {"wire": True}
 
 
-def _check_version(data: Any, info: ValidationInfo) -> None:
-    """``v`` must be the integer 1; on the wire it must also be present."""
+def _check_version(data: Any, info: ValidationInfo, expected: int = WIRE_VERSION) -> None:
+    """``v`` must be the integer ``expected``; on the wire it must also be present."""
     if not isinstance(data, Mapping):
         return  # pydantic reports the wrong top-level type itself
     if "v" not in data:
@@ -169,8 +177,8 @@ def _check_version(data: Any, info: ValidationInfo) -> None:
     v = data["v"]
     if type(v) is not int:
         raise WireError("schema", f"v must be an integer, got {type(v).__name__}")
-    if v != WIRE_VERSION:
-        raise WireError("bad_version", f"v must be {WIRE_VERSION}, got {v}")
+    if v != expected:
+        raise WireError("bad_version", f"v must be {expected}, got {v}")
 
 
 class _Model(BaseModel):
@@ -667,21 +675,33 @@ class ManifestSignature(_Model):
         return value
 
 
-class Manifest(_Message):
+class Manifest(_Model):
     """Signed desired-state manifest on the retained ``desired`` leaf (README §4).
 
+    ``v`` is 2 (:data:`MANIFEST_VERSION`): the manifest names the ``fleet`` and ``device`` it is
+    for, inside the signed bytes, so a captured manifest cannot be replayed to another device.
+
     >>> m = Manifest.create(
-    ...     deploy_seq=13, action="install",
+    ...     fleet="f1", device="dev-0000", deploy_seq=13, action="install",
     ...     param=dict(version=4, schema_id="a1b2c3d4e5f60718", security_epoch=1, blob_len=1480,
     ...                blob_sha256="ab" * 32, key_id=1),
     ...     trial=dict(confirm="server", timeout_s=600, min_inferences=200),
     ...     issued_ms=1764028800000, sig=dict(key_id=2, value="AAAA"))
-    >>> m.signing_bytes()[:60]
-    b'{"action":"install","deploy_seq":13,"issued_ms":176402880000'
+    >>> m.signing_bytes()[:69]
+    b'{"action":"install","deploy_seq":13,"device":"dev-0000","fleet":"f1",'
     >>> b'sig' in m.signing_bytes(), b'"rollback":false' in m.signing_bytes()
     (False, True)
+    >>> Manifest.from_json(m.to_json().replace(b'"v":2', b'"v":1')).deploy_seq
+    Traceback (most recent call last):
+    ...
+    edge_agent.wire.errors.WireError: bad_version: v must be 2, got 1
     """
 
+    v: Literal[2] = MANIFEST_VERSION
+    fleet: Id
+    """The fleet of the one device this manifest is for."""
+    device: Id
+    """The device (its MQTT client id) this manifest is for."""
     deploy_seq: U32
     action: Literal["install", "confirm", "revert", "none"]
     rollback: StrictBool = False
@@ -690,6 +710,12 @@ class Manifest(_Message):
     trial: TrialSpec
     issued_ms: U64
     sig: ManifestSignature | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_first(cls, data: Any, info: ValidationInfo) -> Any:
+        _check_version(data, info, MANIFEST_VERSION)
+        return data
 
     def signing_bytes(self) -> bytes:
         """The bytes the deploy key signs: canonical JSON of the manifest without ``sig``.

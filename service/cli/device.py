@@ -169,7 +169,7 @@ def device(
         label_rate=label_rate,
         codec="json" if codec == "json" else "bin",
     )
-    machine = UpdateMachine(fw, state_dir / id)
+    machine = UpdateMachine(fw, state_dir / id, fleet=cfg.fleet, device=cfg.device_id)
     agent = EdgeAgent(
         cfg, machine, SensorSimulator(seed, drift=spec), start_time=time.time(), seed=seed
     )

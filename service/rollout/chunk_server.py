@@ -24,6 +24,7 @@ __all__ = [
     "BlobCache",
     "ChunkQuery",
     "ChunkRequestLike",
+    "refusal",
     "serve_chunks",
 ]
 
@@ -121,6 +122,18 @@ def _u32_or_zero(value: int) -> int:
     return value if 0 <= value <= _U32_MAX else 0
 
 
+def refusal(request: ChunkRequestLike) -> bytes:
+    """The frame answering a request for a blob not served to this requester: status 1
+    (``UNKNOWN_BLOB``), ``total`` 0, no data; ``c``, ``deploy_seq`` and ``index`` echoed."""
+    return encode_chunk(
+        status=ChunkStatus.UNKNOWN_BLOB,
+        c=_u32_or_zero(request.c),
+        deploy_seq=_u32_or_zero(request.deploy_seq),
+        index=_u32_or_zero(request.index),
+        total=0,
+    )
+
+
 def serve_chunks(
     request: ChunkRequestLike,
     cache: BlobCache,
@@ -161,7 +174,7 @@ def serve_chunks(
 
     blob = cache.get(request.sha256)
     if blob is None:
-        return error(ChunkStatus.UNKNOWN_BLOB, 0)
+        return [refusal(request)]
     chunk = request.chunk
     if not 1 <= chunk <= max_chunk:
         return error(ChunkStatus.BAD_REQUEST, 0)

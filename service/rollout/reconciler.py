@@ -19,6 +19,12 @@ deadline are reverted) and every device's current manifest is published again (s
 its retained manifest when it reconnects and converges in one step; its birth also re-publishes
 it, or re-issues under a newer ``deploy_seq`` if the device saw a newer one.
 
+Every manifest names its fleet and device (the device refuses any other) and is recorded in an
+:class:`IntentLedger` before it is published: the chunk server serves a blob only to a device
+whose current install intent names it, and a version a device reports (birth, ack) that no
+rollout gave it and it did not run when first seen is audited, counted, logged, and the device
+is given its last sanctioned version back (unless a rollout owns it): :meth:`on_version`.
+
 A registry write that fails (database locked or gone) is retried on the next event or tick: the
 state row is the controller's whole state, and transitions and audit entries are kept until
 written. Manifests are only published once the decision that produced them is stored.
@@ -36,7 +42,7 @@ from typing import Any, Final, TypeVar
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.blob import SigningKey
+from edge_agent.blob import BlobRejectedError, SigningKey, verify_blob
 from edge_agent.wire.messages import Manifest, UpdateAck
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.metrics import ServiceMetrics
@@ -48,6 +54,8 @@ from service.rollout.blob_transfer import BlobTransferService
 from service.rollout.chunk_server import BlobCache
 from service.rollout.controller import (
     IN_PROGRESS,
+    MAX_DEPLOY_SEQ,
+    SYSTEM_ACTOR,
     Action,
     AuditAction,
     DeviceStatus,
@@ -64,8 +72,10 @@ from service.rollout.controller import (
 from service.rollout.desired_state import DesiredStatePublisher
 from service.rollout.gates import QualityFigures
 from service.rollout.groups import DeviceInfo
+from service.rollout.intent_ledger import IntentLedger
 from service.rollout.plan import ParamRef, RolloutPlan
 from service.rollout.quality_window import QualityWindow
+from service.rollout.version_watch import VersionWatch
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,11 @@ ACTIVE_STATES: Final = frozenset(
 
 SEED_LABELS_PER_DEVICE: Final = 200
 """Labels per member read from the label buffer when a rollout starts (its "before" errors)."""
+
+RESTORE_TRIAL_TIMEOUT_S: Final = 6 * 3600
+"""Trial timeout of the install that gives a device its sanctioned version back."""
+RESTORE_MIN_INFERENCES: Final = 200
+"""Inferences after which the device confirms that install itself (local confirmation)."""
 
 OPERATION_TIMEOUT_S: Final = 30.0
 """How long an operator action waits for the worker before it reports a timeout."""
@@ -143,11 +158,16 @@ class RolloutReconciler:
         self.clock = clock
         self.quality = QualityWindow()
         self.cache = BlobCache()
+        self.intents = IntentLedger()
+        self.versions = VersionWatch()
+        """Judged on the worker only; seed it (:meth:`seed_version`) before :meth:`start`."""
         self.publisher = DesiredStatePublisher(client, deploy_key)
         self.transfer = BlobTransferService(
             client,
             self.cache,
             on_served=lambda fleet, n: metrics.blob_bytes.labels(fleet=fleet).inc(n),
+            may_fetch=self.intents.may_fetch,
+            on_refused=lambda reason: metrics.blob_requests_refused.labels(reason=reason).inc(),
         )
         self.controllers: dict[str, RolloutController] = {}
         self._by_device: dict[tuple[str, str], set[str]] = {}
@@ -217,7 +237,8 @@ class RolloutReconciler:
 
     def _restore(self) -> None:
         now = self._now_ms()
-        for rec in self.registry.list_rollouts():
+        current: set[tuple[str, str]] = set()
+        for rec in self.registry.list_rollouts():  # newest first
             status = RolloutStatus(rec.state)
             try:
                 ctl, actions = RolloutController.restore(rec.state_json, now)
@@ -226,6 +247,7 @@ class RolloutReconciler:
                 continue
             for dev, seq in ctl.state.known_seq.items():
                 self._note_seq(ctl.plan.fleet, dev, seq)
+            self._remember_intents(ctl, current)
             if status not in ACTIVE_STATES and _settled(ctl):
                 continue
             self._adopt(ctl)
@@ -236,6 +258,20 @@ class RolloutReconciler:
             # gets its intent again under a newer deploy_seq and re-acks where it really is
             self._run(ctl, actions + ctl.resync(now))
         self._refresh_gauges()
+
+    def _remember_intents(self, ctl: RolloutController, current: set[tuple[str, str]]) -> None:
+        """The versions a stored rollout gave, and (unless a newer rollout issued the device
+        one) each device's retained intent, into the ledger."""
+        plan = ctl.plan
+        for dev, p in ctl.state.devices.items():
+            self.intents.give(plan.fleet, dev, plan.target_for(dev).version)
+            if p.phase == "rollback" or p.param == "previous":
+                self.intents.give(plan.fleet, dev, plan.previous.version)
+            desired = ctl.desired_for(dev)
+            if (plan.fleet, dev) not in current and desired is not None:
+                current.add((plan.fleet, dev))
+                ref = desired.param
+                self.intents.record(plan.fleet, dev, desired.action, ref.blob_sha256, ref.version)
 
     def _adopt(self, ctl: RolloutController) -> None:
         rid = ctl.plan.rollout_id
@@ -308,6 +344,26 @@ class RolloutReconciler:
         info = DeviceInfo(device, last_deploy_seq, int(self.clock() * 1000), active_version)
         self._submit(lambda: self._birth(fleet, info))
 
+    def seed_version(self, fleet: str, device: str, version: int) -> None:
+        """A device's version stored before this start (sanctioned); call before :meth:`start`."""
+        self.versions.seed(fleet, device, version)
+
+    def on_version(
+        self,
+        fleet: str,
+        device: str,
+        version: int,
+        source: str,
+        schema_id: str | None,
+        last_deploy_seq: int,
+    ) -> None:
+        """A device reports running ``version`` (ingest thread; ``source``: birth or ack)."""
+        if self._stopped:
+            return
+        self._submit(
+            lambda: self._version(fleet, device, version, source, schema_id, last_deploy_seq)
+        )
+
     def on_frames(self, frames: Sequence[DeviceFrame]) -> None:
         """Telemetry (ingest thread): counted for the canary-vs-control figures."""
         self.quality.add_frames(frames)
@@ -346,6 +402,105 @@ class RolloutReconciler:
                 self._run(ctl, actions)
             else:
                 self._dirty.add(rid)  # progress changed: stored with the next tick
+
+    def _version(
+        self,
+        fleet: str,
+        device: str,
+        version: int,
+        source: str,
+        schema_id: str | None,
+        last_deploy_seq: int,
+    ) -> None:
+        """Judge a reported version; an unsanctioned one is audited, counted, logged, and the
+        device is given its last sanctioned version back (README, reliability)."""
+        approved = self.versions.last_sanctioned(fleet, device)
+        given = self.intents.given(fleet, device)
+        verdict = self.versions.report(fleet, device, version, given, birth=source == "birth")
+        if verdict != "unsanctioned":
+            return
+        owned = any(
+            self.controllers[rid].state.status in ACTIVE_STATES
+            for rid in self._by_device.get((fleet, device), ())
+        )
+        remedy, outcome = self._remedy(fleet, device, approved, schema_id, last_deploy_seq, owned)
+        self.counters["unsanctioned_versions"] += 1
+        self.metrics.unsanctioned_versions.labels(fleet=fleet, source=source).inc()
+        log.warning(
+            "%s/%s reports parameter version %d (%s), which no rollout gave it; its sanctioned "
+            "version is %s: %s",
+            fleet,
+            device,
+            version,
+            source,
+            approved,
+            outcome,
+        )
+        self._pending_audit.append(
+            AuditAction(
+                SYSTEM_ACTOR,
+                "device.unsanctioned_version",
+                f"device:{fleet}/{device}",
+                {
+                    "fleet": fleet,
+                    "device": device,
+                    "version": version,
+                    "source": source,
+                    "sanctioned_version": approved,
+                    "remedy": outcome,
+                    "deploy_seq": remedy.deploy_seq if remedy is not None else None,
+                },
+            )
+        )
+        if not self._persist():
+            self.versions.forget_flag(fleet, device, version)  # judged again on the next report
+            return
+        if remedy is not None:
+            self._sign_and_publish(fleet, remedy)
+
+    def _remedy(
+        self,
+        fleet: str,
+        device: str,
+        approved: int | None,
+        schema_id: str | None,
+        last_deploy_seq: int,
+        owned: bool,
+    ) -> tuple[PublishManifest | None, str]:
+        """The install giving the device its sanctioned version back, or why there is none."""
+        if owned:
+            return None, "left to the device's active rollout, whose intent stays retained"
+        if approved is None or schema_id is None:
+            return None, "no sanctioned version known to give back"
+        rec = self.registry.get_parameter_set(schema_id, approved)
+        if rec is None:
+            return None, f"sanctioned v{approved} is not in the registry"
+        try:
+            header = verify_blob(rec.blob, trusted=None, schema_id=None).header
+        except BlobRejectedError as exc:
+            return None, f"sanctioned v{approved} is unreadable: {exc}"
+        seq = max(self._known_seq.get((fleet, device), 0), last_deploy_seq) + 1
+        if seq > MAX_DEPLOY_SEQ:
+            return None, "the device can take no larger deploy_seq"
+        ref = ParamRef(
+            version=approved,
+            schema_id=schema_id,
+            security_epoch=rec.security_epoch,
+            blob_len=len(rec.blob),
+            blob_sha256=rec.sha256,
+            key_id=header.key_id,
+        )
+        remedy = PublishManifest(
+            device=device,
+            deploy_seq=seq,
+            action="install",
+            param=ref,
+            rollback=True,
+            trial_confirm="local",
+            trial_timeout_s=RESTORE_TRIAL_TIMEOUT_S,
+            min_inferences=RESTORE_MIN_INFERENCES,
+        )
+        return remedy, f"v{approved} re-issued (install, rollback) under deploy_seq {seq}"
 
     def _birth(self, fleet: str, info: DeviceInfo) -> None:
         now = self._now_ms()
@@ -506,8 +661,14 @@ class RolloutReconciler:
         )
 
     def _publish(self, ctl: RolloutController, m: PublishManifest) -> None:
+        self._sign_and_publish(ctl.plan.fleet, m)
+
+    def _sign_and_publish(self, fleet: str, m: PublishManifest) -> None:
+        """Record the intent, then sign (bound to ``fleet/m.device``) and publish it retained."""
         ref = m.param
         manifest = Manifest.create(
+            fleet=fleet,
+            device=m.device,
             deploy_seq=m.deploy_seq,
             action=m.action,
             rollback=m.rollback,
@@ -527,9 +688,12 @@ class RolloutReconciler:
             issued_ms=self._now_ms(),
         )
         self._cache_blob(ref)
-        self._note_seq(ctl.plan.fleet, m.device, m.deploy_seq)
-        self.publisher.publish(ctl.plan.fleet, m.device, manifest)
-        self.metrics.manifests_published.labels(fleet=ctl.plan.fleet, action=m.action).inc()
+        self._note_seq(fleet, m.device, m.deploy_seq)
+        # recorded before it is published: the device cannot ask for the blob, or report the
+        # version, before the ledger knows it was given
+        self.intents.record(fleet, m.device, m.action, ref.blob_sha256, ref.version)
+        self.publisher.publish(fleet, m.device, manifest)
+        self.metrics.manifests_published.labels(fleet=fleet, action=m.action).inc()
 
     def _metric(self, ctl: RolloutController, ev: MetricEvent) -> None:
         fleet = ctl.plan.fleet

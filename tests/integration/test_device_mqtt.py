@@ -79,7 +79,10 @@ def test_install_trial_confirm_changes_the_running_parameters(fleet, observer, b
     blob = candidate_blob(fw, bundle.release_key, version=2)
     observer.cache.add(blob)
     observer.publish_manifest(
-        FLEET, dev, manifest(10, "install", blob, fw, version=2), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(10, "install", blob, fw, fleet=FLEET, device=dev, version=2),
+        bundle.deploy_key,
     )
     observer.wait(lambda: (10, "TRIAL", "trial") in observer.states(dev), 20, "trial")
     assert [s for q, s, _ in observer.states(dev) if q == 10] == [
@@ -90,7 +93,10 @@ def test_install_trial_confirm_changes_the_running_parameters(fleet, observer, b
     assert _version(fleet, dev) == 2
     observer.wait(lambda: any(b.param_version == 2 for b in observer.tel[dev]), 10, "v2 telemetry")
     observer.publish_manifest(
-        FLEET, dev, manifest(11, "confirm", blob, fw, version=2), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(11, "confirm", blob, fw, fleet=FLEET, device=dev, version=2),
+        bundle.deploy_key,
     )
     observer.wait(lambda: (11, "CONFIRMED", "confirmed") in observer.states(dev), 10, "confirm")
     rec = fleet.agent(dev).machine.rec
@@ -108,7 +114,7 @@ def test_bad_blobs_are_rejected_and_nothing_changes(fleet, observer, bundle):
     observer.publish_manifest(
         FLEET,
         dev,
-        manifest(20, "install", blob, fw, version=3, key_id=rogue.key_id),
+        manifest(20, "install", blob, fw, fleet=FLEET, device=dev, version=3, key_id=rogue.key_id),
         bundle.deploy_key,
     )
     observer.wait(lambda: (20, "REJECTED", "unknown_key") in observer.states(dev), 10, "unknown")
@@ -117,7 +123,10 @@ def test_bad_blobs_are_rejected_and_nothing_changes(fleet, observer, bundle):
     forged[64:68] = next(iter(fw.release_keys)).to_bytes(4, "little")
     observer.cache.add(bytes(forged))
     observer.publish_manifest(
-        FLEET, dev, manifest(21, "install", bytes(forged), fw, version=3), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(21, "install", bytes(forged), fw, fleet=FLEET, device=dev, version=3),
+        bundle.deploy_key,
     )
     observer.wait(lambda: (21, "REJECTED", "bad_signature") in observer.states(dev), 20, "sig")
     # a payload byte changed after signing (the manifest carries the tampered hash)
@@ -125,7 +134,10 @@ def test_bad_blobs_are_rejected_and_nothing_changes(fleet, observer, bundle):
     tampered[-5] ^= 0x40
     observer.cache.add(bytes(tampered))
     observer.publish_manifest(
-        FLEET, dev, manifest(22, "install", bytes(tampered), fw, version=3), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(22, "install", bytes(tampered), fw, fleet=FLEET, device=dev, version=3),
+        bundle.deploy_key,
     )
     observer.wait(lambda: (22, "REJECTED", "hash_mismatch") in observer.states(dev), 20, "hash")
     assert _version(fleet, dev) == 1
@@ -136,19 +148,30 @@ def test_unsigned_replayed_and_wrongly_signed_manifests(fleet, observer, bundle)
     fw, dev = bundle.firmware(), "dev-0002"
     blob = candidate_blob(fw, bundle.release_key, version=2)
     observer.cache.add(blob)
-    observer.publish_manifest(FLEET, dev, manifest(30, "install", blob, fw, version=2), None)
+    observer.publish_manifest(
+        FLEET, dev, manifest(30, "install", blob, fw, fleet=FLEET, device=dev, version=2), None
+    )
     observer.wait(lambda: (30, "REJECTED", "bad_manifest") in observer.states(dev), 10, "unsigned")
     observer.publish_manifest(
-        FLEET, dev, manifest(31, "install", blob, fw, version=2), bundle.release_key
+        FLEET,
+        dev,
+        manifest(31, "install", blob, fw, fleet=FLEET, device=dev, version=2),
+        bundle.release_key,
     )  # the release key may not sign manifests
     observer.wait(lambda: (31, "REJECTED", "bad_manifest") in observer.states(dev), 10, "role")
     observer.publish_raw(FLEET, dev, Leaf.DESIRED, b"\x00garbage{")
     observer.wait(lambda: (0, "REJECTED", "bad_manifest") in observer.states(dev), 10, "garbage")
     observer.publish_manifest(
-        FLEET, dev, manifest(32, "none", blob, fw, version=2), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(32, "none", blob, fw, fleet=FLEET, device=dev, version=2),
+        bundle.deploy_key,
     )
     observer.publish_manifest(
-        FLEET, dev, manifest(31, "install", blob, fw, version=2), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(31, "install", blob, fw, fleet=FLEET, device=dev, version=2),
+        bundle.deploy_key,
     )  # a replay of an older seq
     observer.wait(lambda: (31, "REJECTED", "stale_seq") in observer.states(dev), 10, "replay")
     assert _version(fleet, dev) == 1
@@ -161,17 +184,26 @@ def test_revert_command_and_trial_timeout(fleet, observer, bundle):
     observer.cache.add(blob)
     dev = "dev-0003"
     observer.publish_manifest(
-        FLEET, dev, manifest(40, "install", blob, fw, version=2), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(40, "install", blob, fw, fleet=FLEET, device=dev, version=2),
+        bundle.deploy_key,
     )
     observer.wait(lambda: (40, "TRIAL", "trial") in observer.states(dev), 20, "trial")
     observer.publish_manifest(
-        FLEET, dev, manifest(41, "revert", blob, fw, version=2), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(41, "revert", blob, fw, fleet=FLEET, device=dev, version=2),
+        bundle.deploy_key,
     )
     observer.wait(lambda: (41, "REVERTED", "server_revert") in observer.states(dev), 10, "revert")
     assert _version(fleet, dev) == 1
     dev = "dev-0004"
     observer.publish_manifest(
-        FLEET, dev, manifest(50, "install", blob, fw, version=2, timeout_s=1), bundle.deploy_key
+        FLEET,
+        dev,
+        manifest(50, "install", blob, fw, fleet=FLEET, device=dev, version=2, timeout_s=1),
+        bundle.deploy_key,
     )
     observer.wait(lambda: (50, "REVERTED", "trial_timeout") in observer.states(dev), 20, "timeout")
     assert _version(fleet, dev) == 1

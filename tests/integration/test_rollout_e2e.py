@@ -275,6 +275,8 @@ def test_tampered_or_wrongly_signed_updates_are_rejected(
         victim = devices[-1]
         rogue = sign_manifest(
             Manifest.create(
+                fleet=name,
+                device=victim,
                 deploy_seq=10_000,
                 action="install",
                 param={

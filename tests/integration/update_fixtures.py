@@ -12,6 +12,11 @@ from edge_agent.device.firmware import Firmware
 from edge_agent.fixedpoint import QuantizedLinear
 from edge_agent.wire.messages import Manifest
 
+FLEET = "test-fleet"
+"""The fleet a manifest is bound to unless a test names another."""
+DEVICE = "dev-0000"
+"""The device a manifest is bound to unless a test names another."""
+
 
 def factory_params(fw: Firmware) -> ParameterSet:
     """The parameter set in the factory blob."""
@@ -52,9 +57,13 @@ def manifest(
     min_inferences: int = 0,
     chunk: int = 256,
     rollback: bool = False,
+    fleet: str = FLEET,
+    device: str = DEVICE,
 ) -> Manifest:
-    """An unsigned manifest pointing at ``blob``."""
+    """An unsigned manifest for ``fleet/device`` pointing at ``blob``."""
     return Manifest.create(
+        fleet=fleet,
+        device=device,
         deploy_seq=seq,
         action=action,
         rollback=rollback,

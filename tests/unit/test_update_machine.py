@@ -22,7 +22,13 @@ from edge_agent.wire.messages import Manifest
 from edge_agent.wire.topics import Leaf
 from service.firmware_bundle import Bundle
 from service.rollout.chunk_server import ChunkQuery, serve_chunks
-from tests.integration.update_fixtures import candidate_blob, factory_params, manifest
+from tests.integration.update_fixtures import (
+    DEVICE,
+    FLEET,
+    candidate_blob,
+    factory_params,
+    manifest,
+)
 from tests.unit.update_harness import Chaos, Device
 
 ERASED = b"\xff"
@@ -418,6 +424,53 @@ def test_unsigned_wrongly_signed_and_garbage_manifests(dev: Device, blobs, bundl
     assert dev.requests == []
     assert dev.send_raw(b"") == []  # a cleared retained message
     assert_factory_running(dev)
+
+
+def test_a_manifest_for_another_device_or_fleet_is_refused(dev: Device, blobs) -> None:
+    """A captured, correctly signed manifest replayed to the same id in another fleet, or to
+    another device, is REJECTED wrong_device before any download; nothing changes, not even the
+    deploy_seq, so the device's own manifest under that seq still works."""
+    assert (dev.machine.fleet, dev.machine.device) == (FLEET, DEVICE)
+    for fleet, device in (("other-fleet", DEVICE), (FLEET, "dev-0001")):
+        for action in ("install", "confirm", "revert"):
+            foreign = mf(dev, 40, action, blobs.v2, 2, fleet=fleet, device=device)
+            assert dev.send(foreign) == [(40, "REJECTED", "wrong_device", 2)]
+            assert f"for {fleet}/{device}" in dev.acks[-1]["detail"]
+    assert dev.requests == []
+    assert (dev.machine.rec.last_deploy_seq, dev.machine.counters.wrong_device) == (0, 6)
+    assert_factory_running(dev)
+    install_and_confirm(dev, 40, blobs.v2, 2)  # its own manifest under the same deploy_seq
+    foreign = mf(dev, 42, "install", blobs.v3, 3, fleet="other-fleet")
+    assert dev.send(foreign) == [(42, "REJECTED", "wrong_device", 3)]
+    assert (dev.machine.param_version, dev.machine.rec.last_deploy_seq) == (2, 41)
+
+
+def test_an_unbound_manifest_of_the_old_format_is_refused(dev: Device, blobs) -> None:
+    signed = sign_manifest(mf(dev, 44, "install", blobs.v2, 2), dev.deploy_key)
+    old = json.loads(signed.to_json())
+    old.update(v=1)
+    del old["fleet"], old["device"]
+    assert dev.send_raw(json.dumps(old).encode()) == [(0, "REJECTED", "bad_manifest", None)]
+    assert "bad_version" in dev.acks[-1]["detail"]
+    assert dev.requests == []
+    assert_factory_running(dev)
+
+
+def test_a_download_stored_under_the_old_manifest_format_is_dropped_at_boot(
+    dev: Device, blobs
+) -> None:
+    assert dev.send(mf(dev, 46, "install", blobs.v2, 2)) == trial_acks(46, 2)[:1]
+    assert dev.machine.state == "DOWNLOADING"
+    rec = dev.machine.rec
+    rec.desired = {k: v for k, v in (rec.desired or {}).items() if k not in ("fleet", "device")}
+    rec.desired["v"] = 1  # as a firmware before format 2 stored it
+    dev.machine.records.write(rec)
+    dev.boot()
+    assert (dev.machine.state, dev.machine.rec.desired, dev.machine.rec.pending) == (
+        "IDLE", None, None,
+    )  # fmt: skip
+    assert_factory_running(dev)
+    assert dev.install(mf(dev, 47, "install", blobs.v2, 2)) == trial_acks(47, 2)
 
 
 def test_duplicate_delivery_of_a_manifest_produces_nothing(dev: Device, blobs) -> None:

@@ -284,21 +284,22 @@ MODELS = [TelemetryBatch, LabelBatch, Status, UpdateAck, Manifest, ChunkRequest]
         (b'{"v": 1}\xff', "decode"),
         (b'\xef\xbb\xbf{"v": 2}', "decode"),  # UTF-8 BOM
         ('{"v": 2}'.encode("utf-16"), "decode"),
-        (b'{"v": 2}', "bad_version"),
-        (b'{"v": 1}', "schema"),
+        (b'{"v": 3}', "bad_version"),
+        (b'{"v": OWN}', "schema"),  # the model's own version, nothing else
         (b'{"v": "1"}', "schema"),
         (b"{}", "schema"),
         (b" " * 65537, "oversized"),
     ],
 )
 def test_from_json_common_reasons(model: Any, data: bytes, reason: str) -> None:
+    data = data.replace(b"OWN", str(model.model_fields["v"].default).encode())
     assert reason_of(model.from_json, data) == reason
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_from_json_max_bytes_is_configurable(model: Any) -> None:
     assert reason_of(model.from_json, b'{"v": 2}', max_bytes=7) == "oversized"
-    assert reason_of(model.from_json, b'{"v": 2}', max_bytes=8) == "bad_version"
+    assert reason_of(model.from_json, b'{"v": 3}', max_bytes=8) == "bad_version"
 
 
 json_values = st.recursive(
@@ -423,7 +424,7 @@ def test_ack_state_code_reason_follow_the_table() -> None:
                     n_valid += 1
                 else:
                     assert reason_of(UpdateAck.from_obj, d) == "schema"
-    assert n_valid == 3 * 3 + 1 + 11 + 4 + 3
+    assert n_valid == 3 * 3 + 1 + 12 + 4 + 3
 
 
 @pytest.mark.parametrize(
@@ -483,15 +484,23 @@ def test_readme_manifest_example_roundtrips() -> None:
 
 
 def test_signing_bytes_are_canonical_json_without_sig() -> None:
+    """The known-answer vector of README §4 (fleet and device inside the signed bytes)."""
     m = Manifest.from_obj(manifest())
-    expected = (
-        '{"action":"install","deploy_seq":13,"issued_ms":1764028800000,'
-        '"param":{"blob_len":1480,"blob_sha256":"' + SHA + '","key_id":1,"schema_id":'
-        '"a1b2c3d4e5f60718","security_epoch":1,"version":4},"rollback":false,'
-        '"transfer":{"chunk":512},"trial":{"confirm":"server","min_inferences":200,'
-        '"timeout_s":600},"v":1}'
-    ).encode()
-    assert m.signing_bytes() == expected
+    (vector,) = re.findall(r"```text\n(\{.*?\})\n```", README.read_text(encoding="utf-8"))
+    assert m.signing_bytes() == vector.encode()
+    assert b'"fleet":"f1"' in m.signing_bytes()
+    assert b'"device":"dev-0000"' in m.signing_bytes()
+
+
+def test_a_manifest_names_its_fleet_and_device() -> None:
+    assert reason_of(Manifest.from_obj, manifest(fleet=_DROP)) == "schema"
+    assert reason_of(Manifest.from_obj, manifest(device=_DROP)) == "schema"
+    assert reason_of(Manifest.from_obj, manifest(device="a/b")) == "schema"
+    assert reason_of(Manifest.from_obj, manifest(fleet="+")) == "schema"
+    # the old, unbound format is refused outright
+    assert reason_of(Manifest.from_obj, manifest(v=1, fleet=_DROP, device=_DROP)) == "bad_version"
+    other = Manifest.from_obj(manifest(fleet="f2"))
+    assert other.signing_bytes() != Manifest.from_obj(manifest()).signing_bytes()
 
 
 def test_signing_bytes_fill_in_defaults_and_ignore_sig() -> None:
@@ -514,7 +523,8 @@ def test_signing_bytes_do_not_depend_on_key_order(order: list[str]) -> None:
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        ({"v": 2}, "bad_version"),
+        ({"v": 1}, "bad_version"),
+        ({"v": 3}, "bad_version"),
         ({"action": "upgrade"}, "schema"),
         ({"rollback": 0}, "schema"),
         ({"deploy_seq": -1}, "schema"),

@@ -16,6 +16,7 @@ from edge_agent.wire.manifest_signature import sign_manifest
 from edge_agent.wire.messages import ChunkRequest, Manifest
 from edge_agent.wire.topics import Leaf
 from service.rollout.chunk_server import BlobCache, serve_chunks
+from tests.integration.update_fixtures import DEVICE, FLEET
 
 T0 = 1_700_000_000.0
 
@@ -103,6 +104,8 @@ class Device:
         self.machine = UpdateMachine(
             self.fw,
             self.storage,
+            fleet=FLEET,
+            device=DEVICE,
             clock=self.clock,
             fault_reset=fault_reset,
             tuning=self.tuning,
