@@ -147,7 +147,7 @@ class RolloutReconciler:
         self.transfer = BlobTransferService(
             client,
             self.cache,
-            on_served=lambda fleet, n: metrics.blob_bytes.labels(fleet=fleet).inc(n),
+            on_served=lambda fleet, n: metrics.blob_bytes.labels(fleet=metrics.fleet(fleet)).inc(n),
         )
         self.controllers: dict[str, RolloutController] = {}
         self._by_device: dict[tuple[str, str], set[str]] = {}
@@ -446,7 +446,9 @@ class RolloutReconciler:
     def _on_transition(self, ctl: RolloutController, a: RecordTransition) -> None:
         fleet = ctl.plan.fleet
         if a.scope == "rollout":
-            self.metrics.rollout_transitions.labels(fleet=fleet, to_state=str(a.to_state)).inc()
+            self.metrics.rollout_transitions.labels(
+                fleet=self.metrics.fleet(fleet), to_state=str(a.to_state)
+            ).inc()
             log.info("rollout %s: %s → %s (%s)", a.rollout_id, a.from_state, a.to_state, a.reason)
             if a.to_state not in ACTIVE_STATES:  # FINISHED, STOPPED, ROLLED_BACK
                 self._ended_at[fleet] = a.at_ms / 1000
@@ -529,11 +531,13 @@ class RolloutReconciler:
         self._cache_blob(ref)
         self._note_seq(ctl.plan.fleet, m.device, m.deploy_seq)
         self.publisher.publish(ctl.plan.fleet, m.device, manifest)
-        self.metrics.manifests_published.labels(fleet=ctl.plan.fleet, action=m.action).inc()
+        self.metrics.manifests_published.labels(
+            fleet=self.metrics.fleet(ctl.plan.fleet), action=m.action
+        ).inc()
 
     def _metric(self, ctl: RolloutController, ev: MetricEvent) -> None:
-        fleet = ctl.plan.fleet
         m = self.metrics
+        fleet = m.fleet(ctl.plan.fleet)
         if ev.name == "update_results":
             m.update_results.labels(
                 fleet=fleet,
@@ -553,7 +557,7 @@ class RolloutReconciler:
         states: Counter[tuple[str, str]] = Counter()
         devices: Counter[tuple[str, str]] = Counter()
         for ctl in self.controllers.values():
-            fleet = ctl.plan.fleet
+            fleet = m.fleet(ctl.plan.fleet)
             states[(fleet, ctl.state.status.value)] += 1
             for p in ctl.state.devices.values():
                 devices[(fleet, p.status.value)] += 1
