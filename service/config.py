@@ -109,6 +109,12 @@ class ServiceSettings(BaseSettings):
     api_host: str = "127.0.0.1"
     fleets: list[str] = Field(default_factory=lambda: ["+"])
     """Fleets to subscribe to (``+``: all)."""
+    max_fleets: int = Field(100, ge=1)
+    """With ``fleets = +``: most fleets monitored, each admitted when a device is first
+    registered in it (a birth, an adoption, the registry at start). Births in further fleets
+    are rejected as ``unknown_fleet`` (logged once), and every message on a topic of a fleet not
+    monitored is counted under ``fleet="_unknown"``: metric series stay bounded whatever
+    fleet names the topics carry. List ``fleets`` to pin the set instead."""
     unknown_devices: Literal["reject", "adopt"] = "reject"
     """Telemetry from a device with no birth: count and drop it, or register it from the frame."""
     queue_size: int = Field(20_000, ge=100)

@@ -1,11 +1,13 @@
 """The service's Prometheus metrics: a bounded-cardinality set, never a per-device label.
 
-Labels are limited to ``fleet`` (tens), ``model_version`` (a few live), ``kind``, ``reason``,
-``signal``, ``detector``, ``scope``, ``feature`` (≤ the schema's features), ``class`` (≤ its
-classes), ``state`` and ``stream`` (``telemetry`` or ``labels``): 100k devices as a label made
-a 91 MiB, 10.8 s scrape in ``../shared/research/mqtt-observability-anchors.md`` §1.9. Device
-ids travel as exemplars on the drift-detection counter (OpenMetrics, limit 128 characters).
-The set follows §8.5 there.
+Labels are limited to ``fleet`` (the fleets monitored, at most ``max_fleets``, else
+``_unknown``), ``model_version`` (registered base models, ``{base}-recalibrated``, else
+``_unknown``: :mod:`service.metric_labels`), ``kind``, ``reason``, ``signal``, ``detector``,
+``scope``, ``feature`` (≤ the schema's features), ``class`` (≤ its classes), ``state``, ``source``
+and ``stream`` (``telemetry`` or ``labels``), each from a fixed or registered set, never from a
+message as it comes: 100k devices as a label made a 91 MiB, 10.8 s scrape in
+``../shared/research/mqtt-observability-anchors.md`` §1.9. Device ids travel as exemplars on
+the drift-detection counter (OpenMetrics, limit 128 characters). The set follows §8.5 there.
 
 >>> m = ServiceMetrics()
 >>> m.rejected.labels(reason="decode").inc()
@@ -16,7 +18,7 @@ True
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
 import numpy as np
@@ -28,6 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 import service
+from service.metric_labels import FleetLabels, ModelVersionLabels
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -101,12 +104,26 @@ class BulkHistogram(Collector):
         yield fam
 
 
-class ServiceMetrics:
-    """Every metric of one service instance, in its own registry (tests run several)."""
+DEFAULT_MAX_FLEETS: Final = 100
+"""Fleets with their own series when every fleet is watched (``max_fleets``)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+
+class ServiceMetrics:
+    """Every metric of one service instance, in its own registry (tests run several).
+
+    ``fleets`` (the configured fleets, ``None`` for all) and ``max_fleets`` bound the ``fleet``
+    label values (:attr:`fleets`); :attr:`model_versions` bounds ``model_version``. Callers pass
+    every fleet through :meth:`fleet` and every version through ``model_versions.label``.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_fleets: int = DEFAULT_MAX_FLEETS,
+        fleets: Iterable[str] | None = None,
+    ) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self._fleets: set[str] = set()
         self.build = Info("tinydrift_build", "tinydrift build information.", registry=r)
         # the service's own CPU, memory and open files (process_* series, Linux /proc)
         ProcessCollector(registry=r)
@@ -377,17 +394,20 @@ class ServiceMetrics:
         )
         for kind in CANDIDATE_KINDS:  # at 0: the first build shows in increase()
             self.candidate_seconds.labels(kind=kind)
+        self.model_versions = ModelVersionLabels()
+        self.fleets = FleetLabels(max_fleets, fleets, on_admit=self._fleet_series)
 
     def init_reasons(self, reasons: Sequence[str]) -> None:
         """Create every rejection series at 0, so rates and alerts see them before any occurs."""
         for reason in reasons:
             self.rejected.labels(reason=reason)
 
-    def ensure_fleet(self, fleet: str) -> None:
-        """Create a fleet's counters at 0 the first time the fleet is seen."""
-        if fleet in self._fleets:
-            return
-        self._fleets.add(fleet)
+    def fleet(self, fleet: str) -> str:
+        """The ``fleet`` label value of ``fleet``: itself if admitted, else ``_unknown``."""
+        return self.fleets.label(fleet)
+
+    def _fleet_series(self, fleet: str) -> None:
+        """Create an admitted fleet's counters at 0."""
         self.readings.labels(fleet=fleet)
         for stream in SEQUENCE_STREAMS:
             self.sequence_gaps.labels(fleet=fleet, stream=stream)

@@ -36,6 +36,7 @@ from edge_agent.blob import (
 from edge_agent.wire.messages import UpdateAck
 from service.api import create_app
 from service.api.server import ApiServer
+from service.cohort_gauges import export_cohort_reports
 from service.config import ServiceSettings
 from service.drift.cohort_monitor import CohortReport
 from service.drift.declared_normal import DeclaredNormal
@@ -54,11 +55,13 @@ from service.ingest.sequence_positions import (
     read_positions,
 )
 from service.learn.recent_readings import RecentReadings
+from service.metric_labels import recalibration_base
 from service.metrics import ServiceMetrics
 from service.registry.errors import RegistryError, WriterBackpressureError
 from service.registry.records import (
     CheckpointRecord,
     DeviceRecord,
+    ParameterSetRecord,
     label_records,
     utc_from_unix,
 )
@@ -169,7 +172,10 @@ class Service:
             raise ServiceKeyError(
                 "updates need both --release-key and --deploy-key (or neither: monitor only)"
             )
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(
+            max_fleets=settings.max_fleets,
+            fleets=None if "+" in settings.fleets else settings.fleets,
+        )
         self._queue_full_counter = self.metrics.rejected.labels(reason="queue_full")
         self.registry = Registry(settings.db)
         self.writer = RegistryWriter(self.registry, max_queue=100_000, put_timeout_s=0.05)
@@ -284,18 +290,33 @@ class Service:
     def _load_parameter_sets(self) -> None:
         for rec in self.registry.list_parameter_sets():
             try:
-                self.catalog.add_blob(verify_blob(rec.blob, trusted=None, schema_id=None))
+                self._add_parameter_set(rec)
             except BlobRejectedError as exc:
                 log.error(
                     "stored parameter set %s v%d is unreadable: %s", rec.schema_id, rec.version, exc
                 )
 
     def _load_devices(self) -> None:
-        for rec in self.registry.list_devices():
+        """The registry's devices; their fleets are admitted most recently heard first."""
+        records = self.registry.list_devices()
+        latest: dict[str, float] = {}
+        for rec in records:
             info = self.directory.adopt_known(rec.fleet, rec.device, rec.schema_id)
             info.active_version = rec.active_version
             info.online = False
             info.dirty = False
+            seen = rec.last_seen.timestamp() if rec.last_seen is not None else 0.0
+            latest[rec.fleet] = max(latest.get(rec.fleet, 0.0), seen)
+        admit = self.metrics.fleets.admit
+        refused = [f for f in sorted(latest, key=lambda f: (-latest[f], f)) if not admit(f)]
+        if refused:
+            log.warning(
+                "%d fleets in the registry are not monitored (max_fleets %d, or not among "
+                "fleets): their messages are rejected as unknown_fleet; e.g. %s",
+                len(refused),
+                self.metrics.fleets.max_fleets,
+                ", ".join(refused[:5]),
+            )
 
     def _restore_checkpoints(self) -> None:
         records = self.registry.load_checkpoints()
@@ -404,8 +425,9 @@ class Service:
     def on_frames(self, frames: list[DeviceFrame]) -> None:
         """Layer A and B on a batch; detections to the registry and the metrics."""
         groups: dict[tuple[str, str], list[DeviceFrame]] = {}
+        fleet, version = self.metrics.fleet, self.metrics.model_versions.label
         for fr in frames:
-            groups.setdefault((fr.fleet, str(fr.param_version)), []).append(fr)
+            groups.setdefault((fleet(fr.fleet), version(fr.param_version)), []).append(fr)
         for labels, group in groups.items():
             self.metrics.confidence.observe_many(labels, np.concatenate([f.conf for f in group]))
         dets = self.engine.on_frames(frames)
@@ -450,7 +472,9 @@ class Service:
             info.update_state = ack.state
             info.last_deploy_seq = max(info.last_deploy_seq or 0, ack.deploy_seq)
             info.dirty = True
-        self.metrics.update_acks.labels(fleet=fleet, state=ack.state, reason=ack.reason).inc()
+        self.metrics.update_acks.labels(
+            fleet=self.metrics.fleet(fleet), state=ack.state, reason=ack.reason
+        ).inc()
         if self.reconciler is not None:
             if ack.state in ("TRIAL", "CONFIRMED") and ack.param_version is not None:
                 # the device now runs param_version (other acks name the manifest's version)
@@ -480,7 +504,10 @@ class Service:
         for d in dets:
             self.detections_by_signal[(d.signal, d.detector)] += 1
             counter = self.metrics.detections.labels(
-                fleet=d.fleet, scope=d.scope, signal=d.signal, detector=d.detector
+                fleet=self.metrics.fleet(d.fleet),
+                scope=d.scope,
+                signal=d.signal,
+                detector=d.detector,
             )
             exemplar = {"device_id": d.device[:100]} if d.device else None
             counter.inc(1, exemplar=exemplar)
@@ -496,7 +523,7 @@ class Service:
     def _count_suspicions(self, dets: list[Detection]) -> None:
         """Layer A's sensitive tier: counted, never stored one by one (the cohort rule alarms)."""
         for d in dets:
-            self.metrics.suspicions.labels(fleet=d.fleet, signal=d.signal).inc()
+            self.metrics.suspicions.labels(fleet=self.metrics.fleet(d.fleet), signal=d.signal).inc()
 
     def _on_queue_full(self) -> None:
         # paho's thread, once per dropped message: the child is looked up once
@@ -578,9 +605,13 @@ class Service:
             if i.fleet == fleet
         ]
 
-    def _add_parameter_set(self, blob: bytes) -> None:
-        """A parameter set registered while running (a candidate): cohorts can bin its model."""
-        self.catalog.add_blob(verify_blob(blob, trusted=None, schema_id=None))
+    def _add_parameter_set(self, rec: ParameterSetRecord) -> None:
+        """A stored parameter set (at start, or a candidate registered while running): cohorts
+        can bin its model, and its version gets its ``model_version`` label."""
+        self.catalog.add_blob(verify_blob(rec.blob, trusted=None, schema_id=None))
+        self.metrics.model_versions.register(
+            rec.version, recalibration_base(rec.source, rec.metrics)
+        )
 
     def _reference_of(self, fleet: str, device: str) -> tuple[Any, Any, int | None] | None:
         with self.engine.lock:
@@ -598,22 +629,8 @@ class Service:
         """Close every cohort window now; export the reports as metrics and events."""
         reports = self.engine.evaluate(int(time.time() * 1000))
         self.last_reports = reports
-        m = self.metrics
+        export_cohort_reports(self.metrics, reports)
         for r in reports:
-            mv = str(r.model_version)
-            for feat, js in r.feature_js.items():
-                m.feature_drift.labels(fleet=r.fleet, model_version=mv, feature=feat).set(js)
-            for cls, ratio in r.class_ratios.items():
-                m.class_ratio.labels(fleet=r.fleet, model_version=mv, **{"class": cls}).set(ratio)
-            if r.labelled_accuracy is not None:
-                m.labelled_accuracy.labels(fleet=r.fleet, model_version=mv).set(r.labelled_accuracy)
-            if r.accuracy is not None:
-                m.estimated_accuracy.labels(fleet=r.fleet, model_version=mv).set(
-                    r.accuracy.estimate
-                )
-            m.alarm_active.labels(fleet=r.fleet, model_version=mv, signal="cohort").set(
-                1 if r.cohort_alarm else 0
-            )
             fresh = []
             now_set = set()
             for d in r.detections:
@@ -633,8 +650,9 @@ class Service:
         calibration: Mapping[tuple[str, str], CalibrationState] | None = None,
     ) -> None:
         m = self.metrics
+        fleet_of, version_of = m.fleet, m.model_versions.label
         by_calibration: Counter[tuple[str, str]] = Counter(
-            (fleet, state) for (fleet, _dev), state in (calibration or {}).items()
+            (fleet_of(fleet), state) for (fleet, _dev), state in (calibration or {}).items()
         )
         m.layer_a_devices.clear()
         for (fleet, state), n in by_calibration.items():
@@ -648,15 +666,16 @@ class Service:
         per_signal: Counter[tuple[str, str]] = Counter()
         for (fleet, _dev), signals in drifting.items():
             for sig in signals:
-                per_signal[(fleet, sig)] += 1
+                per_signal[(fleet_of(fleet), sig)] += 1
         for info in self.directory.all():
-            states[(info.fleet, "online" if info.online else "offline")] += 1
+            fleet = fleet_of(info.fleet)
+            states[(fleet, "online" if info.online else "offline")] += 1
             if info.key in drifting:
-                states[(info.fleet, "drifting")] += 1
+                states[(fleet, "drifting")] += 1
             if info.active_version is not None:
-                models[(info.fleet, str(info.active_version))] += 1
+                models[(fleet, version_of(info.active_version))] += 1
             if info.last_seen:
-                m.last_seen_age.labels(fleet=info.fleet).observe(max(0.0, now - info.last_seen))
+                m.last_seen_age.labels(fleet=fleet).observe(max(0.0, now - info.last_seen))
         m.devices.clear()
         for (fleet, state), n in states.items():
             m.devices.labels(fleet=fleet, state=state).set(n)

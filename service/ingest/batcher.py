@@ -6,6 +6,11 @@ validated with the device contract (``edge_agent.wire``); telemetry is checked a
 device's schema and sequence; the accepted frames of the whole batch go to the sink in one
 call, so detectors work on batches. Every rejection is counted by reason and never stops
 ingest; an unexpected error in one message is logged, counted as ``internal`` and skipped.
+
+Metric series follow validation: a fleet gets its series when the service admits it
+(``ServiceMetrics.fleets``: a device registered in it, within ``max_fleets``), so a message on
+a topic of any other fleet is counted under ``fleet="_unknown"`` and rejected (``unknown_device``;
+``unknown_fleet`` for a birth or an adoption the service does not admit), never a new series.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,12 +35,14 @@ from edge_agent.wire.topics import Leaf, Topic, parse_topic
 from service.ingest.device_directory import DeviceDirectory, DeviceInfo
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.ingest.mqtt_consumer import Incoming
+from service.metric_labels import UNKNOWN
 from service.metrics import BulkHistogram, ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 SERVICE_REASONS = (
     "unknown_device",
+    "unknown_fleet",
     "unknown_schema",
     "duplicate",
     "stale",
@@ -63,7 +71,7 @@ class IngestSink(Protocol):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class _FleetMetrics:
-    """A fleet's metric children, looked up once (``labels()`` costs µs per call)."""
+    """An admitted fleet's metric children, looked up once (``labels()`` costs µs per call)."""
 
     messages: dict[Leaf, Any]
     readings: Any
@@ -112,6 +120,12 @@ class Batcher:
         self._idle = threading.Event()
         metrics.init_reasons(sorted(REASONS | set(SERVICE_REASONS)))
         self._fleets: dict[str, _FleetMetrics] = {}
+        """Admitted fleets' children (at most ``max_fleets`` or the configured fleets)."""
+        self._refused_fleet = False
+        """Whether a fleet was refused yet (logged the first time)."""
+        self._unknown_messages = {
+            leaf: metrics.messages.labels(fleet=UNKNOWN, kind=leaf.value) for leaf in Leaf
+        }
         self._topics: dict[str, Topic] = {}
         """Parsed topics (``parse_topic`` is pure; at most :data:`_TOPIC_CACHE`)."""
         self._thread = threading.Thread(target=self._run, name="ingest-batcher", daemon=True)
@@ -215,7 +229,7 @@ class Batcher:
             except Exception:
                 log.exception("unexpected error on %s", item.msg.topic)
                 self._reject("internal")
-        tally.flush()
+        tally.flush(self._messages_of)
         self.processed += len(batch)
         self.metrics.batch_size.observe(len(batch))
         if frames:
@@ -238,11 +252,10 @@ class Batcher:
                 if len(self._topics) >= _TOPIC_CACHE:
                     self._topics.clear()
                 self._topics[msg.topic] = t
-            fm = self._fleet_metrics(t.fleet)
-            tally.messages[(fm, t.leaf)] += 1
+            tally.messages[(t.fleet, t.leaf)] += 1
             if len(msg.payload) > self.max_payload_bytes:
                 raise WireError("oversized", f"{len(msg.payload)} bytes")
-            item = _Parsed(msg, t, fm)
+            item = _Parsed(msg, t)
             if t.leaf == Leaf.TEL:
                 head = decode_telemetry_header(msg.payload, self.max_payload_bytes)
                 if isinstance(head, BinaryHeader):
@@ -258,11 +271,38 @@ class Batcher:
             self._reject("internal")
         return None
 
+    def _admitted(self, fleet: str, *, registers: bool, reason: str) -> _FleetMetrics:
+        """The children of an admitted fleet. ``registers``: the message registers a device in
+        it, which admits the fleet if there is room; else (or no room) rejected as ``reason``."""
+        fm = self._fleets.get(fleet)
+        if fm is not None:
+            return fm
+        fleets = self.metrics.fleets
+        if not (fleets.admit(fleet) if registers else fleet in fleets):
+            if registers and not self._refused_fleet:
+                self._refused_fleet = True
+                log.warning(
+                    "a device registers in fleet %r, which the service does not monitor "
+                    "(max_fleets %d reached, or not among fleets): rejected as unknown_fleet, "
+                    "as are later ones (logged once)",
+                    fleet[:64],
+                    fleets.max_fleets,
+                )
+            raise _RejectedError(reason)
+        return self._fleet_metrics(fleet)
+
+    def _messages_of(self, fleet: str) -> dict[Leaf, Any]:
+        """The message counters of ``fleet`` (``_unknown``'s if it is not admitted)."""
+        fm = self._fleets.get(fleet)
+        if fm is None and fleet in self.metrics.fleets:
+            fm = self._fleet_metrics(fleet)
+        return self._unknown_messages if fm is None else fm.messages
+
     def _fleet_metrics(self, fleet: str) -> _FleetMetrics:
+        """Look up an admitted fleet's children (once)."""
         fm = self._fleets.get(fleet)
         if fm is None:
             m = self.metrics
-            m.ensure_fleet(fleet)
             fm = self._fleets[fleet] = _FleetMetrics(
                 messages={leaf: m.messages.labels(fleet=fleet, kind=leaf.value) for leaf in Leaf},
                 readings=m.readings.labels(fleet=fleet),
@@ -275,14 +315,21 @@ class Batcher:
             m.lag.observe_many(fm.lag_labels, np.empty(0))  # the fleet's series, at 0
         return fm
 
-    def _known(self, fleet: str, device: str, recv_ts: float) -> DeviceInfo:
+    def _known(self, fleet: str, device: str, recv_ts: float) -> tuple[DeviceInfo, _FleetMetrics]:
+        """A device whose telemetry or labels are taken (adopted if the policy says so), and
+        its fleet's children."""
         info = self.directory.get(fleet, device)
         if info is None or (info.schema_id is None and not info.adopted):
+            if self.directory.unknown_devices != "adopt":
+                raise _RejectedError("unknown_device")
+            fm = self._admitted(fleet, registers=True, reason="unknown_fleet")
             info = self.directory.adopt(fleet, device, recv_ts)
             if info is None:
                 raise _RejectedError("unknown_device")
+        else:
+            fm = self._admitted(fleet, registers=True, reason="unknown_fleet")
         info.last_seen = recv_ts
-        return info
+        return info, fm
 
     def _check_shape(self, info: DeviceInfo, batch: TelemetryBatch | LabelBatch) -> None:
         schema = self.directory.schema_of(info)
@@ -315,9 +362,9 @@ class Batcher:
         labels: list[DeviceLabels],
         tally: _Tally,
     ) -> None:
-        msg, t, fm = item.msg, item.topic, item.fm
+        msg, t = item.msg, item.topic
         if t.leaf == Leaf.TEL:
-            info = self._known(t.fleet, t.device, msg.recv_ts)
+            info, fm = self._known(t.fleet, t.device, msg.recv_ts)
             head = item.header
             if head is None:
                 batch = item.batch
@@ -367,7 +414,7 @@ class Batcher:
             )
         elif t.leaf == Leaf.LBL:
             lb = LabelBatch.from_json(msg.payload, self.max_payload_bytes)
-            info = self._known(t.fleet, t.device, msg.recv_ts)
+            info, fm = self._known(t.fleet, t.device, msg.recv_ts)
             self._check_shape(info, lb)
             lost_before = info.lost_labels
             verdict = self.directory.check_label_sequence(t.fleet, t.device, lb.boot, lb.seq)
@@ -394,22 +441,23 @@ class Batcher:
             if not msg.payload:
                 return  # a cleared retained status
             status = Status.from_json(msg.payload, self.max_payload_bytes)
+            self._admitted(t.fleet, registers=True, reason="unknown_fleet")
             self.sink.on_status(self.directory.on_status(t.fleet, t.device, status, msg.recv_ts))
         elif t.leaf == Leaf.ACK:
             ack = UpdateAck.from_json(msg.payload, self.max_payload_bytes)
+            self._admitted(t.fleet, registers=False, reason="unknown_device")
             self.sink.on_ack(t.fleet, t.device, ack, msg.recv_ts)
 
 
 class _Parsed:
-    """A message past the first pass: its topic, its fleet's metrics, a telemetry frame's
-    header (binary; its records once decoded) or decoded batch (JSON)."""
+    """A message past the first pass: its topic, a telemetry frame's header (binary; its
+    records once decoded) or decoded batch (JSON)."""
 
-    __slots__ = ("batch", "conf", "features", "fm", "header", "msg", "pred", "pred_max", "topic")
+    __slots__ = ("batch", "conf", "features", "header", "msg", "pred", "pred_max", "topic")
 
-    def __init__(self, msg: Incoming, topic: Topic, fm: _FleetMetrics) -> None:
+    def __init__(self, msg: Incoming, topic: Topic) -> None:
         self.msg = msg
         self.topic = topic
-        self.fm = fm
         self.header: BinaryHeader | None = None
         self.batch: TelemetryBatch | None = None
         self.features: npt.NDArray[np.float64] | None = None
@@ -449,7 +497,8 @@ class _Tally:
     """Counter increments and lag observations of one batch, added once at its end."""
 
     def __init__(self) -> None:
-        self.messages: Counter[tuple[_FleetMetrics, Leaf]] = Counter()
+        self.messages: Counter[tuple[str, Leaf]] = Counter()
+        """Messages by topic fleet (admitted or not: resolved at :meth:`flush`) and leaf."""
         self.readings: Counter[_FleetMetrics] = Counter()
         self.gaps: Counter[Any] = Counter()
         """Lost messages per gap counter child (a fleet's telemetry or label stream)."""
@@ -457,11 +506,12 @@ class _Tally:
         """Receive time minus device timestamp of each accepted frame (negative: not yet
         clipped to 0)."""
 
-    def flush(self) -> None:
+    def flush(self, messages_of: Callable[[str], dict[Leaf, Any]]) -> None:
+        """Add the batch's counts; ``messages_of`` gives a topic fleet's message counters."""
         for fm, lags in self.lags.items():
             fm.lag.observe_many(fm.lag_labels, np.maximum(np.asarray(lags), 0.0))
-        for (fm, leaf), n in self.messages.items():
-            fm.messages[leaf].inc(n)
+        for (fleet, leaf), n in self.messages.items():
+            messages_of(fleet)[leaf].inc(n)
         for fm, n in self.readings.items():
             fm.readings.inc(n)
         for child, n in self.gaps.items():

@@ -154,7 +154,7 @@ class CandidateProposer:
         reference_of: Callable[[str, str], tuple[Any, Any, int | None] | None],
         recent: RecentReadings,
         settings: ProposalSettings | None = None,
-        on_registered: Callable[[bytes], None] | None = None,
+        on_registered: Callable[[ParameterSetRecord], None] | None = None,
     ) -> None:
         self.registry = registry
         self.reconciler = reconciler
@@ -166,7 +166,8 @@ class CandidateProposer:
         self.recent = recent
         self.settings = settings or ProposalSettings()
         self.on_registered = on_registered
-        """Called with each accepted candidate's blob (the service adds it to its catalog)."""
+        """Called with each accepted candidate and each registered set proposed by an operator
+        (the service adds it to its catalog and names its model version)."""
 
     # -- shared ------------------------------------------------------------------------------
 
@@ -199,6 +200,7 @@ class CandidateProposer:
     def _observe(self, fleet: str, kind: str, result: CandidateResult, seconds: float) -> None:
         r = result.report
         m = self.metrics
+        fleet = m.fleet(fleet)
         m.candidate_runs.labels(fleet=fleet, kind=kind, outcome=r.decision).inc()
         m.candidate_seconds.labels(kind=kind).observe(seconds)
         m.quantization_error.labels(fleet=fleet, kind=kind).set(r.quantization_loss_pp / 100.0)
@@ -214,9 +216,9 @@ class CandidateProposer:
     def _registered(self, record: ParameterSetRecord) -> None:
         if self.on_registered is not None:
             try:
-                self.on_registered(record.blob)
+                self.on_registered(record)
             except Exception:  # the catalog is a convenience; the rollout does not depend on it
-                log.exception("candidate v%d not added to the catalog", record.version)
+                log.exception("parameter set v%d not added to the catalog", record.version)
 
     def _held_back(self, members: list[str], rollout_id: str) -> tuple[str, ...]:
         """A control from the devices that get a recalibration, held back until the canary
@@ -372,7 +374,7 @@ class CandidateProposer:
             except RecalibrationError as exc:
                 refused[dev] = str(exc)
                 self.metrics.candidate_runs.labels(
-                    fleet=fleet, kind="recalibration", outcome="refused"
+                    fleet=self.metrics.fleet(fleet), kind="recalibration", outcome="refused"
                 ).inc()
                 continue
             self._observe(fleet, "recalibration", result, time.perf_counter() - t1)
@@ -479,6 +481,7 @@ class CandidateProposer:
             )
         if version == deployed_version:
             raise ProposalError(f"v{version} is what the fleet runs already")
+        self._registered(rec)  # imported while running: the service learns it now
         rollout = self._propose_shared(
             fleet, "parameter_set", fleet_devices, deployed_version, previous, rec, actor,
             auto_approve,

@@ -165,7 +165,7 @@ class RolloutReconciler:
         self.transfer = BlobTransferService(
             client,
             self.cache,
-            on_served=lambda fleet, n: metrics.blob_bytes.labels(fleet=fleet).inc(n),
+            on_served=lambda fleet, n: metrics.blob_bytes.labels(fleet=metrics.fleet(fleet)).inc(n),
             may_fetch=self.intents.may_fetch,
             on_refused=lambda reason: metrics.blob_requests_refused.labels(reason=reason).inc(),
         )
@@ -425,7 +425,9 @@ class RolloutReconciler:
         )
         remedy, outcome = self._remedy(fleet, device, approved, schema_id, last_deploy_seq, owned)
         self.counters["unsanctioned_versions"] += 1
-        self.metrics.unsanctioned_versions.labels(fleet=fleet, source=source).inc()
+        self.metrics.unsanctioned_versions.labels(
+            fleet=self.metrics.fleet(fleet), source=source
+        ).inc()
         log.warning(
             "%s/%s reports parameter version %d (%s), which no rollout gave it; its sanctioned "
             "version is %s: %s",
@@ -601,7 +603,9 @@ class RolloutReconciler:
     def _on_transition(self, ctl: RolloutController, a: RecordTransition) -> None:
         fleet = ctl.plan.fleet
         if a.scope == "rollout":
-            self.metrics.rollout_transitions.labels(fleet=fleet, to_state=str(a.to_state)).inc()
+            self.metrics.rollout_transitions.labels(
+                fleet=self.metrics.fleet(fleet), to_state=str(a.to_state)
+            ).inc()
             log.info("rollout %s: %s → %s (%s)", a.rollout_id, a.from_state, a.to_state, a.reason)
             if a.to_state not in ACTIVE_STATES:  # FINISHED, STOPPED, ROLLED_BACK
                 self._ended_at[fleet] = a.at_ms / 1000
@@ -693,11 +697,13 @@ class RolloutReconciler:
         # version, before the ledger knows it was given
         self.intents.record(fleet, m.device, m.action, ref.blob_sha256, ref.version)
         self.publisher.publish(fleet, m.device, manifest)
-        self.metrics.manifests_published.labels(fleet=fleet, action=m.action).inc()
+        self.metrics.manifests_published.labels(
+            fleet=self.metrics.fleet(fleet), action=m.action
+        ).inc()
 
     def _metric(self, ctl: RolloutController, ev: MetricEvent) -> None:
-        fleet = ctl.plan.fleet
         m = self.metrics
+        fleet = m.fleet(ctl.plan.fleet)
         if ev.name == "update_results":
             m.update_results.labels(
                 fleet=fleet,
@@ -717,7 +723,7 @@ class RolloutReconciler:
         states: Counter[tuple[str, str]] = Counter()
         devices: Counter[tuple[str, str]] = Counter()
         for ctl in self.controllers.values():
-            fleet = ctl.plan.fleet
+            fleet = m.fleet(ctl.plan.fleet)
             states[(fleet, ctl.state.status.value)] += 1
             for p in ctl.state.devices.values():
                 devices[(fleet, p.status.value)] += 1

@@ -129,7 +129,7 @@ def test_rule_unit_tests_cover_the_required_alerts_both_ways():
 def _exposed_names() -> set[str]:
     """Every series name ``/metrics`` can carry: TYPE lines plus their sample suffixes."""
     m = ServiceMetrics()
-    m.ensure_fleet("f")
+    m.fleets.admit("f")
     names: set[str] = set()
     for line in m.exposition().decode().splitlines():
         if line.startswith("# TYPE "):

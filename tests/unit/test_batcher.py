@@ -256,3 +256,37 @@ def test_the_thread_drains_the_queue_in_batches():
     assert b.processed == 41
     assert [fr.seq for fr in sink.frames] == list(range(40))
     assert b.source.empty()
+
+
+def test_a_message_of_a_fleet_not_monitored_adds_no_series_and_is_rejected():
+    cat = SchemaCatalog()
+    cat.add_schema(SCHEMA)
+    m = ServiceMetrics(max_fleets=1)
+    b = Batcher(queue.Queue(), DeviceDirectory(cat), Sink(), m)
+    b.process([msg("d1", Leaf.STATUS, birth(SCHEMA.schema_id_hex)), msg("d1", Leaf.TEL, frame(0))])
+    before = m.exposition().count(b"\n")
+    flood = [
+        Incoming(topic(f"x{i}", "d", leaf), payload, time.time())
+        for i in range(500)
+        for leaf, payload in [(Leaf.TEL, frame(0)), (Leaf.STATUS, birth(SCHEMA.schema_id_hex))]
+    ]
+    b.process(flood)
+    assert b.rejections == {"unknown_device": 500, "unknown_fleet": 500}
+    assert m.exposition().count(b"\n") == before
+    assert b'tinydrift_mqtt_messages_received_total{fleet="_unknown",kind="tel"} 500.0' in (
+        m.exposition()
+    )
+    b.process([msg("d1", Leaf.TEL, frame(1))])  # the monitored fleet goes on
+    assert b.rejections == {"unknown_device": 500, "unknown_fleet": 500}
+
+
+def test_an_adopted_device_of_a_fleet_beyond_the_limit_is_rejected():
+    cat = SchemaCatalog()
+    cat.add_schema(SCHEMA)
+    sink = Sink()
+    m = ServiceMetrics(fleets=["f"])
+    b = Batcher(queue.Queue(), DeviceDirectory(cat, unknown_devices="adopt"), sink, m)
+    b.process([msg("d1", Leaf.TEL, frame(0)), Incoming(topic("g", "d1", Leaf.TEL), frame(0), 0.0)])
+    assert len(sink.frames) == 1
+    assert b.rejections == {"unknown_fleet": 1}
+    assert b.directory.get("g", "d1") is None
