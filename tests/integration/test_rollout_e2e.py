@@ -7,7 +7,10 @@
 3. a tampered or wrongly signed blob, and a wrongly signed manifest → every device rejects it
    with its reason; the service counts it; nothing changes on the devices;
 4. a device offline during a rollout converges to the final desired state when it reconnects;
-5. the service killed mid-rollout resumes from the registry; no device stays in trial.
+5. the service killed mid-rollout resumes from the registry; no device stays in trial;
+6. unauthorized API calls change nothing;
+7. two fleets with the same device ids, one service: each canary is judged on its own fleet's
+   frames, each fleet's devices get only their fleet's manifests (issue 11 item 2).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -31,7 +35,14 @@ from service.embedded_broker import EmbeddedBroker
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
 from tests.integration.polling import wait
-from tests.integration.rollout_rig import Rig, accuracy, running_rig, seed_registry
+from tests.integration.rollout_rig import (
+    DesiredLog,
+    Rig,
+    accuracy,
+    running_rig,
+    second_fleet,
+    seed_registry,
+)
 
 pytestmark = pytest.mark.integration
 DRIFT_AFTER_S = 20.0
@@ -473,3 +484,123 @@ def test_unauthorized_api_calls_change_nothing(
             a.actor == "operator-1" and a.action == "rollout.approve"
             for a in svc.registry.list_audit(limit=10_000)
         )
+
+
+# -------------------------------------------------------------------------------------------
+# 7. two fleets with the same device ids
+
+
+def _get(port: int | None, path: str, token: str) -> Any:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1{path}", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _group_figures(rig: Rig, rollout_id: str, group: str) -> dict[str, Any]:
+    figures = next(g for g in rig.view(rollout_id).groups if g["name"] == group)["figures"]
+    assert figures is not None
+    assert figures["quality"] is not None, figures
+    quality: dict[str, Any] = figures["quality"]
+    return quality
+
+
+def test_fleets_sharing_device_ids_are_judged_on_their_own_frames(
+    mosquitto: EmbeddedBroker, bundle: Bundle, db: str, request: pytest.FixtureRequest, tmp_path
+) -> None:
+    a = fleet_name(request)
+    b = f"{a}-b"
+    ids = [f"dev-{i:04d}" for i in range(12)]
+    register(db, bundle, shuffled_label_blob(bundle, 2), 2, "shuffled-labels")
+    register(db, bundle, factory_resigned(bundle, 3), 3, "resigned")
+    # fleet A labels one reading in ten, fleet B (the same device ids) none: a label in B's gate
+    # figures is another fleet's. A wide error margin: A's bad update fails by ~0.8 regardless.
+    with (
+        running_rig(mosquitto, db, bundle, a, fleets=[a, b], gate_error_margin=0.2) as rig,
+        second_fleet(mosquitto, bundle, b, tmp_path / "b", seed=11, label_rate=0.0),
+    ):
+        svc = rig.service
+        ops, rec = svc.operations, svc.reconciler
+        assert ops is not None
+        assert rec is not None
+        desired = DesiredLog(mosquitto, [a, b], f"desired-{a}")
+        try:
+            rig.wait_references(ids)
+            rig.wait_references(ids, fleet=b)
+            infos = [svc.directory.get(f, d) for f in (a, b) for d in ids]
+            assert all(i is not None and i.online for i in infos), "24 devices, each online"
+            # A's bad candidate waits for approval (its devices are watched from now on) while
+            # B's good one runs, canary to the last wave, on the same device ids
+            pa = ops.propose(a, "parameter_set", "test-operator", version=2)
+            pb = ops.propose(b, "parameter_set", "test-operator", version=3, auto_approve=True)
+            assert pa.rollout is not None
+            assert pb.rollout is not None
+            ra, rb = pa.rollout.rollout_id, pb.rollout.rollout_id
+            vb = rig.wait_status(rb, {"FINISHED", "ROLLED_BACK", "PAUSED"}, 120)
+            qb = _group_figures(rig, rb, "canary")
+            # B's arms counted B's frames only (A's devices of the same ids run v1 too, labelled)
+            assert qb["control"]["labelled"] == 0, qb
+            assert qb["canary"]["labelled"] == 0, qb
+            assert qb["paired_devices"] == 0, qb
+            assert vb.status == "FINISHED", vb.reason
+            updated_b, control_b = members(rig, rb)
+            assert qb["canary"]["devices"] == 3
+            assert qb["control"]["devices"] == len(control_b)
+            for dev in updated_b:
+                wait(lambda d=dev: rig.active_version(d, b) == 3, 30, f"{b}/{dev} on v3")
+            assert all(rig.active_version(d) == 1 for d in ids), "fleet A is untouched"
+
+            # A's canary starts only now, after B's rollout ended and stopped watching B's devices
+            ops.approve(ra, "test-operator")
+            va = rig.wait_status(ra, {"FINISHED", "ROLLED_BACK", "PAUSED"}, 120)
+            assert va.status == "ROLLED_BACK", va.reason
+            assert "gate failed in canary" in va.reason
+            qa = _group_figures(rig, ra, "canary")
+            _, control_a = members(rig, ra)
+            assert qa["canary"]["devices"] == 3
+            assert qa["control"]["devices"] == len(control_a)
+            assert qa["paired_devices"] == 3, qa
+            touched_a = set(rec.controllers[ra].state.devices)
+            canary_a = set(rec.controllers[ra].state.groups[0].devices)
+            assert touched_a <= canary_a, "only A's canary got A's update"
+            for dev in touched_a:
+                wait(lambda d=dev: rig.active_version(d) == 1, 30, f"{a}/{dev} back on v1")
+            assert all(rig.active_version(d, b) == 3 for d in updated_b), "B keeps its update"
+
+            # each fleet's devices got their own fleet's manifests, nothing of the other's
+            touched_b = set(rec.controllers[rb].state.devices)
+            wait(lambda: set(desired.of(a)) == touched_a, 30, f"{a}'s manifests")
+            wait(lambda: set(desired.of(b)) == touched_b, 30, f"{b}'s manifests")
+            assert touched_b == set(updated_b)
+            versions_a = {m.param.version for ms in desired.of(a).values() for m in ms}
+            versions_b = {m.param.version for ms in desired.of(b).values() for m in ms}
+            assert versions_a <= {1, 2}, versions_a
+            assert versions_b == {3}, versions_b
+
+            # per-device views are distinct per fleet: directory, layer A, API
+            mons = svc.engine.monitors
+            assert all(mons[(a, d)] is not mons[(b, d)] for d in ids)
+            _, viewer = svc.registry.create_token("viewer-1", "viewer")
+            port = svc.api_port
+            for fleet in (a, b):
+                page = _get(port, f"/fleets/{fleet}/devices", viewer)
+                assert page["total"] == len(ids)
+                assert {d["device"] for d in page["items"]} == set(ids)
+                assert {d["fleet"] for d in page["items"]} == {fleet}
+            # an id that ran v2 in A (back on v1 now) and v3 in B, if there is one
+            target = min(touched_a & set(updated_b) or set(updated_b))
+
+            def shown() -> tuple[int, int]:
+                return tuple(  # type: ignore[return-value]
+                    _get(port, f"/devices/{f}/{target}", viewer)["model_version"] for f in (a, b)
+                )
+
+            wait(lambda: shown() == (1, 3), 30, f"the API showing {target} on v1 in A, v3 in B")
+            text = scrape(svc.metrics_port)
+        finally:
+            desired.close()
+    assert metric(text, "tinydrift_rollbacks_total", fleet=a, cause="gate") == 1
+    assert metric(text, "tinydrift_rollbacks_total", fleet=b) == 0
+    assert metric(text, "tinydrift_rollouts", fleet=b, state="FINISHED") == 1
+    assert metric(text, "tinydrift_rollouts", fleet=a, state="ROLLED_BACK") == 1
