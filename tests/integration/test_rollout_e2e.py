@@ -10,12 +10,15 @@
 5. the service killed mid-rollout resumes from the registry; no device stays in trial;
 6. unauthorized API calls change nothing;
 7. two fleets with the same device ids, one service: each canary is judged on its own fleet's
-   frames, each fleet's devices get only their fleet's manifests (issue 11 item 2).
+   frames, each fleet's devices get only their fleet's manifests (issue 11 item 2);
+8. a device whose birth claims the largest ``deploy_seq`` is excluded and reported; the rollout
+   goes on without it (issue 11 item 5).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -28,12 +31,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.blob import build_blob, generate_key, verify_blob
 from edge_agent.device.fleet import Fleet, FleetConfig, plan_drift
 from edge_agent.wire.manifest_signature import sign_manifest
-from edge_agent.wire.messages import Manifest
+from edge_agent.wire.messages import Capabilities, Manifest, Status
 from edge_agent.wire.topics import Leaf, topic
 from service.demo import shuffled_label_candidate
 from service.embedded_broker import EmbeddedBroker
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
+from service.rollout.controller import (
+    EXHAUSTED,
+    MAX_DEPLOY_SEQ,
+    PublishManifest,
+    RolloutController,
+)
 from tests.integration.polling import wait
 from tests.integration.rollout_rig import (
     DesiredLog,
@@ -604,3 +613,112 @@ def test_fleets_sharing_device_ids_are_judged_on_their_own_frames(
     assert metric(text, "tinydrift_rollbacks_total", fleet=b) == 0
     assert metric(text, "tinydrift_rollouts", fleet=b, state="FINISHED") == 1
     assert metric(text, "tinydrift_rollouts", fleet=a, state="ROLLED_BACK") == 1
+
+
+# -------------------------------------------------------------------------------------------
+# 8. a device that can take no larger deploy_seq
+
+
+def test_a_device_that_can_take_no_update_is_excluded_not_blocking(
+    mosquitto: EmbeddedBroker,
+    bundle: Bundle,
+    db: str,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = fleet_name(request)
+    register(db, bundle, factory_resigned(bundle, 2), 2, "resigned")
+    devices = [f"dev-{i:04d}" for i in range(10)]
+    stuck = "dev-0099"
+    fw = bundle.firmware()
+
+    def birth() -> bytes:
+        return Status.create(
+            online=True, fw=fw.name, schema_id=fw.schema.schema_id_hex, active_version=1,
+            update_state="IDLE", last_deploy_seq=MAX_DEPLOY_SEQ, epoch_floor=0, boot=1,
+            ts_ms=int(time.time() * 1000),
+            caps=Capabilities(max_chunk=fw.max_chunk, telemetry=("bin",), labels=False),
+        ).to_json()  # fmt: skip
+
+    caplog.set_level(logging.WARNING, logger="service.rollout.reconciler")
+    # the subject is exclusion, not the gate's power: a wide margin (see the restart test)
+    with running_rig(
+        mosquitto, db, bundle, name, devices=10, gate_error_margin=0.2, max_soak_s=150.0
+    ) as rig:
+        svc = rig.service
+        assert svc.operations is not None
+        assert svc.reconciler is not None
+        status_topic = topic(name, stuck, Leaf.STATUS)
+        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"x-{name}")
+        pub.connect(mosquitto.host, mosquitto.port)
+        pub.loop_start()
+        desired = DesiredLog(mosquitto, [name], f"desired-{name}")
+        try:
+            # its birth, then its clean disconnect: a member of the fleet, offline, so it is
+            # drawn neither for the canary nor for the control but for the wave
+            pub.publish(status_topic, birth(), 1, True).wait_for_publish(5)
+            wait(lambda: (i := svc.directory.get(name, stuck)) is not None and i.online, 10,
+                 f"{stuck}'s birth")  # fmt: skip
+            pub.publish(status_topic, Status.will().to_json(), 1, True).wait_for_publish(5)
+            wait(lambda: not svc.directory.get(name, stuck).online, 10, f"{stuck} offline")  # type: ignore[union-attr]
+            rig.wait_references(devices)
+            p = svc.operations.propose(name, "parameter_set", "test-operator", version=2,
+                                       auto_approve=True)  # fmt: skip
+            assert p.rollout is not None
+            rid = p.rollout.rollout_id
+            updated, control = members(rig, rid)
+            assert stuck in updated
+            assert stuck not in control
+            ctl = svc.reconciler.controllers[rid]
+            assert stuck not in ctl.state.groups[0].devices, "not the canary"
+
+            def excluded() -> list[Any]:
+                return svc.registry.list_audit(action="rollout.device_excluded", limit=100)
+
+            wait(lambda: excluded(), 120, f"{stuck} excluded when its wave starts")
+            # it comes back, still claiming the largest deploy_seq: nothing is sent to it
+            pub.publish(status_topic, birth(), 1, True).wait_for_publish(5)
+            view = rig.wait_status(rid, {"FINISHED", "ROLLED_BACK", "PAUSED"}, 120)
+            assert view.status == "FINISHED", view.reason
+            others = [d for d in updated if d != stuck]
+            wait(lambda: rig.view(rid).summary.confirmed == len(others), 30, "confirmations")
+            for dev in others:
+                wait(lambda d=dev: rig.active_version(d) == 2, 20, f"{dev} on v2")
+            wait(lambda: set(desired.of(name)) == set(others), 30, "the others' manifests")
+            assert stuck not in desired.of(name), "no manifest for the excluded device"
+            prog = ctl.state.devices[stuck]
+            assert (prog.status.value, prog.reason, prog.intent) == ("FAILED", EXHAUSTED, "none")
+            svc.reconciler.flush()
+            text = scrape(svc.metrics_port)
+        finally:
+            desired.close()
+            pub.publish(status_topic, b"", 1, True).wait_for_publish(5)  # clear its retained birth
+            pub.loop_stop()
+            pub.disconnect()
+    assert metric(text, "tinydrift_update_results_total", fleet=name, code="409",
+                  reason=EXHAUSTED) == 1  # fmt: skip
+    assert metric(text, "tinydrift_update_results_total", fleet=name, code="200") == len(others)
+    lines = [r.getMessage() for r in caplog.records if "excluded" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert stuck in lines[0], lines
+    assert str(MAX_DEPLOY_SEQ) in lines[0], lines
+    reg = Registry(db)
+    try:
+        [entry] = reg.list_audit(action="rollout.device_excluded", limit=100)
+        assert entry.target == f"rollout:{rid}"
+        assert entry.details == {
+            "device": stuck, "reason": EXHAUSTED, "last_deploy_seq": MAX_DEPLOY_SEQ,
+        }  # fmt: skip
+        # what is stored is a state the service can act on: finished, every intent within u32,
+        # and a restart of it publishes nothing
+        stored = reg.get_rollout(rid)
+        assert stored is not None
+        assert stored.state == "FINISHED"
+        state = json.loads(stored.state_json)
+        assert all(d["deploy_seq"] <= MAX_DEPLOY_SEQ for d in state["devices"].values())
+        assert state["devices"][stuck]["deploy_seq"] == 0, "never issued"
+        restored, actions = RolloutController.restore(stored.state_json, int(time.time() * 1000))
+        actions += restored.resync(int(time.time() * 1000))
+        assert not [a for a in actions if isinstance(a, PublishManifest)]
+    finally:
+        reg.close()
