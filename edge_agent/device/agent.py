@@ -54,6 +54,9 @@ class AgentConfig:
     """Share of readings for which a label is published."""
     codec: Literal["bin", "json"] = "bin"
     keepalive: int = 30
+    client_id: str | None = None
+    """MQTT client id; ``None``: the device id (the contract). Fleets that reuse device ids need
+    their own broker each, or distinct client ids on a shared test broker."""
 
 
 @dataclass
@@ -115,7 +118,7 @@ class EdgeAgent:
         c = self.config
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=c.device_id,
+            client_id=c.client_id or c.device_id,
             protocol=mqtt.MQTTv311,
             clean_session=True,
         )

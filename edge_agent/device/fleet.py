@@ -67,6 +67,8 @@ class FleetConfig:
     codec: str = "bin"
     state_dir: Path | None = None
     first_index: int = 0
+    client_id_prefix: str = ""
+    """Prepended to each device's MQTT client id (see :attr:`AgentConfig.client_id`)."""
 
 
 class Fleet:
@@ -102,6 +104,7 @@ class Fleet:
                 time_scale=config.time_scale,
                 label_rate=config.label_rate,
                 codec="json" if config.codec == "json" else "bin",
+                client_id=config.client_id_prefix + name if config.client_id_prefix else None,
             )
             machine = UpdateMachine(
                 firmware, root / name, fleet=config.fleet, device=name, clock=clock, fsync=False

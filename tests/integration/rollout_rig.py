@@ -1,12 +1,15 @@
 """A service with signing keys, a registry and a simulated fleet: the rig of the rollout tests.
 
 Each test gets its own fleet name and client id (the session broker keeps other tests' retained
-births and manifests), its own registry database and its own devices' storage.
+births and manifests), its own registry database and its own devices' storage. A second fleet
+(:func:`second_fleet`) may reuse the first one's device ids; :class:`DesiredLog` records every
+manifest published on the fleets' ``desired`` topics.
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,8 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from edge_agent.device.fleet import Fleet, FleetConfig
 from edge_agent.device.simulator import DriftSpec
+from edge_agent.wire.messages import Manifest
+from edge_agent.wire.topics import Leaf, parse_topic, subscription
 from service.config import ServiceSettings, load_settings
 from service.demo import labelled_accuracy
 from service.embedded_broker import EmbeddedBroker
@@ -106,22 +114,105 @@ class Rig:
             ) from None
         return self.view(rollout_id)
 
-    def active_version(self, device: str) -> int | None:
-        """The model version the device last reported (birth)."""
-        info = self.service.directory.get(self.fleet_name, device)
+    def active_version(self, device: str, fleet: str | None = None) -> int | None:
+        """The model version the device (of ``fleet``, default the rig's) last reported."""
+        info = self.service.directory.get(fleet or self.fleet_name, device)
         return None if info is None else info.active_version
 
-    def wait_references(self, devices: list[str], timeout: float = 30) -> None:
-        """Wait until layer A has a complete reference for every device."""
+    def wait_references(
+        self, devices: list[str], timeout: float = 30, fleet: str | None = None
+    ) -> None:
+        """Wait until layer A has a complete reference for every device (of ``fleet``)."""
+        name = fleet or self.fleet_name
 
         def ready() -> bool:
             mons = self.service.engine.monitors
-            return all(
-                (self.fleet_name, d) in mons and mons[(self.fleet_name, d)].reference_complete
-                for d in devices
-            )
+            return all((name, d) in mons and mons[(name, d)].reference_complete for d in devices)
 
         wait(ready, timeout, "layer-A references of every device")
+
+
+def sim_fleet(
+    broker: EmbeddedBroker,
+    bundle: Bundle,
+    fleet_name: str,
+    state_dir: Path,
+    *,
+    devices: int = 12,
+    plan: dict[str, DriftSpec] | None = None,
+    seed: int = 3,
+    label_rate: float = 0.1,
+    client_id_prefix: str = "",
+) -> Fleet:
+    """A simulated fleet at the rig's pace: 16 readings a frame every 50 ms (320 readings/s)."""
+    return Fleet(
+        FleetConfig(
+            fleet=fleet_name,
+            devices=devices,
+            host=broker.host,
+            port=broker.port,
+            seed=seed,
+            batch=16,
+            period_s=0.05,
+            label_rate=label_rate,
+            state_dir=state_dir,
+            client_id_prefix=client_id_prefix,
+        ),
+        bundle.firmware(),
+        plan or {},
+    )
+
+
+@contextmanager
+def second_fleet(
+    broker: EmbeddedBroker, bundle: Bundle, fleet_name: str, state_dir: Path, **kw: Any
+) -> Iterator[Fleet]:
+    """Run another fleet beside the rig's, with the same device ids (``dev-0000`` …): its MQTT
+    client ids carry the fleet name so the two do not take each other's connections over."""
+    fleet = sim_fleet(
+        broker, bundle, fleet_name, state_dir, client_id_prefix=f"{fleet_name}.", **kw
+    )
+    fleet.start()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+class DesiredLog:
+    """Every manifest published on the ``desired`` topics of ``fleets``, by (fleet, device)."""
+
+    def __init__(self, broker: EmbeddedBroker, fleets: list[str], client_id: str) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], list[Manifest]] = {}
+        self._fleets = fleets
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id
+        )
+        self._client.on_connect = lambda c, *_: c.subscribe(
+            [(subscription(Leaf.DESIRED, f), 1) for f in self._fleets]
+        )
+        self._client.on_message = self._on_message
+        self._client.connect(broker.host, broker.port)
+        self._client.loop_start()
+        wait(self._client.is_connected, 10, "the desired-topic recorder connected")
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        if not msg.payload:
+            return  # a cleared retained manifest
+        t = parse_topic(msg.topic)
+        with self._lock:
+            self._seen.setdefault((t.fleet, t.device), []).append(Manifest.from_json(msg.payload))
+
+    def of(self, fleet: str) -> dict[str, list[Manifest]]:
+        """Device → manifests received on its ``desired`` topic in ``fleet``."""
+        with self._lock:
+            return {d: list(ms) for (f, d), ms in self._seen.items() if f == fleet}
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.loop_stop()
+        self._client.disconnect()
 
 
 @contextmanager
@@ -145,21 +236,7 @@ def running_rig(
     if state_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="rig-")
         state_dir = Path(tmp.name)
-    fleet = Fleet(
-        FleetConfig(
-            fleet=fleet_name,
-            devices=devices,
-            host=broker.host,
-            port=broker.port,
-            seed=seed,
-            batch=16,
-            period_s=0.05,
-            label_rate=0.1,
-            state_dir=state_dir,
-        ),
-        bundle.firmware(),
-        plan or {},
-    )
+    fleet = sim_fleet(broker, bundle, fleet_name, state_dir, devices=devices, plan=plan, seed=seed)
     try:
         assert svc.consumer.wait_connected(10)
         fleet.start()

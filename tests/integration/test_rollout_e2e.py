@@ -7,15 +7,22 @@
 3. a tampered or wrongly signed blob, and a wrongly signed manifest → every device rejects it
    with its reason; the service counts it; nothing changes on the devices;
 4. a device offline during a rollout converges to the final desired state when it reconnects;
-5. the service killed mid-rollout resumes from the registry; no device stays in trial.
+5. the service killed mid-rollout resumes from the registry; no device stays in trial;
+6. unauthorized API calls change nothing;
+7. two fleets with the same device ids, one service: each canary is judged on its own fleet's
+   frames, each fleet's devices get only their fleet's manifests (issue 11 item 2);
+8. a device whose birth claims the largest ``deploy_seq`` is excluded and reported; the rollout
+   goes on without it (issue 11 item 5).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -24,14 +31,27 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.blob import build_blob, generate_key, verify_blob
 from edge_agent.device.fleet import Fleet, FleetConfig, plan_drift
 from edge_agent.wire.manifest_signature import sign_manifest
-from edge_agent.wire.messages import Manifest
+from edge_agent.wire.messages import Capabilities, Manifest, Status
 from edge_agent.wire.topics import Leaf, topic
 from service.demo import shuffled_label_candidate
 from service.embedded_broker import EmbeddedBroker
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
+from service.rollout.controller import (
+    EXHAUSTED,
+    MAX_DEPLOY_SEQ,
+    PublishManifest,
+    RolloutController,
+)
 from tests.integration.polling import wait
-from tests.integration.rollout_rig import Rig, accuracy, running_rig, seed_registry
+from tests.integration.rollout_rig import (
+    DesiredLog,
+    Rig,
+    accuracy,
+    running_rig,
+    second_fleet,
+    seed_registry,
+)
 
 pytestmark = pytest.mark.integration
 DRIFT_AFTER_S = 20.0
@@ -475,3 +495,236 @@ def test_unauthorized_api_calls_change_nothing(
             a.actor == "operator-1" and a.action == "rollout.approve"
             for a in svc.registry.list_audit(limit=10_000)
         )
+
+
+# -------------------------------------------------------------------------------------------
+# 7. two fleets with the same device ids
+
+
+def _get(port: int | None, path: str, token: str) -> Any:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1{path}", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _group_figures(rig: Rig, rollout_id: str, group: str) -> dict[str, Any]:
+    figures = next(g for g in rig.view(rollout_id).groups if g["name"] == group)["figures"]
+    assert figures is not None
+    assert figures["quality"] is not None, figures
+    quality: dict[str, Any] = figures["quality"]
+    return quality
+
+
+# one backend: what this tests is the service's keying, not the registry's (the suite's time)
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_fleets_sharing_device_ids_are_judged_on_their_own_frames(
+    mosquitto: EmbeddedBroker, bundle: Bundle, db: str, request: pytest.FixtureRequest, tmp_path
+) -> None:
+    a = fleet_name(request)
+    b = f"{a}-b"
+    ids = [f"dev-{i:04d}" for i in range(12)]
+    register(db, bundle, shuffled_label_blob(bundle, 2), 2, "shuffled-labels")
+    register(db, bundle, factory_resigned(bundle, 3), 3, "resigned")
+    # fleet A labels one reading in ten, fleet B (the same device ids) none: a label in B's gate
+    # figures is another fleet's. A wide error margin: A's bad update fails by ~0.8 regardless.
+    with (
+        running_rig(mosquitto, db, bundle, a, fleets=[a, b], gate_error_margin=0.2) as rig,
+        second_fleet(mosquitto, bundle, b, tmp_path / "b", seed=11, label_rate=0.0),
+    ):
+        svc = rig.service
+        ops, rec = svc.operations, svc.reconciler
+        assert ops is not None
+        assert rec is not None
+        desired = DesiredLog(mosquitto, [a, b], f"desired-{a}")
+        try:
+            rig.wait_references(ids)
+            rig.wait_references(ids, fleet=b)
+            infos = [svc.directory.get(f, d) for f in (a, b) for d in ids]
+            assert all(i is not None and i.online for i in infos), "24 devices, each online"
+            # A's bad candidate waits for approval (its devices are watched from now on) while
+            # B's good one runs, canary to the last wave, on the same device ids
+            pa = ops.propose(a, "parameter_set", "test-operator", version=2)
+            pb = ops.propose(b, "parameter_set", "test-operator", version=3, auto_approve=True)
+            assert pa.rollout is not None
+            assert pb.rollout is not None
+            ra, rb = pa.rollout.rollout_id, pb.rollout.rollout_id
+            vb = rig.wait_status(rb, {"FINISHED", "ROLLED_BACK", "PAUSED"}, 120)
+            qb = _group_figures(rig, rb, "canary")
+            # B's arms counted B's frames only (A's devices of the same ids run v1 too, labelled)
+            assert qb["control"]["labelled"] == 0, qb
+            assert qb["canary"]["labelled"] == 0, qb
+            assert qb["paired_devices"] == 0, qb
+            assert vb.status == "FINISHED", vb.reason
+            updated_b, control_b = members(rig, rb)
+            assert qb["canary"]["devices"] == 3
+            assert qb["control"]["devices"] == len(control_b)
+            for dev in updated_b:
+                wait(lambda d=dev: rig.active_version(d, b) == 3, 30, f"{b}/{dev} on v3")
+            assert all(rig.active_version(d) == 1 for d in ids), "fleet A is untouched"
+
+            # A's canary starts only now, after B's rollout ended and stopped watching B's devices
+            ops.approve(ra, "test-operator")
+            va = rig.wait_status(ra, {"FINISHED", "ROLLED_BACK", "PAUSED"}, 120)
+            assert va.status == "ROLLED_BACK", va.reason
+            assert "gate failed in canary" in va.reason
+            qa = _group_figures(rig, ra, "canary")
+            _, control_a = members(rig, ra)
+            assert qa["canary"]["devices"] == 3
+            assert qa["control"]["devices"] == len(control_a)
+            assert qa["paired_devices"] == 3, qa
+            touched_a = set(rec.controllers[ra].state.devices)
+            canary_a = set(rec.controllers[ra].state.groups[0].devices)
+            assert touched_a <= canary_a, "only A's canary got A's update"
+            for dev in touched_a:
+                wait(lambda d=dev: rig.active_version(d) == 1, 30, f"{a}/{dev} back on v1")
+            assert all(rig.active_version(d, b) == 3 for d in updated_b), "B keeps its update"
+
+            # each fleet's devices got their own fleet's manifests, nothing of the other's
+            touched_b = set(rec.controllers[rb].state.devices)
+            wait(lambda: set(desired.of(a)) == touched_a, 30, f"{a}'s manifests")
+            wait(lambda: set(desired.of(b)) == touched_b, 30, f"{b}'s manifests")
+            assert touched_b == set(updated_b)
+            versions_a = {m.param.version for ms in desired.of(a).values() for m in ms}
+            versions_b = {m.param.version for ms in desired.of(b).values() for m in ms}
+            assert versions_a <= {1, 2}, versions_a
+            assert versions_b == {3}, versions_b
+
+            # per-device views are distinct per fleet: directory, layer A, API
+            mons = svc.engine.monitors
+            assert all(mons[(a, d)] is not mons[(b, d)] for d in ids)
+            _, viewer = svc.registry.create_token("viewer-1", "viewer")
+            port = svc.api_port
+            for fleet in (a, b):
+                page = _get(port, f"/fleets/{fleet}/devices", viewer)
+                assert page["total"] == len(ids)
+                assert {d["device"] for d in page["items"]} == set(ids)
+                assert {d["fleet"] for d in page["items"]} == {fleet}
+            # an id that ran v2 in A (back on v1 now) and v3 in B, if there is one
+            target = min(touched_a & set(updated_b) or set(updated_b))
+
+            def shown() -> tuple[int, int]:
+                return tuple(  # type: ignore[return-value]
+                    _get(port, f"/devices/{f}/{target}", viewer)["model_version"] for f in (a, b)
+                )
+
+            wait(lambda: shown() == (1, 3), 30, f"the API showing {target} on v1 in A, v3 in B")
+            text = scrape(svc.metrics_port)
+        finally:
+            desired.close()
+    assert metric(text, "tinydrift_rollbacks_total", fleet=a, cause="gate") == 1
+    assert metric(text, "tinydrift_rollbacks_total", fleet=b) == 0
+    assert metric(text, "tinydrift_rollouts", fleet=b, state="FINISHED") == 1
+    assert metric(text, "tinydrift_rollouts", fleet=a, state="ROLLED_BACK") == 1
+
+
+# -------------------------------------------------------------------------------------------
+# 8. a device that can take no larger deploy_seq
+
+
+# one backend: what this tests is the service's keying, not the registry's (the suite's time)
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_device_that_can_take_no_update_is_excluded_not_blocking(
+    mosquitto: EmbeddedBroker,
+    bundle: Bundle,
+    db: str,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = fleet_name(request)
+    register(db, bundle, factory_resigned(bundle, 2), 2, "resigned")
+    devices = [f"dev-{i:04d}" for i in range(10)]
+    stuck = "dev-0099"
+    fw = bundle.firmware()
+
+    def birth() -> bytes:
+        return Status.create(
+            online=True, fw=fw.name, schema_id=fw.schema.schema_id_hex, active_version=1,
+            update_state="IDLE", last_deploy_seq=MAX_DEPLOY_SEQ, epoch_floor=0, boot=1,
+            ts_ms=int(time.time() * 1000),
+            caps=Capabilities(max_chunk=fw.max_chunk, telemetry=("bin",), labels=False),
+        ).to_json()  # fmt: skip
+
+    caplog.set_level(logging.WARNING, logger="service.rollout.reconciler")
+    # the subject is exclusion, not the gate's power: a wide margin (see the restart test)
+    with running_rig(
+        mosquitto, db, bundle, name, devices=10, gate_error_margin=0.2, max_soak_s=150.0
+    ) as rig:
+        svc = rig.service
+        assert svc.operations is not None
+        assert svc.reconciler is not None
+        status_topic = topic(name, stuck, Leaf.STATUS)
+        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"x-{name}")
+        pub.connect(mosquitto.host, mosquitto.port)
+        pub.loop_start()
+        desired = DesiredLog(mosquitto, [name], f"desired-{name}")
+        try:
+            # its birth, then its clean disconnect: a member of the fleet, offline, so it is
+            # drawn neither for the canary nor for the control but for the wave
+            pub.publish(status_topic, birth(), 1, True).wait_for_publish(5)
+            wait(lambda: (i := svc.directory.get(name, stuck)) is not None and i.online, 10,
+                 f"{stuck}'s birth")  # fmt: skip
+            pub.publish(status_topic, Status.will().to_json(), 1, True).wait_for_publish(5)
+            wait(lambda: not svc.directory.get(name, stuck).online, 10, f"{stuck} offline")  # type: ignore[union-attr]
+            rig.wait_references(devices)
+            p = svc.operations.propose(name, "parameter_set", "test-operator", version=2,
+                                       auto_approve=True)  # fmt: skip
+            assert p.rollout is not None
+            rid = p.rollout.rollout_id
+            updated, control = members(rig, rid)
+            assert stuck in updated
+            assert stuck not in control
+            ctl = svc.reconciler.controllers[rid]
+            assert stuck not in ctl.state.groups[0].devices, "not the canary"
+
+            def excluded() -> list[Any]:
+                return svc.registry.list_audit(action="rollout.device_excluded", limit=100)
+
+            wait(lambda: excluded(), 120, f"{stuck} excluded when its wave starts")
+            # it comes back, still claiming the largest deploy_seq: nothing is sent to it
+            pub.publish(status_topic, birth(), 1, True).wait_for_publish(5)
+            view = rig.wait_status(rid, {"FINISHED", "ROLLED_BACK", "PAUSED"}, 120)
+            assert view.status == "FINISHED", view.reason
+            others = [d for d in updated if d != stuck]
+            wait(lambda: rig.view(rid).summary.confirmed == len(others), 30, "confirmations")
+            for dev in others:
+                wait(lambda d=dev: rig.active_version(d) == 2, 20, f"{dev} on v2")
+            wait(lambda: set(desired.of(name)) == set(others), 30, "the others' manifests")
+            assert stuck not in desired.of(name), "no manifest for the excluded device"
+            prog = ctl.state.devices[stuck]
+            assert (prog.status.value, prog.reason, prog.intent) == ("FAILED", EXHAUSTED, "none")
+            svc.reconciler.flush()
+            text = scrape(svc.metrics_port)
+        finally:
+            desired.close()
+            pub.publish(status_topic, b"", 1, True).wait_for_publish(5)  # clear its retained birth
+            pub.loop_stop()
+            pub.disconnect()
+    assert metric(text, "tinydrift_update_results_total", fleet=name, code="409",
+                  reason=EXHAUSTED) == 1  # fmt: skip
+    assert metric(text, "tinydrift_update_results_total", fleet=name, code="200") == len(others)
+    lines = [r.getMessage() for r in caplog.records if "excluded" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert stuck in lines[0], lines
+    assert str(MAX_DEPLOY_SEQ) in lines[0], lines
+    reg = Registry(db)
+    try:
+        [entry] = reg.list_audit(action="rollout.device_excluded", limit=100)
+        assert entry.target == f"rollout:{rid}"
+        assert entry.details == {
+            "device": stuck, "reason": EXHAUSTED, "last_deploy_seq": MAX_DEPLOY_SEQ,
+        }  # fmt: skip
+        # what is stored is a state the service can act on: finished, every intent within u32,
+        # and a restart of it publishes nothing
+        stored = reg.get_rollout(rid)
+        assert stored is not None
+        assert stored.state == "FINISHED"
+        state = json.loads(stored.state_json)
+        assert all(d["deploy_seq"] <= MAX_DEPLOY_SEQ for d in state["devices"].values())
+        assert state["devices"][stuck]["deploy_seq"] == 0, "never issued"
+        restored, actions = RolloutController.restore(stored.state_json, int(time.time() * 1000))
+        actions += restored.resync(int(time.time() * 1000))
+        assert not [a for a in actions if isinstance(a, PublishManifest)]
+    finally:
+        reg.close()
