@@ -255,6 +255,14 @@ class ServiceMetrics:
         self.checkpoints = Counter(
             "tinydrift_checkpoints", "Detector checkpoints written.", ["outcome"], registry=r
         )
+        self.checkpoints_refused = Counter(
+            "tinydrift_checkpoints_refused",
+            "Stored detector checkpoints unreadable at start (another format, damaged): "
+            "their device or cohort learns afresh. kind: device_monitor, cohort_monitor, "
+            "suspicion_cohort.",
+            ["kind"],
+            registry=r,
+        )
         # candidates (service/learn)
         self.candidate_runs = Counter(
             "tinydrift_candidate_runs",

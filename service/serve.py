@@ -282,6 +282,8 @@ class Service:
     def _restore_checkpoints(self) -> None:
         records = self.registry.load_checkpoints()
         n = self.engine.restore(records)
+        for kind, refused in self.engine.stats.checkpoints_refused.items():
+            self.metrics.checkpoints_refused.labels(kind=kind).inc(refused)
         for rec in records:
             if rec.device is not None and rec.last_boot is not None and rec.last_seq is not None:
                 self.directory.restore_sequence(rec.fleet, rec.device, rec.last_boot, rec.last_seq)
@@ -648,21 +650,21 @@ class Service:
             self._submit(lambda: self.writer.upsert_devices(recs))
 
     def checkpoint(self) -> int:
-        """Write every monitor's state to the registry; returns how many records."""
+        """Hand the state of every monitor changed since its last checkpoint, and of every
+        cohort, to the registry writer, slice by slice (ingest waits only while a slice is
+        copied: :meth:`DriftEngine.checkpoint`); returns how many records."""
         try:
-            records = self.engine.checkpoint()
-        except Exception:
-            self.metrics.checkpoints.labels(outcome="error").inc()
-            log.exception("checkpoint failed")
-            return 0
-        try:
-            self.writer.save_checkpoints(records)
+            n = self.engine.checkpoint(self.writer.save_checkpoints)
         except (WriterBackpressureError, RegistryError) as exc:
             self.metrics.checkpoints.labels(outcome="error").inc()
-            log.error("checkpoint not written: %s", exc)
+            log.error("checkpoint not written: %s (its devices stay due)", exc)
+            return 0
+        except Exception:
+            self.metrics.checkpoints.labels(outcome="error").inc()
+            log.exception("checkpoint failed (its devices stay due)")
             return 0
         self.metrics.checkpoints.labels(outcome="ok").inc()
-        return len(records)
+        return n
 
     def _calibration_of(self, fleet: str, device: str) -> dict[str, Any] | None:
         """Layer A's calibration of one device, for the API (``None``: no monitor)."""
