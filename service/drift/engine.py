@@ -212,6 +212,8 @@ class DriftEngine:
         """The reports of the suspicion-cohort windows closed by the last batch that closed any."""
         self.stats = EngineStats()
         self.lock = threading.RLock()
+        self.checkpoint_slice = CHECKPOINT_SLICE
+        """Devices per slice of :meth:`checkpoint` (copied under the lock at one go)."""
         self._dirty: set[tuple[str, str]] = set()
         """``(fleet, device)`` of the monitors changed since their last checkpoint (under
         ``lock``)."""
@@ -437,11 +439,12 @@ class DriftEngine:
         self,
         save: Callable[[list[CheckpointRecord]], object],
         *,
-        slice_devices: int = CHECKPOINT_SLICE,
+        slice_devices: int | None = None,
     ) -> int:
         """Checkpoint the devices changed since the last checkpoint, and every cohort.
 
-        Ingest is held up for one slice of ``slice_devices`` devices at a time, and only to
+        Ingest is held up for one slice of ``slice_devices`` (default
+        :attr:`checkpoint_slice`) devices at a time, and only to
         copy their state (:meth:`DeviceMonitor.snapshot`); the slice is encoded and handed to
         ``save`` (the registry writer's queue) with the lock released. A device is written as
         it was at one instant, with its ``(boot, seq)`` of that instant; one that changes after
@@ -449,6 +452,8 @@ class DriftEngine:
         encoding) fails, the devices not yet handed over are marked dirty again and the error
         propagates. Returns the number of records handed to ``save``.
         """
+        if slice_devices is None:
+            slice_devices = self.checkpoint_slice
         if slice_devices < 1:
             raise ValueError("slice_devices must be >= 1")
         with self.lock:
