@@ -352,7 +352,13 @@ def test_a_checkpoint_is_handed_over_in_slices_while_ingest_goes_on(db_url, mosq
     try:
         svc.start()
         assert svc.consumer.wait_connected(10)
-        wait(lambda: names <= {d for _f, d in svc.engine._dirty}, 30, "frames of every device")
+        restored = {d: m.readings for (_f, d), m in svc.engine.monitors.items() if d in names}
+
+        def fed() -> bool:  # every device has frames since the restore: all are due
+            now = {d: m.readings for (_f, d), m in list(svc.engine.monitors.items())}
+            return all(now.get(d, 0) > restored.get(d, 0) for d in names)
+
+        wait(fed, 30, "frames of every device")
         svc.engine.checkpoint_slice = 4
         svc.writer.save_checkpoints = holding_save  # type: ignore[method-assign]
         assert svc.checkpoint() >= len(names)
