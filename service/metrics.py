@@ -286,6 +286,14 @@ class ServiceMetrics:
         )
         for outcome in ("ok", "error"):  # at 0: the first failure shows in increase()
             self.checkpoints.labels(outcome=outcome)
+        self.checkpoints_refused = Counter(
+            "tinydrift_checkpoints_refused",
+            "Stored detector checkpoints unreadable at start (another format, damaged): "
+            "their device or cohort learns afresh. kind: device_monitor, cohort_monitor, "
+            "suspicion_cohort.",
+            ["kind"],
+            registry=r,
+        )
         # candidates (service/learn)
         self.candidate_runs = Counter(
             "tinydrift_candidate_runs",

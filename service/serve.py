@@ -321,6 +321,8 @@ class Service:
     def _restore_checkpoints(self) -> None:
         records = self.registry.load_checkpoints()
         n = self.engine.restore(records)
+        for kind, refused in self.engine.stats.checkpoints_refused.items():
+            self.metrics.checkpoints_refused.labels(kind=kind).inc(refused)
         self._restore_positions(records)
         if n:
             log.info("restored %d detector checkpoints", n)
@@ -735,21 +737,23 @@ class Service:
         self._submit(lambda: self.positions.save(self.directory.positions(), wait=self._stopped))
 
     def checkpoint(self) -> int:
-        """Queue every monitor's state for the registry; returns how many records. The
-        checkpoint counts as ``outcome="ok"`` once committed, ``"error"`` if it never is."""
+        """Hand the state of every monitor changed since its last checkpoint, and of every
+        cohort, to the registry writer, slice by slice (ingest waits only while a slice is
+        copied: :meth:`DriftEngine.checkpoint`); returns how many records. Each slice counts as
+        ``outcome="ok"`` once committed, ``"error"`` if it never is."""
         try:
-            records = self.engine.checkpoint()
-        except Exception:
-            self.metrics.checkpoints.labels(outcome="error").inc()
-            log.exception("checkpoint failed")
-            return 0
-        try:
-            self.writer.save_checkpoints(records, on_settled=self._checkpoint_settled)
+            n = self.engine.checkpoint(
+                lambda recs: self.writer.save_checkpoints(recs, on_settled=self._checkpoint_settled)
+            )
         except (WriterBackpressureError, RegistryError) as exc:
             self.metrics.checkpoints.labels(outcome="error").inc()
-            log.error("checkpoint not written: %s", exc)
+            log.error("checkpoint not written: %s (its devices stay due)", exc)
             return 0
-        return len(records)
+        except Exception:
+            self.metrics.checkpoints.labels(outcome="error").inc()
+            log.exception("checkpoint failed (its devices stay due)")
+            return 0
+        return n
 
     def _checkpoint_settled(self, committed: bool) -> None:
         """The writer thread: a queued checkpoint committed (``ok``) or failed for good."""

@@ -133,12 +133,11 @@ def serve(
     except SettingsError as exc:
         fail(str(exc))
     from service.api.server import ApiServerError
-    from service.drift.engine import CheckpointRefusedError
     from service.serve import Service, ServiceKeyError
 
     try:
         svc = Service(settings, discard_checkpoints=discard_checkpoints)
-    except (RegistryError, CheckpointRefusedError, ServiceKeyError) as exc:
+    except (RegistryError, ServiceKeyError) as exc:
         fail(str(exc))
     try:
         svc.start()

@@ -146,7 +146,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -552,6 +552,26 @@ class Thresholds:
     real streams need) plus, as if every reading were labelled, ``FA_error(δ_error)`` and, with
     HDDM_A's bound ``drift_confidence / 2`` (the share the CUSUM on the error stream now spends,
     :mod:`service.drift.error_cusum`). Equal to the budget unless a δ was capped."""
+
+
+def thresholds_state(thr: Thresholds) -> dict[str, Any]:
+    """A :class:`Thresholds` as numbers (checkpoints)."""
+    return {name: getattr(thr, name) for name in Thresholds.__dataclass_fields__}
+
+
+def thresholds_from_state(state: Mapping[str, Any]) -> Thresholds:
+    """Inverse of :func:`thresholds_state`; ``ValueError`` on other names or non-numbers."""
+    names = set(Thresholds.__dataclass_fields__)
+    if set(state) != names:
+        raise ValueError(f"thresholds with fields {sorted(state)}")
+    ints = {"n_streams", "n_detectors", "frame_readings"}
+    values: dict[str, Any] = {}
+    for name in names:
+        v = state[name]
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise ValueError(f"threshold {name} is not a number")
+        values[name] = int(v) if name in ints else float(v)
+    return Thresholds(**values)
 
 
 def drifting_band(alpha: float, n_streams: int) -> float:

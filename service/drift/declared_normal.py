@@ -41,8 +41,9 @@ waiting for ever.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -104,6 +105,16 @@ class DeclaredNormal:
         frames = max(1, math.ceil(self.span_s / interval_s * (1.0 - 1e-9)))
         return 1 << (frames - 1).bit_length()
 
+    def state(self) -> dict[str, Any]:
+        """Its two numbers (checkpoints)."""
+        return {"period_s": self.period_s, "session_s": self.session_s}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> DeclaredNormal:
+        """Inverse of :meth:`state` (validated as when declared)."""
+        p, s = state["period_s"], state["session_s"]
+        return cls(None if p is None else float(p), None if s is None else float(s))
+
     def describe(self) -> str:
         """``period 86400 s, session 600 s`` (what was declared)."""
         parts = []
@@ -148,6 +159,34 @@ class FrameClock:
         self._stop = False
         self.interval_ms: float | None = None
         """The shortest median interval so far (``None``: not known yet)."""
+
+    def state(self) -> dict[str, Any]:
+        """Numbers and a copy of the ring that :meth:`from_state` restores (checkpoints)."""
+        return {
+            "ring": None if self._ring is None else self._ring.copy(),
+            "n": self._n,
+            "last": None if self._last is None else list(self._last),
+            "stop": self._stop,
+            "interval_ms": self.interval_ms,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> FrameClock:
+        """Inverse of :meth:`state`; ``ValueError`` on a ring of another size."""
+        clock = cls()
+        ring = state["ring"]
+        if ring is not None:
+            ring = np.asarray(ring, dtype=np.int64)
+            if ring.shape != (RING,):
+                raise ValueError(f"frame clock ring of shape {ring.shape}")
+        clock._ring = ring
+        clock._n = int(state["n"])
+        last = state["last"]
+        clock._last = None if last is None else (int(last[0]), int(last[1]))
+        clock._stop = bool(state["stop"])
+        interval = state["interval_ms"]
+        clock.interval_ms = None if interval is None else float(interval)
+        return clock
 
     def note(self, boot: int, ts_ms: int) -> None:
         """One frame's boot and timestamp (milliseconds of the device's clock)."""

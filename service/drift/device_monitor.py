@@ -114,14 +114,20 @@ is 1.0: river does not expose its statistic.
 Checkpoints
 -----------
 :meth:`DeviceMonitor.state_bytes` is ``b"TDDM"``, a big-endian u16 format version
-(:mod:`service.drift.checkpoint_format`) and the zlib-compressed pickle of the monitor, with
-every ADWIN in the exact compact form of :mod:`service.drift.adwin_state` (and the count and
-sum since each frame ADWIN's reset taken from the ADWIN itself, which holds them exactly), and
-while calibrating the batch means (a few KiB, released once every stream is learnt). The
-size per device is measured by ``tests/bench/bench_detection.py``.
-:meth:`DeviceMonitor.from_state_bytes` refuses another magic or version, or a corrupt body, with
-:class:`CheckpointFormatError` (a ``ValueError``). Pickle executes code on load: restore only
-checkpoints the service wrote itself (the registry's ``detector_checkpoints``).
+(:mod:`service.drift.checkpoint_format`) and the monitor in an explicit format, no pickle:
+its numbers and names as JSON and its arrays as raw bytes, zlib-compressed
+(:func:`~service.drift.checkpoint_format.pack_state`), with every ADWIN in the exact compact
+form of :mod:`service.drift.adwin_state` (and the count and sum since each frame ADWIN's reset
+taken from the ADWIN itself, which holds them exactly), and while calibrating the batch means
+(a few KiB, released once every stream is learnt). Each part states itself (``state()`` /
+``from_state()``). It is taken in two steps: :meth:`DeviceMonitor.snapshot` copies the state
+(cheap: about 0.1 ms, under the engine's lock), :meth:`MonitorSnapshot.encode` packs and
+compresses the copies (the costly part, outside it). The size per device is measured by
+``tests/bench/bench_detection.py``. :meth:`DeviceMonitor.from_state_bytes` refuses another
+magic or version (an older, pickled checkpoint is never decoded), a corrupt body, or arrays of
+another dtype or shape than the layout's, with :class:`CheckpointFormatError` (a
+``ValueError``): a damaged or hostile registry can cost a device its learnt state, never run
+code.
 
 >>> import numpy as np
 >>> from service.ingest.frames import DeviceFrame
@@ -144,9 +150,7 @@ checkpoints the service wrote itself (the registry's ``detector_checkpoints``).
 from __future__ import annotations
 
 import math
-import pickle
-import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -155,7 +159,13 @@ import numpy.typing as npt
 from river import drift as _river_drift
 
 from service.drift import calibration
-from service.drift.adwin_state import pack_adwins, retune_delta, unpack_adwins
+from service.drift.adwin_state import (
+    AdwinCapture,
+    capture_adwins,
+    pack_adwins,
+    retune_delta,
+    unpack_adwins,
+)
 from service.drift.calibration import (
     DEFAULT_BUDGET,
     DEFAULT_DRIFTING_ALPHA,
@@ -167,10 +177,18 @@ from service.drift.calibration import (
     Thresholds,
     make_adwin,
 )
-from service.drift.checkpoint_format import CheckpointFormatError, add_header, check_header
+from service.drift.checkpoint_format import (
+    CheckpointFormatError,
+    add_header,
+    check_header,
+    pack_state,
+    pack_state_raw,
+    unpack_state,
+)
 from service.drift.declared_normal import LARGEST_BLOCK, DeclaredNormal, FrameClock
 from service.drift.detection import Detection, DetectorName, Signal
 from service.drift.error_cusum import ErrorCusum
+from service.drift.hddm_state import hddm_from_state, hddm_state
 from service.drift.long_run_variance import (
     DEFAULT_MIN_BLOCKS,
     DyadicBatchMeans,
@@ -204,6 +222,7 @@ __all__ = [
     "CheckpointFormatError",
     "DeviceMonitor",
     "DeviceMonitorConfig",
+    "MonitorSnapshot",
     "Outcome",
     "update_frames",
 ]
@@ -214,13 +233,17 @@ drift: Any = _river_drift
 """river's drift detectors (untyped: held as ``Any`` for mypy)."""
 
 STATE_MAGIC: Final = b"TDDM"
-STATE_FORMAT: Final = 3
-"""Version of :meth:`DeviceMonitor.state_bytes`; bump it when the pickled layout changes.
+STATE_FORMAT: Final = 4
+"""Version of :meth:`DeviceMonitor.state_bytes`; bump it when the layout changes.
+
+4: no pickle: JSON numbers and names plus raw arrays (:func:`service.drift.checkpoint_format.
+pack_state`), every part in its own explicit form (ADWINs packed by
+:mod:`service.drift.adwin_state`, HDDM_A by :mod:`service.drift.hddm_state`, batch means, frame
+clock, CUSUM, thresholds and configuration by their own ``state()``). Older versions were
+pickles: they are refused unread, and the device relearns.
 
 3: dependence-aware monitoring (the batch-means learner, per-stream blocks, κ and δ, ADWINs
-created per stream when it is calibrated). Later added, without a bump (absent in older
-checkpoints, filled in on load): ``normal`` (the engine sets it from the settings) and the
-frame clock (measuring anew from the next frame).
+created per stream when it is calibrated).
 
 2: the sensitive tier (a second ADWIN bank and error ADWIN), every ADWIN packed by
 :mod:`service.drift.adwin_state`, the score rings as int8 steps and bits, the window counts and
@@ -1411,89 +1434,305 @@ class DeviceMonitor:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _getstate(self) -> dict[str, Any]:
-        """``__dict__`` with every ADWIN packed (:mod:`service.drift.adwin_state`)."""
-        state = dict(self.__dict__)
-        # count and sum since each frame ADWIN's reset are its own width and total, exactly
-        # (same additions in the same order; zero once it fired): only the squares are kept
-        for name in _BANK_WINS:
-            state[name] = state[name][2].copy()
-        banks = [state.pop(name) for name in _BANKS]
-        singles = [state.pop(name) for name in _SINGLE_ADWINS]
-        present = tuple(tuple(d is not None for d in b) for b in banks)
-        shape = (present, tuple(d is not None for d in singles))
+    def snapshot(self) -> MonitorSnapshot:
+        """The monitor's state as copies (numbers, small arrays, river's ADWIN bytes): cheap
+        to take (the engine takes it under its lock); :meth:`MonitorSnapshot.encode` does the
+        costly packing and compression, anywhere."""
+        cfg = self.config
+        f32 = _copy_or_none
+        state: dict[str, Any] = {
+            "fleet": self.fleet,
+            "device": self.device,
+            "feature_names": list(self.layout.feature_names),
+            "class_names": list(self.layout.class_names),
+            "config": _config_state(cfg),
+            "normal": None if self.normal is None else self.normal.state(),
+            "labels_ignored": self.labels_ignored,
+            "last_frame": _pair(self.last_frame),
+            "last_labels": _pair(self.last_labels),
+            "version": self._version,
+            "saved_version": (
+                None
+                if self._saved_version is None
+                else {"version": self._saved_version[0], "state": self._saved_version[1]}
+            ),
+            "readings": self._readings,
+            "ref_n": self._ref_n,
+            "buf_x": f32(self._buf_x),
+            "buf_pred": f32(self._buf_pred),
+            "buf_conf": f32(self._buf_conf),
+            "ref_ks": None if self._ref_ks is None else list(self._ref_ks),
+            "ref_takes": None if self._ref_takes is None else list(self._ref_takes),
+            "var_within": self._var_within,
+            "k_nom": self._k_nom,
+            "horizon": self._horizon,
+            "settings": self._settings.to_json(),
+            "s_settings": self._s_settings.to_json(),
+            "thr": _thr_state(self._thr),
+            "s_thr": _thr_state(self._s_thr),
+            "bm": None if self._bm is None else self._bm.state(),
+            "clock": self._clock.state(),
+            "win_sq": self._win[2].copy(),
+            "s_win_sq": self._s_win[2].copy(),
+            "recent": self._recent.copy(),
+            "recent_step": self._recent_step,
+            "lbl_ref_n": self._lbl_ref_n,
+            "lbl_bm": None if self._lbl_bm is None else self._lbl_bm.state(),
+            "err_win": list(self._err_win),
+            "s_err_win": list(self._s_err_win),
+            "err_recent": self._err_recent.copy(),
+            "err_recent_pos": self._err_recent_pos,
+            "hddm": None if self._hddm is None else hddm_state(self._hddm),
+            "warning": self._warning,
+            "err_cusum": None if self._err_cusum is None else self._err_cusum.state(),
+            "label_thr": _thr_state(self._label_thr),
+            "s_label_thr": _thr_state(self._s_label_thr),
+        }
+        for name in _REF_ARRAYS:
+            state[name] = f32(getattr(self, "_" + name))
+        for name in _STREAM_ARRAYS:
+            state[name] = getattr(self, "_" + name).copy()
+        for name in _ERROR_NUMBERS:
+            state[name] = getattr(self, "_" + name)
+        banks = [getattr(self, name) for name in _BANKS]
+        singles = [getattr(self, name) for name in _SINGLE_ADWINS]
+        state["adwins_present"] = [[d is not None for d in b] for b in banks]
+        state["error_adwins_present"] = [d is not None for d in singles]
         dets = [d for b in banks for d in b if d is not None]
         dets += [d for d in singles if d is not None]
-        state["_adwin_pack"] = (shape, pack_adwins(dets))
-        return state
-
-    @staticmethod
-    def _setstate(state: dict[str, Any]) -> dict[str, Any]:
-        """Inverse of :meth:`_getstate` (``ValueError`` and friends on a damaged state)."""
-        (present, singles), packed = state.pop("_adwin_pack")
-        dets = iter(unpack_adwins(packed))
-        for name, flags in zip(_BANKS, present, strict=True):
-            state[name] = [next(dets) if f else None for f in flags]
-        for name, f in zip(_SINGLE_ADWINS, singles, strict=True):
-            state[name] = next(dets) if f else None
-        if next(dets, None) is not None:
-            raise ValueError("ADWIN count does not match the layout")
-        for bank, name in zip(_BANKS, _BANK_WINS, strict=True):
-            sq = np.asarray(state[name], dtype=np.float64)
-            win = np.zeros((3, sq.shape[0]), dtype=np.float64)
-            win[2] = sq
-            for i, det in enumerate(state[bank]):
-                if det is not None and not det.drift_detected:
-                    win[0, i] = det.width
-                    win[1, i] = det.total
-            state[name] = win
-        if "_raw" not in state:  # written before the band kept its own sums: the ADWIN's
-            state["_raw"] = state["_win"][1] / state["_settings"].u_scale
-        state.setdefault("_horizon", 1)  # written before the horizon existed: none checked
-        return state
+        return MonitorSnapshot(state, capture_adwins(dets))
 
     def state_bytes(self) -> bytes:
         """The whole monitor as a versioned, compressed checkpoint (see the module docstring)."""
-        body = zlib.compress(pickle.dumps(self._getstate(), protocol=5), 6)
-        return add_header(STATE_MAGIC, STATE_FORMAT, body)
+        return self.snapshot().encode()
 
     @classmethod
     def from_state_bytes(cls, data: bytes) -> DeviceMonitor:
-        """Restore a monitor from :meth:`state_bytes`; ``CheckpointFormatError`` if not one."""
-        body = check_header(data, STATE_MAGIC, STATE_FORMAT)
+        """Restore a monitor from :meth:`state_bytes`; ``CheckpointFormatError`` if not one
+        (another magic or format version, which is never decoded, or a damaged body)."""
+        state = unpack_state(check_header(data, STATE_MAGIC, STATE_FORMAT))
         try:
-            state = pickle.loads(zlib.decompress(body))
-        except Exception as exc:  # zlib.error, pickle errors, ...
-            raise CheckpointFormatError(f"corrupt device monitor checkpoint: {exc}") from exc
-        if not isinstance(state, dict) or "layout" not in state or "_adwin_pack" not in state:
-            raise CheckpointFormatError("corrupt device monitor checkpoint: no monitor state")
-        try:
-            state = cls._setstate(state)
-        except Exception as exc:  # a damaged ADWIN pack
-            raise CheckpointFormatError(f"corrupt device monitor checkpoint: {exc}") from exc
-        if "_clock" not in state:  # written before declared normals: measure from now on
-            state["_clock"] = FrameClock()
-            if state.get("_bm") is None and state.get("_mu") is not None:
-                state["_clock"].stop()
-        state.setdefault("normal", None)
-        state.setdefault("_err_cusum", None)  # written before the CUSUM: built on the next block
-        state.setdefault("_var_within", False)  # written before feature_var: the mean of z²
-        obj = cls.__new__(cls)
-        obj.__dict__.update(state)
-        return obj
+            return cls._from_state(state)
+        except CheckpointFormatError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, StopIteration) as exc:
+            raise CheckpointFormatError(f"corrupt device monitor checkpoint: {exc!r}") from exc
+
+    @classmethod
+    def _from_state(cls, state: Mapping[str, Any]) -> DeviceMonitor:
+        """Inverse of :meth:`snapshot` (after decoding); every array checked for its shape."""
+        normal = state["normal"]
+        mon = cls(
+            str(state["fleet"]),
+            str(state["device"]),
+            [str(x) for x in state["feature_names"]],
+            [str(x) for x in state["class_names"]],
+            _config_from_state(state["config"]),
+            None if normal is None else DeclaredNormal.from_state(normal),
+        )
+        lay = mon.layout
+        s, f, n_ref = lay.n_streams, lay.n_features, mon.config.reference_readings
+        mon.labels_ignored = int(state["labels_ignored"])
+        mon.last_frame = _pair_from(state["last_frame"])
+        mon.last_labels = _pair_from(state["last_labels"])
+        version = state["version"]
+        mon._version = None if version is None else int(version)
+        saved = state["saved_version"]
+        if saved is not None:
+            blob = saved["state"]
+            if not isinstance(blob, bytes):
+                raise TypeError("saved version state must be bytes")
+            mon._saved_version = (int(saved["version"]), blob)
+        mon._readings = int(state["readings"])
+        mon._ref_n = int(state["ref_n"])
+        mon._buf_x = _array_or_none(state["buf_x"], np.float32, (n_ref, f))
+        mon._buf_pred = _array_or_none(state["buf_pred"], np.int32, (n_ref,))
+        mon._buf_conf = _array_or_none(state["buf_conf"], np.float32, (n_ref,))
+        for name in ("ref_ks", "ref_takes"):
+            v = state[name]
+            setattr(mon, "_" + name, None if v is None else [int(x) for x in v])
+        for name, size in _REF_ARRAYS.items():
+            shape = (f,) if size == "F" else (s,)
+            setattr(mon, "_" + name, _array_or_none(state[name], np.float64, shape))
+        mon._var_within = bool(state["var_within"])
+        mon._k_nom = int(state["k_nom"])
+        mon._horizon = int(state["horizon"])
+        mon._settings = AdwinSettings.from_json(state["settings"])
+        mon._s_settings = AdwinSettings.from_json(state["s_settings"])
+        mon._thr = _thr_from(state["thr"])
+        mon._s_thr = _thr_from(state["s_thr"])
+        bm = state["bm"]
+        mon._bm = None if bm is None else _batch_means(bm, s)
+        mon._clock = FrameClock.from_state(state["clock"])
+        for name, dtype in _STREAM_ARRAYS.items():
+            setattr(mon, "_" + name, _array(state[name], dtype, (s,)))
+        recent = np.asarray(state["recent"])
+        if recent.dtype not in (np.int8, np.float16) or recent.shape != (SCORE_SPLITS, s):
+            raise ValueError("score ring of the wrong dtype or shape")
+        mon._recent = recent
+        step = state["recent_step"]
+        mon._recent_step = None if step is None else float(step)
+        mon._lbl_ref_n = int(state["lbl_ref_n"])
+        lbl_bm = state["lbl_bm"]
+        mon._lbl_bm = None if lbl_bm is None else _batch_means(lbl_bm, 1)
+        for name, kind in _ERROR_NUMBERS.items():
+            setattr(mon, "_" + name, kind(state[name]))
+        for name in ("err_win", "s_err_win"):
+            win = [float(x) for x in state[name]]
+            if len(win) != 3:
+                raise ValueError(f"{name} needs three sums")
+            setattr(mon, "_" + name, win)
+        mon._err_recent = _array(state["err_recent"], np.uint8, (ERROR_SCORE_SPLITS,))
+        mon._err_recent_pos = int(state["err_recent_pos"]) % ERROR_SCORE_SPLITS
+        hddm = state["hddm"]
+        mon._hddm = None if hddm is None else hddm_from_state(hddm)
+        mon._warning = bool(state["warning"])
+        cus = state["err_cusum"]
+        mon._err_cusum = None if cus is None else ErrorCusum.from_state(cus)
+        mon._label_thr = _thr_from(state["label_thr"])
+        mon._s_label_thr = _thr_from(state["s_label_thr"])
+        dets = iter(unpack_adwins(state["adwins"]))
+        present = state["adwins_present"]
+        singles = state["error_adwins_present"]
+        if len(present) != len(_BANKS) or len(singles) != len(_SINGLE_ADWINS):
+            raise ValueError("ADWIN banks do not match the layout")
+        for name, flags in zip(_BANKS, present, strict=True):
+            if len(flags) != s:
+                raise ValueError("ADWIN bank does not match the streams")
+            setattr(mon, name, [next(dets) if f else None for f in flags])
+        for name, flag in zip(_SINGLE_ADWINS, singles, strict=True):
+            setattr(mon, name, next(dets) if flag else None)
+        if next(dets, None) is not None:
+            raise ValueError("ADWIN count does not match the layout")
+        # count and sum since each frame ADWIN's reset are its own width and total, exactly
+        for bank, name, key in zip(_BANKS, _BANK_WINS, ("win_sq", "s_win_sq"), strict=True):
+            sums = np.zeros((3, s), dtype=np.float64)
+            sums[2] = _array(state[key], np.float64, (s,))
+            for i, det in enumerate(getattr(mon, bank)):
+                if det is not None and not det.drift_detected:
+                    sums[0, i] = det.width
+                    sums[1, i] = det.total
+            setattr(mon, name, sums)
+        return mon
 
     def memory_bytes(self) -> int:
         """Estimated memory of this device's state: the size of its checkpoint."""
         return len(self.state_bytes())
 
     def raw_state_bytes(self) -> int:
-        """Size of the uncompressed pickle of the state (for comparison with research §3.1)."""
-        return len(pickle.dumps(self._getstate(), protocol=5))
+        """Size of the state before compression (for comparison with research §3.1)."""
+        return len(self.snapshot().encode(compress=False))
 
     # -- batches -------------------------------------------------------------------------------
 
     def _fast_ok(self, frame: DeviceFrame) -> bool:
         return self._mu is not None and frame.param_version == self._version
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorSnapshot:
+    """A device monitor's state as copies (:meth:`DeviceMonitor.snapshot`)."""
+
+    state: dict[str, Any]
+    """Numbers, strings and array copies (:mod:`service.drift.checkpoint_format`)."""
+    adwins: list[AdwinCapture]
+    """river's ADWIN states, copied, packed by :meth:`encode`."""
+
+    @property
+    def last_frame(self) -> tuple[int, int] | None:
+        """``(boot, seq)`` of the last frame in this state."""
+        return _pair_from(self.state["last_frame"])
+
+    def encode(self, *, compress: bool = True) -> bytes:
+        """The checkpoint (``TDDM`` v4): ADWINs packed, the tree stored without pickle."""
+        tree = dict(self.state)
+        tree["adwins"] = pack_adwins(self.adwins)
+        if not compress:
+            return pack_state_raw(tree)
+        return add_header(STATE_MAGIC, STATE_FORMAT, pack_state(tree))
+
+
+_REF_ARRAYS: Final = {"mu": "F", "sigma": "F", "ref_mean": "S", "inv_sd": "S", "skew": "S"}
+"""The fixed reference (``None`` until it is complete), sized by features or streams."""
+_STREAM_ARRAYS: Final = {
+    "ready": np.bool_, "block": np.int64, "kappa": np.float64, "center": np.float64,
+    "bsd": np.float64, "bskew": np.float64, "candidate": np.int64, "alarmed": np.bool_,
+    "ref_var": np.float64, "delta": np.float64, "s_delta": np.float64, "bsum": np.float64,
+    "bn": np.int64, "raw": np.float64, "recent_pos": np.int64,
+}  # fmt: skip
+"""One value per stream."""
+_ERROR_NUMBERS: Final[dict[str, Callable[[Any], Any]]] = {
+    "err_block": int, "err_kappa": float, "err_p": float, "err_bsd": float,
+    "err_candidate": int, "err_alarmed": bool, "err_ref_var": float, "err_bsum": float,
+    "err_bn": int,
+}  # fmt: skip
+"""The error stream's numbers."""
+
+
+def _copy_or_none(a: npt.NDArray[Any] | None) -> npt.NDArray[Any] | None:
+    return None if a is None else a.copy()
+
+
+def _pair(p: tuple[int, int] | None) -> list[int] | None:
+    return None if p is None else [int(p[0]), int(p[1])]
+
+
+def _pair_from(v: Any) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    a, b = v
+    return int(a), int(b)
+
+
+def _array(v: Any, dtype: Any, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    """``v`` as an array of ``dtype`` and ``shape`` (``ValueError`` otherwise)."""
+    if not isinstance(v, np.ndarray) or v.dtype != np.dtype(dtype) or v.shape != shape:
+        raise ValueError(f"array of {getattr(v, 'dtype', type(v))} {getattr(v, 'shape', '')}, "
+                         f"expected {np.dtype(dtype)} {shape}")  # fmt: skip
+    return v
+
+
+def _array_or_none(v: Any, dtype: Any, shape: tuple[int, ...]) -> npt.NDArray[Any] | None:
+    return None if v is None else _array(v, dtype, shape)
+
+
+def _batch_means(state: Mapping[str, Any], n_streams: int) -> DyadicBatchMeans:
+    bm = DyadicBatchMeans.from_state(state)
+    if bm.n_streams != n_streams:
+        raise ValueError("batch means of another stream count")
+    return bm
+
+
+def _thr_state(thr: Thresholds | None) -> dict[str, Any] | None:
+    return None if thr is None else calibration.thresholds_state(thr)
+
+
+def _thr_from(state: Any) -> Thresholds | None:
+    return None if state is None else calibration.thresholds_from_state(state)
+
+
+def _config_state(cfg: DeviceMonitorConfig) -> dict[str, Any]:
+    """A :class:`DeviceMonitorConfig` as JSON values (its calibration table as its JSON)."""
+    out: dict[str, Any] = {}
+    for name in DeviceMonitorConfig.__dataclass_fields__:
+        v = getattr(cfg, name)
+        out[name] = v.to_json() if isinstance(v, calibration.CalibrationTable) else v
+    return out
+
+
+def _config_from_state(state: Mapping[str, Any]) -> DeviceMonitorConfig:
+    """Inverse of :func:`_config_state` (validated as any configuration)."""
+    values = dict(state)
+    if set(values) != set(DeviceMonitorConfig.__dataclass_fields__):
+        raise ValueError(f"monitor configuration with fields {sorted(values)}")
+    table = values.pop("calibration_table")
+    for name, v in values.items():
+        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
+            raise ValueError(f"configuration {name} is not a number")
+    return DeviceMonitorConfig(
+        **values,
+        calibration_table=None if table is None else calibration.CalibrationTable.from_json(table),
+    )
 
 
 @dataclass(frozen=True, slots=True)

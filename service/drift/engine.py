@@ -22,10 +22,13 @@ data alone. :meth:`DriftEngine.fleet_calibration` sums up, per fleet, what layer
 The engine is called from the batcher thread and from the service's timers; one lock serialises
 them (monitors are not thread-safe).
 
-Checkpoints: every monitor's state (each layer compresses its own), with its format version
-and the last processed ``(boot, seq)`` of the device, so a restart resumes instead of
-relearning and a replayed frame is recognised. A checkpoint of another format is refused with
-a message that names the fix.
+Checkpoints: the state of every monitor changed since its last checkpoint (each layer encodes
+its own, without pickle), with its format version and the last processed ``(boot, seq)`` of
+the device, so a restart resumes instead of relearning and a replayed frame is recognised.
+:meth:`DriftEngine.checkpoint` holds the lock only to copy a slice of devices' state at a time
+and encodes outside it, so ingest waits for tens of milliseconds, not for the whole fleet. A
+stored checkpoint this version cannot read is skipped, logged and counted: that device or
+cohort learns afresh, the others resume.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from edge_agent.blob import ParameterSchema
 from service.drift.cohort_monitor import STATE_VERSION as COHORT_STATE_FORMAT
@@ -51,6 +55,7 @@ from service.drift.device_monitor import (
     CheckpointFormatError,
     DeviceMonitor,
     DeviceMonitorConfig,
+    MonitorSnapshot,
     update_frames,
 )
 from service.drift.suspicion_cohort import STATE_FORMAT as SUSPICION_STATE_FORMAT
@@ -70,8 +75,9 @@ KIND_COHORT = "cohort_monitor"
 KIND_SUSPICION = "suspicion_cohort"
 
 
-class CheckpointRefusedError(RuntimeError):
-    """Stored detector state is of a format this version cannot read (one-line message)."""
+CHECKPOINT_SLICE: Final = 256
+"""Devices whose state one checkpoint slice copies under the engine's lock (about 0.1 ms of
+CPU each: tens of milliseconds held at a time, however many devices there are)."""
 
 
 @dataclass
@@ -163,6 +169,13 @@ class EngineStats:
     """Suspicion-cohort windows evaluated."""
     suspicion_alarms: int = 0
     """Cohort alarms on suspicions (``cohort_suspicions``)."""
+    checkpoints_refused: Counter[str] = field(default_factory=Counter)
+    """Stored checkpoints :meth:`DriftEngine.restore` could not read, by kind (device_monitor,
+    cohort_monitor, suspicion_cohort): each one's device or cohort learnt afresh."""
+    checkpoint_slices: int = 0
+    """Slices of devices :meth:`DriftEngine.checkpoint` took under the lock."""
+    checkpointed_devices: int = 0
+    """Device monitors checkpointed (changed since their previous checkpoint)."""
 
 
 class DriftEngine:
@@ -199,6 +212,11 @@ class DriftEngine:
         """The reports of the suspicion-cohort windows closed by the last batch that closed any."""
         self.stats = EngineStats()
         self.lock = threading.RLock()
+        self.checkpoint_slice = CHECKPOINT_SLICE
+        """Devices per slice of :meth:`checkpoint` (copied under the lock at one go)."""
+        self._dirty: set[tuple[str, str]] = set()
+        """``(fleet, device)`` of the monitors changed since their last checkpoint (under
+        ``lock``)."""
 
     # -- routing --------------------------------------------------------------------------
 
@@ -329,6 +347,7 @@ class DriftEngine:
             for cohort, group in to_cohorts.values():
                 cohort.add_frames(group)
             self.stats.frames += len(routed)
+            self._dirty.update(schema_ids)
             result = update_frames(self.monitors, routed)
             for _, reason in result.rejected:
                 self.stats.frames_refused[reason] += 1
@@ -371,6 +390,7 @@ class DriftEngine:
                     continue
                 schema_id, schema = known
                 schema_ids[(lb.fleet, lb.device)] = schema_id
+                self._dirty.add((lb.fleet, lb.device))
                 res = self._monitor(lb.fleet, lb.device, schema).observe_labels(lb)
                 out += res.alarms
                 suspicions += res.suspicions
@@ -415,60 +435,108 @@ class DriftEngine:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def checkpoint(self) -> list[CheckpointRecord]:
-        """Every monitor's state as registry records (compressed)."""
+    def checkpoint(
+        self,
+        save: Callable[[list[CheckpointRecord]], object],
+        *,
+        slice_devices: int | None = None,
+    ) -> int:
+        """Checkpoint the devices changed since the last checkpoint, and every cohort.
+
+        Ingest is held up for one slice of ``slice_devices`` (default
+        :attr:`checkpoint_slice`) devices at a time, and only to
+        copy their state (:meth:`DeviceMonitor.snapshot`); the slice is encoded and handed to
+        ``save`` (the registry writer's queue) with the lock released. A device is written as
+        it was at one instant, with its ``(boot, seq)`` of that instant; one that changes after
+        its slice was taken is dirty again and goes into the next checkpoint. If ``save`` (or
+        encoding) fails, the devices not yet handed over are marked dirty again and the error
+        propagates. Returns the number of records handed to ``save``.
+        """
+        if slice_devices is None:
+            slice_devices = self.checkpoint_slice
+        if slice_devices < 1:
+            raise ValueError("slice_devices must be >= 1")
         with self.lock:
-            records = []
-            for (fleet, device), mon in self.monitors.items():
-                boot, seq = mon.last_frame if mon.last_frame is not None else (None, None)
-                records.append(
-                    CheckpointRecord(
-                        fleet=fleet,
-                        device=device,
-                        kind=KIND_DEVICE,
-                        format_version=DEVICE_STATE_FORMAT,
-                        state=mon.state_bytes(),
-                        last_boot=boot,
-                        last_seq=seq,
-                    )
+            keys = list(self._dirty)
+            self._dirty.clear()
+            cohorts = self._cohort_records()
+        done = 0
+        try:
+            for lo in range(0, len(keys), slice_devices):
+                part = keys[lo : lo + slice_devices]
+                with self.lock:
+                    snaps = [(k, m.snapshot()) for k in part if (m := self.monitors.get(k))]
+                self.stats.checkpoint_slices += 1
+                records = [_device_record(key, snap) for key, snap in snaps]
+                save(records)
+                done += len(part)
+                self.stats.checkpointed_devices += len(part)
+            save(cohorts)
+        except BaseException:
+            with self.lock:
+                self._dirty.update(keys[done:])
+            raise
+        return len(keys) + len(cohorts)
+
+    def _cohort_records(self) -> list[CheckpointRecord]:
+        """Every cohort's and suspicion cohort's record (under the lock: a few per fleet)."""
+        records = []
+        for (fleet, schema_id, version), cohort in self.cohorts.items():
+            records.append(
+                CheckpointRecord(
+                    fleet=fleet,
+                    device=None,
+                    kind=f"{KIND_COHORT}:{schema_id}:{version}",
+                    format_version=COHORT_STATE_FORMAT,
+                    state=cohort.state_bytes(),
                 )
-            for (fleet, schema_id, version), cohort in self.cohorts.items():
-                records.append(
-                    CheckpointRecord(
-                        fleet=fleet,
-                        device=None,
-                        kind=f"{KIND_COHORT}:{schema_id}:{version}",
-                        format_version=COHORT_STATE_FORMAT,
-                        state=cohort.state_bytes(),
-                    )
+            )
+        for (fleet, schema_id, version), s_cohort in self.suspicion_cohorts.items():
+            records.append(
+                CheckpointRecord(
+                    fleet=fleet,
+                    device=None,
+                    kind=f"{KIND_SUSPICION}:{schema_id}:{version}",
+                    format_version=SUSPICION_STATE_FORMAT,
+                    state=s_cohort.state_bytes(),
                 )
-            for (fleet, schema_id, version), s_cohort in self.suspicion_cohorts.items():
-                records.append(
-                    CheckpointRecord(
-                        fleet=fleet,
-                        device=None,
-                        kind=f"{KIND_SUSPICION}:{schema_id}:{version}",
-                        format_version=SUSPICION_STATE_FORMAT,
-                        state=s_cohort.state_bytes(),
-                    )
-                )
-            return records
+            )
+        return records
+
+    @property
+    def dirty_devices(self) -> int:
+        """Devices changed since they were last checkpointed."""
+        with self.lock:
+            return len(self._dirty)
 
     def restore(self, records: Iterable[CheckpointRecord]) -> int:
-        """Load monitors from checkpoints; raises :class:`CheckpointRefusedError` on a format
-        this version cannot read. Returns the number of monitors restored."""
+        """Load monitors from checkpoints; returns the number restored.
+
+        A record this version cannot read (another format, such as the pickled layer-A
+        checkpoints of format 3 and older, which are never decoded; a damaged one; one stored
+        under another device's key) is skipped: its device or cohort starts afresh (a new
+        reference), and it is logged and counted in ``stats.checkpoints_refused`` by kind.
+        Restored monitors are clean (their stored state is current)."""
         n = 0
+        refused: list[str] = []
         with self.lock:
             for rec in records:
                 try:
                     state = rec.state
                     if rec.kind == KIND_DEVICE and rec.device is not None:
                         mon = DeviceMonitor.from_state_bytes(state)
+                        if (mon.fleet, mon.device) != (rec.fleet, rec.device):
+                            raise CheckpointFormatError(
+                                f"it holds the monitor of {mon.fleet}/{mon.device}"
+                            )
                         # today's declaration: streams still calibrating take it; monitored
                         # ones keep their blocks until the next model version's reference
                         mon.normal = self.fleet_normal.get(rec.fleet)
                         self.monitors[(rec.fleet, rec.device)] = mon
+                        self._dirty.discard((rec.fleet, rec.device))
+                        kind = KIND_DEVICE
                     elif rec.kind.startswith(KIND_COHORT + ":"):
+                        kind = KIND_COHORT
                         _, schema_id, version = rec.kind.split(":")
                         params = self.catalog.parameter_set(schema_id, int(version))
                         self.cohorts[(rec.fleet, schema_id, int(version))] = (
@@ -477,6 +545,7 @@ class DriftEngine:
                             )
                         )
                     elif rec.kind.startswith(KIND_SUSPICION + ":"):
+                        kind = KIND_SUSPICION
                         _, schema_id, version = rec.kind.split(":")
                         self.suspicion_cohorts[(rec.fleet, schema_id, int(version))] = (
                             SuspicionCohort.from_state_bytes(state, config=self.suspicion_config)
@@ -484,10 +553,35 @@ class DriftEngine:
                     else:
                         continue
                 except (CheckpointFormatError, ValueError) as exc:
-                    raise CheckpointRefusedError(
-                        f"detector checkpoint {rec.fleet}/{rec.device or '-'} ({rec.kind}, format "
-                        f"{rec.format_version}) cannot be read: {exc}. Start with "
-                        "--discard-checkpoints to relearn the references from live data"
-                    ) from exc
+                    kind = rec.kind.split(":")[0]
+                    kind = kind if kind in (KIND_COHORT, KIND_SUSPICION) else KIND_DEVICE
+                    self.stats.checkpoints_refused[kind] += 1
+                    refused.append(
+                        f"{rec.fleet}/{rec.device or '-'} ({rec.kind}, format "
+                        f"{rec.format_version}): {exc}"
+                    )
+                    continue
                 n += 1
+        if refused:
+            log.warning(
+                "%d detector checkpoints cannot be read and were skipped (their devices and "
+                "cohorts learn a new reference): %s%s",
+                len(refused),
+                "; ".join(refused[:3]),
+                f"; and {len(refused) - 3} more" if len(refused) > 3 else "",
+            )
         return n
+
+
+def _device_record(key: tuple[str, str], snap: MonitorSnapshot) -> CheckpointRecord:
+    """One device's record from its snapshot (encoded here, outside the engine's lock)."""
+    boot, seq = snap.last_frame or (None, None)
+    return CheckpointRecord(
+        fleet=key[0],
+        device=key[1],
+        kind=KIND_DEVICE,
+        format_version=DEVICE_STATE_FORMAT,
+        state=snap.encode(),
+        last_boot=boot,
+        last_seq=seq,
+    )

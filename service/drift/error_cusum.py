@@ -128,7 +128,8 @@ True
 from __future__ import annotations
 
 import math
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 import numpy as np
 
@@ -167,6 +168,15 @@ _P_MAX: Final = 1.0 - 1e-6
 def _kl(p: float, q: float) -> float:
     """KL(Ber(p) ‖ Ber(q)) in nats (0 < p, q < 1)."""
     return p * math.log(p / q) + (1.0 - p) * math.log((1.0 - p) / (1.0 - q))
+
+
+_STATE_NUMBERS: Final = (
+    "label_budget", "alpha", "block", "kappa_floor", "kappa", "min_blocks", "checked_labels",
+    "dispersion", "ref_n", "ref_sum", "exc_n", "exc_sum", "dropped_n", "base_n", "base_sum",
+    "s", "c0", "p1", "h", "w_err", "w_ok",
+)  # fmt: skip
+"""The numbers of an :class:`ErrorCusum`'s state (all ``float`` but those in ``_INTS``)."""
+_INTS: Final = {"block": int, "min_blocks": int}
 
 
 class ErrorCusum:
@@ -218,6 +228,26 @@ class ErrorCusum:
         self.w_err = self.w_ok = 0.0  # λ ln(p1/c0), λ ln((1 − p1)/(1 − c0)) per label
         self._fit()
         self._set_base()
+
+    def state(self) -> dict[str, Any]:
+        """Its numbers and batch means (checkpoints; :meth:`from_state` restores them)."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in _STATE_NUMBERS}
+        out["floor_pending"] = self.floor_pending
+        out["look_pending"] = self.look_pending
+        out["bm"] = self.bm.state()
+        return out
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> ErrorCusum:
+        """Inverse of :meth:`state`: the same numbers, nothing recomputed."""
+        cus = cls.__new__(cls)
+        for name in _STATE_NUMBERS:
+            setattr(cus, name, _INTS.get(name, float)(state[name]))
+        pending = state["floor_pending"]
+        cus.floor_pending = None if pending is None else float(pending)
+        cus.look_pending = bool(state["look_pending"])
+        cus.bm = DyadicBatchMeans.from_state(state["bm"])
+        return cus
 
     @property
     def running(self) -> bool:

@@ -63,8 +63,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -117,6 +118,16 @@ def new_level_complete(steps: int, min_blocks: int = DEFAULT_MIN_BLOCKS) -> bool
     return q & (q - 1) == 0
 
 
+_STATE_ARRAYS: Final = (
+    ("count", "count"),
+    ("total", "total"),
+    ("total_sq", "total_sq"),
+    ("total_cu", "total_cu"),
+    ("pending", "_pending"),
+)
+"""The arrays of a :class:`DyadicBatchMeans` state and the attributes they restore."""
+
+
 class DyadicBatchMeans:
     """Streaming non-overlapping batch means of ``n_streams`` series at dyadic block sizes.
 
@@ -146,6 +157,33 @@ class DyadicBatchMeans:
     def n_streams(self) -> int:
         """Number of series."""
         return int(self.total.shape[1])
+
+    def state(self) -> dict[str, Any]:
+        """Numbers and array copies that :meth:`from_state` restores (checkpoints)."""
+        return {
+            "levels": self.levels,
+            "steps": self.steps,
+            "count": self.count.copy(),
+            "total": self.total.copy(),
+            "total_sq": self.total_sq.copy(),
+            "total_cu": self.total_cu.copy(),
+            "pending": self._pending.copy(),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> DyadicBatchMeans:
+        """Inverse of :meth:`state`; ``ValueError`` if the arrays do not fit together."""
+        total = np.asarray(state["total"], dtype=np.float64)
+        if total.ndim != 2:
+            raise ValueError("batch means: total must be levels x streams")
+        bm = cls(int(total.shape[1]), int(state["levels"]))
+        bm.steps = int(state["steps"])
+        for name, attr in _STATE_ARRAYS:
+            a = np.asarray(state[name], dtype=getattr(bm, attr).dtype)
+            if a.shape != getattr(bm, attr).shape:
+                raise ValueError(f"batch means: {name} has shape {a.shape}")
+            setattr(bm, attr, a)
+        return bm
 
     def add(self, row: FloatArray) -> None:
         """One step: the value of every series.

@@ -9,6 +9,12 @@ then ``--frames-per-device`` measured rounds. Prints CPU µs per frame and per r
 ``process`` (decode, validation, layer A and B), and of the timers' per-device passes
 (``engine.status`` and the gauges, every 2 s in the service) per call.
 
+Then ingest during a checkpoint (``--ckpt-batches`` batches per case, each of new frames): batch
+latency (p50, p99, max) and the queue a steady offer at half the measured no-checkpoint
+throughput would build, in three cases in the same run: no checkpoint; the previous release's
+checkpoint (every monitor encoded with the engine's lock held throughout); this release's
+(:meth:`DriftEngine.checkpoint`: slices copied under the lock, encoded outside it).
+
 ``--profile cprofile`` profiles the measured rounds with cProfile (top functions by own time);
 to sample with py-spy instead, run the harness under ``py-spy record -- python ...`` with
 ``--warm-only-pause``.
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +42,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--batch", type=int, default=2_000)
     ap.add_argument("--frames-per-device", type=int, default=6)
+    ap.add_argument("--ckpt-batches", type=int, default=30)
     ap.add_argument("--profile", choices=["none", "cprofile"], default="none")
     args = ap.parse_args()
     sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
@@ -94,7 +102,8 @@ def main() -> None:
         svc._refresh_gauges(layer_a.drifting, layer_a.calibration)
         timers = time.process_time() - c0
         c0 = time.process_time()
-        records = svc.engine.checkpoint()
+        records: list[object] = []
+        svc.engine.checkpoint(records.extend)
         ckpt = time.process_time() - c0
         print(
             f"measured: {n:,} frames of {args.k} ({args.devices:,} devices, batches of "
@@ -108,8 +117,9 @@ def main() -> None:
         )
         print(
             f"checkpoint: engine.checkpoint() of {len(records):,} records: {ckpt:.2f} s CPU "
-            f"under the engine's lock ({ckpt / 60 * 100:.1f} % of a core at one per 60 s)"
+            f"({ckpt / 60 * 100:.1f} % of a core at one per 60 s)"
         )
+        during_checkpoint(svc, gen, args, Incoming)
         if prof is not None:
             import pstats
 
@@ -117,6 +127,57 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("cumtime").print_stats(40)
         svc.writer.close()
         svc.registry.close()
+
+
+def during_checkpoint(svc: Any, gen: Any, args: argparse.Namespace, incoming: Any) -> None:
+    """Batch latency and queue depth while a checkpoint runs: none, the old way, the new."""
+    import threading
+
+    import numpy as np
+
+    engine = svc.engine
+
+    def old_checkpoint() -> None:  # the previous release: every monitor under the lock
+        with engine.lock:
+            for mon in list(engine.monitors.values()):
+                mon.state_bytes()
+
+    def new_checkpoint() -> None:
+        sink: list[object] = []
+        engine._dirty.update(engine.monitors)  # every device due, as under full load
+        engine.checkpoint(sink.extend)
+
+    rate = None
+    for name, job in (("none", None), ("old", old_checkpoint), ("new", new_checkpoint)):
+        batches = [
+            [incoming(t, p, time.time()) for t, p in gen.take(args.batch)]
+            for _ in range(args.ckpt_batches)
+        ]
+        th = None if job is None else threading.Thread(target=job)
+        lat, ends = [], []
+        t0 = time.perf_counter()
+        if th is not None:
+            th.start()
+        for b in batches:
+            w0 = time.perf_counter()
+            svc.batcher.process(b)
+            now = time.perf_counter()
+            lat.append(now - w0)
+            ends.append(now - t0)
+        if th is not None:
+            th.join()
+        total = time.perf_counter() - t0
+        if rate is None:  # half the measured throughput, offered steadily
+            rate = 0.5 * len(batches) * args.batch / ends[-1]
+        done = np.arange(1, len(batches) + 1) * args.batch
+        depth = np.maximum(0.0, rate * np.array(ends) - done)
+        ms = np.array(lat) * 1e3
+        print(
+            f"ingest, checkpoint {name:>4}: batch of {args.batch} "
+            f"p50 {np.percentile(ms, 50):.0f} ms p99 {np.percentile(ms, 99):.0f} ms "
+            f"max {ms.max():.0f} ms; queue at "
+            f"{rate:,.0f} frames/s offered: max {depth.max():,.0f} frames; {total:.1f} s wall"
+        )
 
 
 if __name__ == "__main__":

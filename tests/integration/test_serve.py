@@ -7,6 +7,7 @@ is counted by reason without stopping ingest; a restart resumes from the checkpo
 from __future__ import annotations
 
 import json
+import pickle
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from edge_agent.wire.telemetry_binary import encode_binary
 from edge_agent.wire.telemetry_json import encode_json
 from edge_agent.wire.topics import Leaf, topic
 from service.config import load_settings
+from service.drift.device_monitor import DeviceMonitor
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
 from service.serve import Service
@@ -366,27 +368,94 @@ def test_restart_resumes_from_checkpoints(mosquitto, db_url, service, fleet):
         again.stop()
 
 
-def test_a_checkpoint_of_another_format_is_refused_with_a_clear_message(db_url, mosquitto):
-    from service.drift.engine import CheckpointRefusedError
+def test_a_checkpoint_is_handed_over_in_slices_while_ingest_goes_on(db_url, mosquitto, fleet):
+    """The fleet keeps publishing. A checkpoint in slices of 4 devices: while the writer holds
+    the first slice (the checkpoint half done), frames are still ingested; every device record
+    stored is one consistent instant of its monitor."""
+    s = load_settings(
+        broker=mosquitto.url, db=db_url, metrics_port=0, window_s=3.0, mqtt_client_id=SERVICE_ID
+    )
+    svc = Service(s)
+    names = {a.config.device_id for a in fleet.agents}
+    slices: list[int] = []
+    ingested_meanwhile: list[int] = []
+    save = svc.writer.save_checkpoints
+
+    def holding_save(records):  # the first slice is held until ingest has moved on
+        slices.append(sum(r.kind == "device_monitor" for r in records))
+        if len(slices) == 1:
+            n = svc.status().readings
+            wait(lambda: svc.status().readings > n + 160, 30, "ingest during a checkpoint")
+            ingested_meanwhile.append(svc.status().readings - n)
+        return save(records)
+
+    try:
+        svc.start()
+        assert svc.consumer.wait_connected(10)
+        restored = {d: m.readings for (_f, d), m in svc.engine.monitors.items() if d in names}
+
+        def fed() -> bool:  # every device has frames since the restore: all are due
+            now = {d: m.readings for (_f, d), m in list(svc.engine.monitors.items())}
+            return all(now.get(d, 0) > restored.get(d, 0) for d in names)
+
+        wait(fed, 30, "frames of every device")
+        svc.engine.checkpoint_slice = 4
+        svc.writer.save_checkpoints = holding_save  # type: ignore[method-assign]
+        assert svc.checkpoint() >= len(names)
+        assert slices[0] == 4  # not all the devices at once
+        assert max(slices) <= 4
+        assert len(slices) >= 4
+        assert ingested_meanwhile
+        assert svc.writer.flush(30)
+        for rec in Registry(db_url).load_checkpoints(kind="device_monitor"):
+            if rec.device in names:
+                mon = DeviceMonitor.from_state_bytes(rec.state)
+                assert mon.last_frame == (rec.last_boot, rec.last_seq)
+    finally:
+        svc.stop()
+
+
+class _Planted:
+    """A pickle payload that creates ``path`` when unpickled (a hostile registry's plant)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def test_a_planted_or_old_checkpoint_is_refused_unread_and_counted(db_url, mosquitto, tmp_path):
+    """A pickle in the registry, under the old format (3, zlib(pickle)) or today's header, is
+    never unpickled: the service starts, the fleet's other monitors are restored, the planted
+    records' devices relearn, and the refusals are counted."""
+    import zlib
+
+    from service.drift.checkpoint_format import add_header
+    from service.drift.device_monitor import STATE_FORMAT, STATE_MAGIC
     from service.registry.records import CheckpointRecord
 
+    planted = tmp_path / "planted"
+    body = zlib.compress(pickle.dumps({"layout": _Planted(str(planted))}))
     reg = Registry(db_url)
-    good = next(c for c in reg.load_checkpoints() if c.kind == "device_monitor")
-    bad = b"XX" + good.state[2:]  # another magic: not a layer-A state this version reads
+    good = {c.device for c in reg.load_checkpoints(kind="device_monitor")}
     reg.save_checkpoints(
         [
             CheckpointRecord(
-                fleet=good.fleet,
-                device="dev-9999",
-                kind="device_monitor",
-                format_version=99,
-                state=bad,
+                FLEET, f"dev-999{v}", "device_monitor", v, add_header(STATE_MAGIC, v, body)
             )
+            for v in (3, STATE_FORMAT)
         ]
     )
+    reg.close()
     s = load_settings(broker=mosquitto.url, db=db_url, metrics_port=0, mqtt_client_id=SERVICE_ID)
-    with pytest.raises(CheckpointRefusedError, match="discard-checkpoints"):
-        Service(s)
-    svc = Service(s, discard_checkpoints=True)
-    assert svc.engine.monitors == {}
-    svc.registry.close()
+    svc = Service(s)
+    try:
+        assert not planted.exists()
+        assert {d for _f, d in svc.engine.monitors} == good
+        assert svc.engine.stats.checkpoints_refused["device_monitor"] == 2
+        text = svc.metrics.exposition().decode()
+        assert metric(text, "tinydrift_checkpoints_refused_total", kind="device_monitor") == 2
+    finally:
+        svc.writer.close()
+        svc.registry.close()

@@ -20,7 +20,7 @@ from edge_agent.device.simulator import (
     window_times,
 )
 from edge_agent.fixedpoint import QuantizedLinear, round_half_away
-from service.drift.checkpoint_format import add_header
+from service.drift.checkpoint_format import add_header, pack_state, unpack_state
 from service.drift.declared_normal import DeclaredNormal
 from service.drift.device_monitor import (
     ERROR_STREAM,
@@ -464,14 +464,14 @@ def test_a_rise_of_a_few_points_in_the_error_rate_is_alarmed():
 
 
 def test_a_checkpoint_written_before_the_cusum_gets_one():
-    """A checkpoint of the same format from before the CUSUM (no ``_err_cusum``) restores, and
+    """A monitor whose error stream has no CUSUM yet (``None`` in its checkpoint) restores, and
     its error stream gets a CUSUM from what its null learning found."""
     mon, alarms = _error_rise(6, 10**9, 1_000)  # 16,000 labels, no change
     assert alarms == []
     assert mon.calibration().error_ready
     cus = mon._err_cusum
     assert cus is not None
-    del mon.__dict__["_err_cusum"]
+    mon._err_cusum = None
     old = DeviceMonitor.from_state_bytes(mon.state_bytes())
     assert old._err_cusum is None
     _, alarms = _error_rise(7, 10**9, 1_000, old)  # 16,000 more labels, no change
@@ -960,29 +960,78 @@ def test_the_declaration_and_the_clock_survive_checkpoints_and_version_changes()
     assert mon.calibration().frame_interval_s is None  # ... and measures its interval anew
 
 
-def test_a_checkpoint_from_before_declarations_still_loads():
-    """Format-3 checkpoints written before the declaration and the frame clock: no bump, the
-    missing attributes are filled in (no declaration; the interval measured from then on)."""
+class _Planted:
+    """A pickle payload that creates ``path`` when unpickled (what a hostile registry would
+    plant in place of a checkpoint)."""
 
-    def older(mon: DeviceMonitor) -> bytes:
-        state = mon._getstate()
-        del state["normal"], state["_clock"]
-        return add_header(STATE_MAGIC, STATE_FORMAT, zlib.compress(pickle.dumps(state)))
+    def __init__(self, path: str) -> None:
+        self.path = path
 
-    frames = small_frames(1420)
-    learning, done = small_monitor(None), small_monitor(None)
-    for fr in frames[:100]:
-        learning.update(fr)
-    for fr in frames[:1400]:
-        done.update(fr)
-    assert learning._bm is not None
-    assert done._bm is None  # learning over, the batch means released
-    for mon, rest in ((learning, frames[100:120]), (done, frames[1400:])):
-        old = DeviceMonitor.from_state_bytes(older(mon))
-        assert old.normal is None
-        assert old.calibration().frame_interval_s is None
-        assert old.calibration().state == mon.calibration().state
-        for fr in rest:
-            old.update(fr)
-        assert old.calibration().frame_interval_s == 1.0
-    assert old._clock._ring is None  # learning was over: the clock stopped once it knew
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("version", [3, STATE_FORMAT])
+def test_a_pickled_checkpoint_is_refused_without_running_it(tmp_path, version):
+    """Format 3 was zlib(pickle): such a blob, old or under today's header, is refused with
+    ``CheckpointFormatError`` and never unpickled (the planted file is not created)."""
+    planted = tmp_path / "planted"
+    body = zlib.compress(pickle.dumps({"layout": _Planted(str(planted))}))
+    with pytest.raises(CheckpointFormatError):
+        DeviceMonitor.from_state_bytes(add_header(STATE_MAGIC, version, body))
+    assert not planted.exists()
+
+
+def test_a_state_with_arrays_of_another_shape_or_kind_is_refused():
+    mon = small_monitor(None)
+    for fr in small_frames(200):
+        mon.update(fr)
+    blob = mon.state_bytes()
+    for name, bad in (("mu", np.zeros(3)), ("ready", np.zeros(5, np.int8)), ("version", "x")):
+        tree = unpack_state(blob[6:])
+        tree[name] = bad
+        with pytest.raises(CheckpointFormatError, match="corrupt"):
+            DeviceMonitor.from_state_bytes(blob[:6] + pack_state(tree))
+
+
+def test_a_restored_monitor_goes_on_byte_identically():
+    """N frames and labels, checkpoint, restore; M more to both: the same alarms and
+    suspicions, and the same checkpoint bytes at every step (reference, learning, monitored
+    with the error detectors running, a change)."""
+    frames = small_frames(1800)
+    rng = np.random.default_rng(3)
+    alarms = 0
+    for cut in (20, 300, 1500):
+        a = small_monitor(None)
+        for fr in frames[:cut]:
+            a.update(fr)
+            _feed_labels(a, fr, rng)
+        b = DeviceMonitor.from_state_bytes(a.state_bytes())
+        assert b.state_bytes() == a.state_bytes()
+        for i, fr in enumerate(frames[cut:]):
+            if i > 200:
+                fr = replace(fr, features=fr.features + 1.5)  # a change
+            out = []
+            for mon in (a, b):
+                got = mon.observe(fr)
+                lb = _labels_of(fr, np.random.default_rng(i))
+                res = mon.observe_labels(lb)
+                out.append((got, res))
+            assert out[0] == out[1]
+            alarms += len(out[0][0].alarms)
+        assert a.state_bytes() == b.state_bytes()
+        assert a.calibration().error_ready
+    assert alarms > 0
+
+
+def _labels_of(fr: DeviceFrame, rng: np.random.Generator) -> DeviceLabels:
+    pred = fr.pred[:4]
+    label = np.where(rng.random(4) < 0.8, pred, 1 - pred)  # two classes
+    return DeviceLabels(
+        fr.fleet, fr.device, fr.boot, fr.seq, fr.ts_ms, 0.0, fr.param_version,
+        fr.features[:4], pred, label,
+    )  # fmt: skip
+
+
+def _feed_labels(mon: DeviceMonitor, fr: DeviceFrame, rng: np.random.Generator) -> None:
+    mon.observe_labels(_labels_of(fr, rng))

@@ -1,14 +1,18 @@
-"""The drift engine's wiring of layer A's two tiers: alarms out, suspicions to the cohort rule."""
+"""The drift engine's wiring of layer A's two tiers (alarms out, suspicions to the cohort rule),
+and its checkpoints (dirty devices, in slices, off the ingest lock; unreadable ones skipped)."""
 
 from __future__ import annotations
+
+import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from edge_agent.blob import ParameterSchema
 from service.drift.declared_normal import DeclaredNormal
-from service.drift.device_monitor import STATE_MAGIC, DeviceMonitorConfig
-from service.drift.engine import KIND_DEVICE, CheckpointRefusedError, DriftEngine
+from service.drift.device_monitor import STATE_MAGIC, DeviceMonitor, DeviceMonitorConfig
+from service.drift.engine import KIND_DEVICE, DriftEngine
 from service.drift.suspicion_cohort import SuspicionCohortConfig
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.ingest.schema_catalog import SchemaCatalog
@@ -122,7 +126,8 @@ def test_checkpoints_carry_the_suspicion_cohorts():
     engine, _ = make_engine(5)
     fleet = Fleet(5)
     run(engine, fleet, 0, LEARN + WINDOW_S + 10)
-    records = engine.checkpoint()
+    records: list[CheckpointRecord] = []
+    engine.checkpoint(records.extend)
     kinds = {r.kind for r in records}
     assert f"suspicion_cohort:{SCHEMA.schema_id_hex}:1" in kinds
     again, _ = make_engine(5)
@@ -133,11 +138,134 @@ def test_checkpoints_carry_the_suspicion_cohorts():
     assert a.advance(10 * WINDOW_S * 1000) == b.advance(10 * WINDOW_S * 1000)
 
 
-def test_a_device_checkpoint_of_the_old_format_is_refused_with_the_fix():
-    engine, _ = make_engine(1)
-    old = CheckpointRecord("f", "d0", KIND_DEVICE, 1, STATE_MAGIC + b"\x00\x01" + b"x")
-    with pytest.raises(CheckpointRefusedError, match="--discard-checkpoints"):
-        engine.restore([old])
+def test_an_unreadable_device_checkpoint_is_skipped_counted_and_relearnt():
+    """An old-format (pickled) or foreign record costs its own device its learnt state, and
+    nothing else: the other devices resume, the refusal is counted by kind."""
+    engine, _ = make_engine(2)
+    run(engine, Fleet(2), 0, 20)
+    records: list[CheckpointRecord] = []
+    engine.checkpoint(records.extend)
+    good = next(r for r in records if r.device == "d1")
+    old = CheckpointRecord("f", "d0", KIND_DEVICE, 3, STATE_MAGIC + b"\x00\x03" + b"x")
+    elsewhere = replace(good, device="d7")  # d1's monitor stored under another device's key
+    again, _ = make_engine(2)
+    assert again.restore([old, good, elsewhere]) == 1
+    assert again.stats.checkpoints_refused == {KIND_DEVICE: 2}
+    assert set(again.monitors) == {("f", "d1")}
+    assert again.monitors[("f", "d1")].state_bytes() == engine.monitors[("f", "d1")].state_bytes()
+    run(again, Fleet(2, seed=5), 20, 21)
+    assert again.monitors[("f", "d0")].readings == K  # a fresh reference
+    assert again.monitors[("f", "d1")].readings == 21 * K
+
+
+def _device_records(records: list[CheckpointRecord]) -> list[CheckpointRecord]:
+    return [r for r in records if r.kind == KIND_DEVICE]
+
+
+def test_a_checkpoint_takes_the_lock_one_slice_at_a_time_and_ingest_runs_between():
+    """10 devices in slices of 3: four slices, each handed over with the lock free; a batch
+    ingested from another thread while a slice is saved lands, and its device is written
+    again by the next checkpoint (only it: the others have not changed)."""
+    engine, _ = make_engine(10)
+    fleet = Fleet(10)
+    run(engine, fleet, 0, 12)
+    assert engine.dirty_devices == 10
+    slices: list[list[CheckpointRecord]] = []
+    late = Fleet(1, seed=9)
+    late.seq = 100
+
+    def save(records: list[CheckpointRecord]) -> None:
+        slices.append(records)
+        done = threading.Event()
+
+        def other() -> None:  # the batcher's side
+            if engine.lock.acquire(timeout=60):
+                engine.lock.release()
+                if len(slices) == 1:
+                    engine.on_frames(late.batch(100))
+                done.set()
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(timeout=60)
+        assert done.is_set(), "the engine's lock was held while a slice was saved"
+
+    assert engine.checkpoint(save, slice_devices=3) == 10  # no cohort yet
+    sizes = [len(_device_records(s)) for s in slices]
+    assert sizes == [3, 3, 3, 1, 0]  # then the cohorts' records (none)
+    assert engine.stats.checkpoint_slices == 4
+    assert {r.device for s in slices for r in s if r.device} == {f"d{i}" for i in range(10)}
+    again: list[CheckpointRecord] = []
+    engine.checkpoint(again.extend)
+    assert [(r.device, r.last_seq) for r in _device_records(again)] == [("d0", 100)]
+    engine.checkpoint(again.extend)
+    assert len(_device_records(again)) == 1  # nothing changed since
+
+
+def test_devices_fed_during_a_checkpoint_end_up_stored_as_they_are():
+    """An ingest thread feeds every device while checkpoints run (slices of one device). Each
+    record is one consistent instant of its device (its ``(boot, seq)`` is its state's); after
+    ingest stops, one more checkpoint makes the store (last record per device wins, as the
+    registry's upsert) equal to the monitors, byte for byte."""
+    engine, _ = make_engine(6)
+    fleet = Fleet(6)
+    run(engine, fleet, 0, 10)
+    stored: dict[str, CheckpointRecord] = {}
+    written: list[CheckpointRecord] = []
+
+    def save(records: list[CheckpointRecord]) -> None:
+        written.extend(records)
+        for r in _device_records(records):
+            stored[r.device or ""] = r
+
+    stop = threading.Event()
+    fed = [0]
+
+    def ingest() -> None:
+        t = 10
+        while not stop.is_set() and t < 400:
+            engine.on_frames(fleet.batch(t))
+            fed[0] += 1
+            t += 1
+
+    th = threading.Thread(target=ingest)
+    th.start()
+    try:
+        rounds = 0
+        while th.is_alive() and (rounds < 3 or fed[0] < 5):
+            engine.checkpoint(save, slice_devices=1)
+            rounds += 1
+    finally:
+        stop.set()
+        th.join(timeout=120)
+    assert fed[0] > 0
+    engine.checkpoint(save, slice_devices=1)
+    for r in _device_records(written):
+        mon = DeviceMonitor.from_state_bytes(r.state)
+        assert mon.last_frame == (r.last_boot, r.last_seq)
+        assert mon.readings == (r.last_seq + 1) * K  # the state of that frame, no other
+    assert set(stored) == {f"d{i}" for i in range(6)}
+    for name, r in stored.items():
+        assert r.state == engine.monitors[("f", name)].state_bytes()
+    assert engine.dirty_devices == 0
+
+
+def test_devices_whose_slice_was_not_saved_stay_due():
+    engine, _ = make_engine(5)
+    run(engine, Fleet(5), 0, 12)
+    calls = [0]
+
+    def failing(records: list[CheckpointRecord]) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("queue full")
+
+    with pytest.raises(RuntimeError, match="queue full"):
+        engine.checkpoint(failing, slice_devices=2)
+    assert engine.dirty_devices == 3  # the first slice was handed over, the rest stay due
+    records: list[CheckpointRecord] = []
+    engine.checkpoint(records.extend, slice_devices=2)
+    assert len(_device_records(records)) == 3
 
 
 def test_a_fleets_declared_normal_reaches_its_devices_only():
@@ -188,7 +316,8 @@ def test_a_fleets_declared_normal_reaches_its_devices_only():
     for d in ("d0", "d1"):
         assert with_decl.calibration("b", d) == without.calibration("b", d)
     # a restart takes today's declaration for every restored monitor
-    records = with_decl.checkpoint()
+    records: list[CheckpointRecord] = []
+    with_decl.checkpoint(records.extend)
     again = DriftEngine(SchemaCatalog(), lambda f, d: None, fleet_normal={"b": declared["a"]})
     again.restore(records)
     assert again.monitors[("a", "d0")].normal is None

@@ -11,7 +11,6 @@ then ``DeviceMonitor._monitor_means`` frame by frame), which must give identical
 from __future__ import annotations
 
 import gc
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from edge_agent.blob import ParameterSchema
+from service.drift.checkpoint_format import pack_state_raw
 from service.drift.declared_normal import DeclaredNormal
 from service.drift.detection import Detection
 from service.drift.device_monitor import (
@@ -31,6 +31,7 @@ from service.drift.engine import KIND_DEVICE, DriftEngine
 from service.drift.signals import batch_frame_means_arrays
 from service.ingest.frames import DeviceFrame
 from service.ingest.schema_catalog import SchemaCatalog
+from service.registry.records import CheckpointRecord
 
 FEATURES = ("a", "b", "c")
 CLASSES = ("x", "y", "z", "w")
@@ -278,7 +279,9 @@ def test_the_engine_restores_checkpoints_and_carries_on_identically():
     for lo in range(0, half, 250):
         a.on_frames(frames[lo : min(lo + 250, half)])
     b = engine()
-    records = [r for r in a.checkpoint() if r.kind == KIND_DEVICE]
+    saved: list[CheckpointRecord] = []
+    a.checkpoint(saved.extend)
+    records = [r for r in saved if r.kind == KIND_DEVICE]
     assert b.restore(records) == len(records)
     got_a, got_b = [], []
     for lo in range(half, len(frames), 250):
@@ -286,20 +289,23 @@ def test_the_engine_restores_checkpoints_and_carries_on_identically():
         got_a += a.on_frames(batch)
         got_b += b.on_frames(batch)
     assert got_a == got_b
-    # attribute by attribute, byte for byte (a restored monitor's pickle as a whole differs:
-    # objects shared before a checkpoint are separate after it, as before the vectorisation),
-    # but the previous model version's monitor, held as checkpoint bytes
+    # attribute by attribute, byte for byte, but the previous model version's monitor (held
+    # as checkpoint bytes)
     for key, mon in a.monitors.items():
         assert parts(mon) == parts(b.monitors[key])
     assert got_a
 
 
 def parts(mon: DeviceMonitor, keep_saved: bool = False) -> dict[str, object]:
-    """The monitor's checkpoint state, attribute by attribute (pickled); the previous model
-    version's monitor (held as checkpoint bytes) as its own parts, or left out."""
-    state = mon._getstate()
-    saved = state.pop("_saved_version")
-    out: dict[str, object] = {name: pickle.dumps(v, protocol=5) for name, v in state.items()}
+    """The monitor's checkpoint state, part by part (each in the checkpoint's own format);
+    the previous model version's monitor (held as checkpoint bytes) as its own parts, or left
+    out."""
+    snap = mon.snapshot()
+    state = dict(snap.state)
+    saved = state.pop("saved_version")
+    out: dict[str, object] = {name: pack_state_raw({"v": v}) for name, v in state.items()}
+    out["adwins"] = snap.adwins
     if keep_saved and saved is not None:
-        out["_saved_version"] = (saved[0], parts(DeviceMonitor.from_state_bytes(saved[1])))
+        back = DeviceMonitor.from_state_bytes(saved["state"])
+        out["saved_version"] = (saved["version"], parts(back))
     return out
