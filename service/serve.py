@@ -65,6 +65,7 @@ from service.registry.records import (
     label_records,
     utc_from_unix,
 )
+from service.registry.settlement import Settlement
 from service.registry.store import Registry
 from service.registry.writer import RegistryWriter
 from service.rollout.operations import UpdateOperations
@@ -739,24 +740,43 @@ class Service:
     def checkpoint(self) -> int:
         """Hand the state of every monitor changed since its last checkpoint, and of every
         cohort, to the registry writer, slice by slice (ingest waits only while a slice is
-        copied: :meth:`DriftEngine.checkpoint`); returns how many records. Each slice counts as
-        ``outcome="ok"`` once committed, ``"error"`` if it never is."""
+        copied: :meth:`DriftEngine.checkpoint`); returns how many records.
+
+        The checkpoint counts once, as ``outcome="ok"`` when every slice committed, ``"error"``
+        when one did not or the hand-over failed; the devices of a slice that failed for good
+        are due again at the next checkpoint."""
+        settlement = Settlement(self._checkpoint_settled)
+
+        def save(records: list[CheckpointRecord]) -> None:
+            settled = settlement.part()
+            keys = [(r.fleet, r.device) for r in records if r.device is not None]
+
+            def on_settled(committed: bool) -> None:
+                if not committed:
+                    self.engine.mark_dirty(keys)
+                settled(committed)
+
+            try:
+                self.writer.save_checkpoints(records, on_settled=on_settled)
+            except BaseException:
+                settled(False)  # the writer calls no on_settled for an op it did not queue
+                raise
+
         try:
-            n = self.engine.checkpoint(
-                lambda recs: self.writer.save_checkpoints(recs, on_settled=self._checkpoint_settled)
-            )
+            n = self.engine.checkpoint(save)
         except (WriterBackpressureError, RegistryError) as exc:
-            self.metrics.checkpoints.labels(outcome="error").inc()
+            settlement.seal(complete=False)
             log.error("checkpoint not written: %s (its devices stay due)", exc)
             return 0
         except Exception:
-            self.metrics.checkpoints.labels(outcome="error").inc()
+            settlement.seal(complete=False)
             log.exception("checkpoint failed (its devices stay due)")
             return 0
+        settlement.seal(complete=True)
         return n
 
     def _checkpoint_settled(self, committed: bool) -> None:
-        """The writer thread: a queued checkpoint committed (``ok``) or failed for good."""
+        """A checkpoint's slices all committed (``ok``), or one failed for good (``error``)."""
         self.metrics.checkpoints.labels(outcome="ok" if committed else "error").inc()
 
     def _calibration_of(self, fleet: str, device: str) -> dict[str, Any] | None:

@@ -503,6 +503,11 @@ class DriftEngine:
             )
         return records
 
+    def mark_dirty(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Make these (fleet, device) monitors due again (their checkpoint was not stored)."""
+        with self.lock:
+            self._dirty.update(k for k in keys if k in self.monitors)
+
     @property
     def dirty_devices(self) -> int:
         """Devices changed since they were last checkpointed."""

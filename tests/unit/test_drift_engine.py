@@ -268,6 +268,20 @@ def test_devices_whose_slice_was_not_saved_stay_due():
     assert len(_device_records(records)) == 3
 
 
+def test_devices_whose_stored_slice_failed_are_due_again():
+    engine, _ = make_engine(5)
+    run(engine, Fleet(5), 0, 12)
+    records: list[CheckpointRecord] = []
+    engine.checkpoint(records.extend, slice_devices=2)
+    assert engine.dirty_devices == 0
+    lost = [(r.fleet, r.device) for r in _device_records(records)[:2]]
+    engine.mark_dirty([*lost, ("other-fleet", "dev-0000")])  # a key with no monitor is ignored
+    assert engine.dirty_devices == 2
+    again: list[CheckpointRecord] = []
+    engine.checkpoint(again.extend)
+    assert sorted((r.fleet, r.device) for r in _device_records(again)) == sorted(lost)
+
+
 def test_a_fleets_declared_normal_reaches_its_devices_only():
     """Fleet ``a`` declares sessions of up to 2 s (a frame a second: blocks of ≥ 4 frames), fleet
     ``b`` nothing. ``a``'s devices learn at the larger blocks; ``b``'s learn exactly what they
