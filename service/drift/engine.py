@@ -75,6 +75,8 @@ KIND_COHORT = "cohort_monitor"
 KIND_SUSPICION = "suspicion_cohort"
 
 
+MAX_UNKNOWN_COHORTS: Final = 1024
+"""Model versions without a parameter set that are listed and logged one by one."""
 CHECKPOINT_SLICE: Final = 256
 """Devices whose state one checkpoint slice copies under the engine's lock (about 0.1 ms of
 CPU each: tens of milliseconds held at a time, however many devices there are)."""
@@ -163,6 +165,11 @@ class EngineStats:
     frames_refused: Counter[str] = field(default_factory=Counter)
     label_batches: int = 0
     cohorts_without_parameters: set[tuple[str, str, int]] = field(default_factory=set)
+    """(fleet, schema, version) seen without a registered parameter set, each logged once; at
+    most :data:`MAX_UNKNOWN_COHORTS` (a device can name any version: one log line and one entry
+    per version would grow without bound)."""
+    unknown_cohorts_unlisted: int = 0
+    """Frame batches of a version without parameters that found the list above full."""
     suspicions: int = 0
     """Sensitive-tier suspicions (layer A), all devices."""
     suspicion_windows: int = 0
@@ -248,8 +255,20 @@ class DriftEngine:
             return cohort
         params = self.catalog.parameter_set(schema_id, version)
         if params is None:
-            if key not in self.stats.cohorts_without_parameters:
-                self.stats.cohorts_without_parameters.add(key)
+            unknown = self.stats.cohorts_without_parameters
+            if key in unknown:
+                return None
+            if len(unknown) >= MAX_UNKNOWN_COHORTS:
+                self.stats.unknown_cohorts_unlisted += 1
+                if self.stats.unknown_cohorts_unlisted == 1:
+                    log.warning(
+                        "more than %d model versions without a registered parameter set; "
+                        "further ones are not logged (a device naming versions nobody "
+                        "registered?)",
+                        MAX_UNKNOWN_COHORTS,
+                    )
+            else:
+                unknown.add(key)
                 log.warning(
                     "fleet %s model v%d (schema %s): parameter set unknown, so no cohort "
                     "(layer B) monitoring; register its blob (tinydrift registry import-blob)",

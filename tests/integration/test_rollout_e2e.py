@@ -22,6 +22,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -411,6 +412,11 @@ def test_rollout_resumes_after_a_service_restart(
         assert p.rollout is not None
         rid = p.rollout.rollout_id
         wait(lambda: rig.view(rid).summary.in_trial >= 2, 60, "the canary in trial")
+
+        def canary_status() -> str:
+            return str(next(g for g in rig.view(rid).groups if g["name"] == "canary")["status"])
+
+        wait(lambda: canary_status() == "SOAKING", 60, "the canary soaking")
         # kill the service while the canary soaks (devices keep running, in trial)
         svc.stop()
         time.sleep(2)
@@ -423,6 +429,7 @@ def test_rollout_resumes_after_a_service_restart(
         from tests.integration.rollout_rig import rig_settings
 
         svc2 = Service(rig_settings(mosquitto, db, bundle, name, **gate))
+        restarted = time.time()
         svc2.start()
         try:
             assert svc2.reconciler is not None
@@ -437,6 +444,28 @@ def test_rollout_resumes_after_a_service_restart(
 
             wait(lambda: not stuck(), 30, "every device out of trial")
             assert rig.view(rid).summary.confirmed == len(ctl.state.devices)
+            # the canary's evidence went with the old process: its soak started over, and it
+            # passed no sooner than a whole soak after the restart (issue 11 item 8)
+            assert svc2.writer.flush(30)
+            reg = Registry(db)
+            try:
+                audit = [a for a in reg.list_audit(limit=1000) if a.target == rid]
+            finally:
+                reg.close()
+            soak = [a for a in audit if a.action == "rollout.soak_restarted"]
+            assert [a.details["group"] for a in soak if a.details] == ["canary"], audit
+            assert soak[0].details is not None
+            assert soak[0].details["restarted_ms"] >= restarted * 1000
+            passed = [
+                (a.ts if a.ts.tzinfo else a.ts.replace(tzinfo=UTC)).timestamp()
+                for a in audit
+                if a.action == "rollout.group_transition"
+                and a.details
+                and a.details["group"] == "canary"
+                and a.details["to"] == "PASSED"
+            ]
+            assert passed, audit
+            assert passed[0] >= restarted + gate["min_soak_s"], (passed, restarted)
         finally:
             svc2.stop()
             rig.service = svc  # the rig stops the first one again: idempotent

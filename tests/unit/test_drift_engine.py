@@ -12,7 +12,7 @@ import pytest
 from edge_agent.blob import ParameterSchema
 from service.drift.declared_normal import DeclaredNormal
 from service.drift.device_monitor import STATE_MAGIC, DeviceMonitor, DeviceMonitorConfig
-from service.drift.engine import KIND_DEVICE, DriftEngine
+from service.drift.engine import KIND_DEVICE, MAX_UNKNOWN_COHORTS, DriftEngine
 from service.drift.suspicion_cohort import SuspicionCohortConfig
 from service.ingest.frames import DeviceFrame, DeviceLabels
 from service.ingest.schema_catalog import SchemaCatalog
@@ -337,3 +337,13 @@ def test_a_fleets_declared_normal_reaches_its_devices_only():
     assert again.monitors[("a", "d0")].normal is None
     assert again.monitors[("b", "d0")].normal == declared["a"]
     assert again.fleet_calibration("nowhere").devices == 0
+
+
+def test_model_versions_nobody_registered_are_listed_up_to_a_bound():
+    engine, _ = make_engine(1)
+    fleet = Fleet(1)
+    versions = MAX_UNKNOWN_COHORTS + 200
+    for v in range(1, versions + 1):  # one device naming a new version in every frame
+        engine.on_frames([replace(f, param_version=v) for f in fleet.batch(v)])
+    assert len(engine.stats.cohorts_without_parameters) == MAX_UNKNOWN_COHORTS
+    assert engine.stats.unknown_cohorts_unlisted == 200
