@@ -556,7 +556,7 @@ class DeviceMonitor:
         self._inv_sd: FloatArray | None = None
         self._skew: FloatArray | None = None  # per-reading skewness of each stream
         # whether feature_var is the within-frame variance (False: the mean of z², for devices
-        # whose reference frames held one reading, and checkpoints from before the stream)
+        # whose reference frames held one reading)
         self._var_within = True
         self._k_nom = 1
         self._horizon = 1  # frames of dependence checked before a stream starts

@@ -1,18 +1,13 @@
 """The ``feature_var`` stream: the within-frame variance of ``z`` (service/drift/signals.py),
-its legacy form (the frame's mean of ``z²``) for old checkpoints and one-reading frames."""
+its legacy form (the frame's mean of ``z²``) for one-reading frames."""
 
 from __future__ import annotations
-
-import pickle
-import zlib
-from dataclasses import replace
 
 import numpy as np
 from scipy import stats
 from scipy.signal import lfilter
 
-from service.drift.checkpoint_format import add_header, check_header
-from service.drift.device_monitor import STATE_FORMAT, STATE_MAGIC, DeviceMonitor
+from service.drift.device_monitor import DeviceMonitor
 from service.drift.signals import (
     SignalLayout,
     batch_frame_means_arrays,
@@ -124,43 +119,3 @@ def test_a_device_sending_single_readings_keeps_the_mean_of_z2():
     for fr in frames_of(16, 40, 4):
         grouped.update(fr)
     assert grouped._var_within is True
-
-
-def legacy_checkpoint(mon: DeviceMonitor) -> bytes:
-    """The monitor's checkpoint as written before ``feature_var`` (no ``_var_within``)."""
-    state = pickle.loads(
-        zlib.decompress(check_header(mon.state_bytes(), STATE_MAGIC, STATE_FORMAT))
-    )
-    del state["_var_within"]
-    return add_header(STATE_MAGIC, STATE_FORMAT, zlib.compress(pickle.dumps(state, protocol=5)))
-
-
-def test_an_old_checkpoint_keeps_monitoring_the_mean_of_z2():
-    frames = frames_of(16, 300, 5)
-    mon = DeviceMonitor("f", "d", FEATURES, CLASSES)
-    for fr in frames[:100]:
-        mon.update(fr)
-    old = DeviceMonitor.from_state_bytes(legacy_checkpoint(mon))
-    new = DeviceMonitor.from_state_bytes(mon.state_bytes())
-    assert old._var_within is False
-    assert new._var_within is True
-    fr = frames[100]
-    assert old._mu is not None
-    rows = batch_frame_means_arrays(
-        fr.features, fr.pred, fr.conf, np.array([fr.k]), old._mu, old._sigma, 2
-    )
-    assert old._ref_mean is not None
-    assert old._inv_sd is not None
-    assert old._skew is not None
-    args = (np.array([fr.k]), old._ref_mean, old._inv_sd, old._skew, LAY)
-    u_old = standardised_means(rows, *args, within=False)
-    u_new = standardised_means(rows, *args, within=True)
-    assert not np.allclose(u_old[:, LAY.var_slice], u_new[:, LAY.var_slice])
-    # the restored old monitor carries on, the same as one that never switched would
-    for f in frames[100:200]:
-        old.update(f)
-    assert old._var_within is False
-    # a new model version's reference describes the within-frame variance
-    for f in frames[200:]:
-        old.update(replace(f, param_version=2))
-    assert old._var_within is True
