@@ -118,7 +118,12 @@ class ServiceSettings(BaseSettings):
     unknown_devices: Literal["reject", "adopt"] = "reject"
     """Telemetry from a device with no birth: count and drop it, or register it from the frame."""
     queue_size: int = Field(20_000, ge=100)
-    """Messages buffered between the MQTT thread and the batcher; beyond that: drop + count."""
+    """Telemetry messages buffered between the MQTT thread and the batcher; beyond that: shed +
+    count (``queue_full``). Control messages (QoS 1 births, Wills, acks, labels) are never shed."""
+    control_queue_bytes: int = Field(16 << 20, ge=0)
+    """Control messages acknowledged to the broker before the batcher takes them, in bytes;
+    beyond that each is acknowledged only when taken, so the broker holds the rest (its
+    in-flight window bounds what else waits in the service: ``service/ingest/ingest_queue.py``)."""
     batch_max_messages: int = Field(2_000, ge=1)
     batch_max_wait_s: float = Field(0.05, gt=0, le=5)
     max_payload_bytes: int = Field(65_536, ge=1024)

@@ -1,6 +1,7 @@
 """``tinydrift serve``: ingest, drift detection, registry and ``/metrics``, wired together.
 
-Threads: paho's network thread (enqueue only) → the batcher (decode, validate, layer A,
+Threads: paho's network thread (enqueue only: control messages never dropped, telemetry shed
+and counted when its lane is full) → the batcher (decode, validate, layer A,
 layer-B accumulation) → the registry writer (batched commits). A timer thread closes cohort
 windows, refreshes the device gauges, writes changed devices, checkpoints detector state and
 freezes the long-lived heap for the cyclic garbage collector (:func:`_freeze_heap`).
@@ -13,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import queue
 import threading
 import time
 from collections import Counter
@@ -46,7 +46,8 @@ from service.drift.engine import DriftEngine, LayerAStatus
 from service.ingest.batcher import Batcher
 from service.ingest.device_directory import DeviceDirectory, DeviceInfo
 from service.ingest.frames import DeviceFrame, DeviceLabels
-from service.ingest.mqtt_consumer import Incoming, MqttConsumer
+from service.ingest.ingest_queue import IngestQueue
+from service.ingest.mqtt_consumer import MqttConsumer
 from service.ingest.schema_catalog import SchemaCatalog
 from service.ingest.sequence_positions import (
     POSITIONS_KIND,
@@ -216,7 +217,7 @@ class Service:
         self.positions = PositionSaver(
             lambda rec, settled: self.writer.save_checkpoints([rec], on_settled=settled)
         )
-        self.queue: queue.Queue[Incoming] = queue.Queue(settings.queue_size)
+        self.queue = IngestQueue(settings.queue_size, ack_ahead_bytes=settings.control_queue_bytes)
         self.consumer = MqttConsumer(
             host=settings.broker_host,
             port=settings.broker_port,

@@ -1,7 +1,8 @@
 """Drain the ingest queue in batches: decode, validate, sequence-check, group, hand on.
 
 One thread. It blocks for the first message, then takes whatever else is queued up to
-``max_messages`` or ``max_wait_s``, and processes the batch: every message is decoded and
+``max_messages`` or ``max_wait_s`` (control messages first, then telemetry:
+:mod:`service.ingest.ingest_queue`), and processes the batch: every message is decoded and
 validated with the device contract (``edge_agent.wire``); telemetry is checked against the
 device's schema and sequence; the accepted frames of the whole batch go to the sink in one
 call, so detectors work on batches. Every rejection is counted by reason and never stops
@@ -16,7 +17,6 @@ a topic of any other fleet is counted under ``fleet="_unknown"`` and rejected (`
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import Counter, defaultdict
@@ -34,7 +34,7 @@ from edge_agent.wire.telemetry_codec import decode_telemetry_header
 from edge_agent.wire.topics import Leaf, Topic, parse_topic
 from service.ingest.device_directory import DeviceDirectory, DeviceInfo
 from service.ingest.frames import DeviceFrame, DeviceLabels
-from service.ingest.mqtt_consumer import Incoming
+from service.ingest.ingest_queue import Incoming, IngestQueue
 from service.metric_labels import UNKNOWN
 from service.metrics import BulkHistogram, ServiceMetrics
 
@@ -98,7 +98,7 @@ class Batcher:
 
     def __init__(
         self,
-        source: queue.Queue[Incoming],
+        source: IngestQueue,
         directory: DeviceDirectory,
         sink: IngestSink,
         metrics: ServiceMetrics,
@@ -152,18 +152,16 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            try:
-                first = self.source.get(timeout=0.2)
-            except queue.Empty:
+            batch: list[Incoming] = []
+            if not self.source.take(batch, self.max_messages, timeout=0.2):
                 self._idle.set()
                 if self._stop.is_set():
                     return
                 continue
             self._idle.clear()
-            batch = [first]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_messages:
-                if not self._drain(batch):
+                if not self.source.take(batch, self.max_messages):
                     if time.monotonic() >= deadline:
                         break
                     time.sleep(0.001)
@@ -175,20 +173,6 @@ class Batcher:
                 self._reject("internal", len(batch))
             if self.source.empty():
                 self._idle.set()
-
-    def _drain(self, batch: list[Incoming]) -> int:
-        """Move what is queued (up to ``max_messages`` in ``batch``) in one locked step: what
-        ``get_nowait`` does one message at a time (``queue.Queue``'s own lock, deque and
-        ``not_full`` condition). Returns the number moved."""
-        q = self.source
-        with q.mutex:
-            n = min(len(q.queue), self.max_messages - len(batch))
-            if n <= 0:
-                return 0
-            pop = q.queue.popleft
-            batch.extend([pop() for _ in range(n)])
-            q.not_full.notify(n)
-        return n
 
     # -- processing -----------------------------------------------------------------------
 

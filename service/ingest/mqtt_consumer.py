@@ -1,12 +1,20 @@
-"""The service's MQTT connection: subscribe, and hand every message to a bounded queue.
+"""The service's MQTT connection: subscribe, and hand every message to the ingest queue.
 
 paho-mqtt 2.x with a **persistent session** (MQTT 3.1.1 ``clean_session = false`` and a fixed
 client id), so the broker keeps the subscriptions and queues QoS 1 messages (labels, acks,
-births) while the service restarts. ``on_message`` runs on paho's network thread and does
-nothing but ``put_nowait`` into the queue: when the queue is full the message is dropped and
-counted as ``queue_full``, visibly, instead of letting the broker drop it silently
+births) while the service restarts. ``on_message`` runs on paho's network thread and only
+queues (:mod:`service.ingest.ingest_queue`): control messages (births, Wills, acks, labels at
+QoS 1) into a lane that never drops them, everything else into a bounded lane that sheds and
+counts ``queue_full`` when full, visibly, instead of letting the broker drop silently
 (mqtt-observability §1.4). paho reconnects by itself with exponential backoff (1 s to 30 s);
 each reconnection is counted and the subscriptions are renewed.
+
+paho runs with **manual acknowledgement** (``manual_ack=True``: paho 2.x then sends no PUBACK
+itself, ``Client.ack(mid, qos)`` sends it): every QoS 1 message is acknowledged on receipt,
+except a control message the queue defers, which is acknowledged when the batcher takes it.
+Every other QoS 1 message on this client (chunk requests: ``BlobTransferService``) must be
+acknowledged by its own callback, or it holds a slot of the broker's in-flight window until the
+connection ends.
 
 Broker settings the service needs are in ``deploy/mosquitto.conf``: a deep per-client queue
 (``max_queued_messages``; the default 1000 dropped 468 of 2,000 QoS 1 messages to a slow
@@ -16,17 +24,17 @@ subscriber) and ``persistent_client_expiration`` long enough to cover a restart.
 from __future__ import annotations
 
 import logging
-import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.wire.topics import Leaf, subscription
+from service.ingest.ingest_queue import Incoming, IngestQueue, Receipt
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +44,19 @@ SUBSCRIBED_LEAVES = (Leaf.STATUS, Leaf.TEL, Leaf.LBL, Leaf.ACK)
 SHORT_CONNECTION_S = 10.0
 """A connection the broker drops sooner than this counts towards a takeover warning."""
 
+CONTROL_LEAVES = (Leaf.STATUS, Leaf.LBL, Leaf.ACK)
+"""Leaves whose QoS 1 messages are control: never shed (:mod:`service.ingest.ingest_queue`)."""
+
+_CONTROL_SUFFIXES = tuple(f"/{leaf.value}" for leaf in CONTROL_LEAVES)
+
 TAKEOVER_DROPS = 3
 """Short connections in a row that name a takeover: MQTT 3.1.1 gives no reason when the broker
 drops a client because another connected with the same client id."""
 
 
-class Incoming(NamedTuple):
-    """One received message, stamped with the receive time (Unix seconds)."""
-
-    topic: str
-    payload: bytes
-    recv_ts: float
-
-
 class MqttConsumer:
-    """Owns the paho client; fills ``queue``; exposes connection state and counters."""
+    """Owns the paho client; fills ``out`` and acknowledges what it defers; exposes connection
+    state and counters."""
 
     def __init__(
         self,
@@ -59,7 +65,7 @@ class MqttConsumer:
         port: int,
         client_id: str,
         fleets: list[str],
-        out: queue.Queue[Incoming],
+        out: IngestQueue,
         username: str | None = None,
         password: str | None = None,
         on_drop: Callable[[], None] | None = None,
@@ -70,11 +76,13 @@ class MqttConsumer:
         self.fleets = fleets
         self._fleet_set = None if "+" in fleets else frozenset(fleets)
         self.out = out
+        out.acknowledge = self._acknowledge
         self.on_drop = on_drop
         self.on_connection_change = on_connection_change
         self.extra_subscriptions = extra_subscriptions
         self.connected = threading.Event()
         self.connects = 0
+        """Successful connections so far; a packet id is valid only on the one it came on."""
         self.dropped = 0
         self.client_id = client_id
         self._connected_at = 0.0
@@ -85,6 +93,7 @@ class MqttConsumer:
             client_id=client_id,
             protocol=mqtt.MQTTv311,
             clean_session=False,
+            manual_ack=True,
         )
         if username is not None:
             self.client.username_pw_set(username, password)
@@ -181,14 +190,31 @@ class MqttConsumer:
             log.error("%s", error)
         self.last_error = error
 
-    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
-        if self._fleet_set is not None:
-            parts = msg.topic.split("/", 3)
-            if len(parts) < 3 or parts[2] not in self._fleet_set:
-                return  # queued for an earlier subscription of this persistent session
+    def _on_message(self, client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        deferred = False
         try:
-            self.out.put_nowait(Incoming(msg.topic, bytes(msg.payload), time.time()))
-        except queue.Full:
-            self.dropped += 1
-            if self.on_drop is not None:
-                self.on_drop()
+            if self._fleet_set is not None:
+                parts = msg.topic.split("/", 3)
+                if len(parts) < 3 or parts[2] not in self._fleet_set:
+                    return  # queued for an earlier subscription of this persistent session
+            item = Incoming(msg.topic, bytes(msg.payload), time.time())
+            if msg.qos > 0 and msg.topic.endswith(_CONTROL_SUFFIXES):
+                deferred = not self.out.put_control(item, Receipt(msg.mid, self.connects))
+            elif not self.out.offer(item):
+                self.dropped += 1
+                if self.on_drop is not None:
+                    self.on_drop()
+        finally:
+            if msg.qos > 0 and not deferred:
+                client.ack(msg.mid, msg.qos)
+
+    def _acknowledge(self, receipts: list[Receipt]) -> None:
+        """Send the deferred PUBACKs of control messages the batcher took (its thread).
+
+        A packet id from an earlier connection is not acknowledged on this one: the broker
+        redelivers that message (QoS 1: at least once; a repeated label is counted as
+        ``duplicate``)."""
+        session = self.connects
+        for r in receipts:
+            if r.session == session:
+                self.client.ack(r.mid, 1)

@@ -1,11 +1,13 @@
 """Serve blob chunks to devices over MQTT, off the network thread.
 
 Subscribes to ``td/v1/+/+/blob/get``. ``on_message`` only enqueues (a bounded queue: when full
-the request is dropped and counted, and the device re-requests after its timeout); a worker
-thread parses each request, builds the frames with :func:`serve_chunks` and publishes them on the
-requesting device's ``blob/data`` topic, so a device can only ever receive chunks it asked for.
-With ``may_fetch`` a device gets data only for the blob its current install intent names;
-any other request is answered with one no-data refusal frame and counted by reason.
+the request is dropped and counted, and the device re-requests after its timeout) and
+acknowledges the request at once (the service's client acknowledges by hand:
+``service/ingest/mqtt_consumer.py``); a worker thread parses each request, builds the frames
+with :func:`serve_chunks` and publishes them on the requesting device's ``blob/data`` topic, so
+a device can only ever receive chunks it asked for. With ``may_fetch`` a device gets data only
+for the blob its current install intent names; any other request is answered with one no-data
+refusal frame and counted by reason.
 """
 
 from __future__ import annotations
@@ -68,11 +70,13 @@ class BlobTransferService:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-    def _on_request(self, _client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_request(self, client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             self._queue.put_nowait((msg.topic, bytes(msg.payload)))
         except queue.Full:
             self.counters["queue_full"] += 1
+        finally:
+            client.ack(msg.mid, msg.qos)  # a no-op unless the client acknowledges by hand
 
     def _work(self) -> None:
         while True:

@@ -51,7 +51,7 @@ def main() -> None:
     from edge_agent.device.firmware import Firmware
     from service.config import ServiceSettings
     from service.firmware_bundle import create_bundle
-    from service.ingest.mqtt_consumer import Incoming
+    from service.ingest.ingest_queue import Incoming
     from service.registry.store import Registry
     from service.serve import Service
 

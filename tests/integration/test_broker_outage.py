@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import time
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from edge_agent.device.fleet import Fleet, FleetConfig
 from service.config import load_settings
 from service.embedded_broker import free_port, start_mosquitto
+from service.ingest.ingest_queue import IngestQueue
 from service.ingest.mqtt_consumer import MqttConsumer
 from service.registry.store import Registry
 from service.serve import Service
@@ -84,7 +84,7 @@ def test_two_clients_with_one_client_id_are_named_as_a_takeover(mosquitto, caplo
             port=mosquitto.port,
             client_id="takeover-probe",
             fleets=["takeover"],
-            out=queue.Queue(maxsize=10),
+            out=IngestQueue(10),
         )
         for _ in range(2)
     ]

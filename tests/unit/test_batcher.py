@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ from edge_agent.wire.telemetry_binary import encode_binary
 from edge_agent.wire.topics import Leaf, topic
 from service.ingest.batcher import Batcher
 from service.ingest.device_directory import DeviceDirectory
-from service.ingest.mqtt_consumer import Incoming
+from service.ingest.ingest_queue import Incoming, IngestQueue
 from service.ingest.schema_catalog import SchemaCatalog
 from service.metrics import ServiceMetrics
 
@@ -74,7 +73,7 @@ def make(policy: str = "reject") -> tuple[Batcher, Sink, DeviceDirectory]:
     cat.add_schema(SCHEMA)
     d = DeviceDirectory(cat, unknown_devices=policy)  # type: ignore[arg-type]
     sink = Sink()
-    return Batcher(queue.Queue(), d, sink, ServiceMetrics()), sink, d
+    return Batcher(IngestQueue(1_000), d, sink, ServiceMetrics()), sink, d
 
 
 def msg(device: str, leaf: Leaf, payload: bytes) -> Incoming:
@@ -140,11 +139,11 @@ def test_a_downstream_bug_is_counted_and_ingest_goes_on():
     sink.fail = True
     with pytest.raises(RuntimeError):
         b.process([msg("d6", Leaf.TEL, frame(0))])  # process() itself propagates; the thread
-    b.source.put(msg("d6", Leaf.TEL, frame(1)))  # ... counts it as "internal" and continues
+    b.source.offer(msg("d6", Leaf.TEL, frame(1)))  # ... counts it as "internal" and continues
     b.start()
     assert b.wait_idle(5)
     sink.fail = False
-    b.source.put(msg("d6", Leaf.TEL, frame(2)))
+    b.source.offer(msg("d6", Leaf.TEL, frame(2)))
     assert b.wait_idle(5)
     time.sleep(0.1)
     b.stop()
@@ -241,13 +240,14 @@ def test_one_batch_equals_one_message_at_a_time_and_the_decoder():
     assert decoded
 
 
-def test_the_thread_drains_the_queue_in_batches():
+def test_the_thread_drains_the_queue_in_batches_control_first():
+    """The birth queued after the telemetry is still taken first: its control lane is drained
+    before the telemetry lane, so no frame is rejected as ``unknown_device``."""
     b, sink, _ = make()
     b.max_messages = 7
-    msgs = [msg("d9", Leaf.STATUS, birth(SCHEMA.schema_id_hex))]
-    msgs += [msg("d9", Leaf.TEL, frame(s)) for s in range(40)]
-    for m in msgs:
-        b.source.put(m)
+    for s in range(40):
+        assert b.source.offer(msg("d9", Leaf.TEL, frame(s)))
+    assert b.source.put_control(msg("d9", Leaf.STATUS, birth(SCHEMA.schema_id_hex)), None)
     b.start()
     try:
         assert b.wait_idle(10.0)
@@ -255,6 +255,7 @@ def test_the_thread_drains_the_queue_in_batches():
         b.stop()
     assert b.processed == 41
     assert [fr.seq for fr in sink.frames] == list(range(40))
+    assert b.rejections == {}
     assert b.source.empty()
 
 
@@ -262,7 +263,7 @@ def test_a_message_of_a_fleet_not_monitored_adds_no_series_and_is_rejected():
     cat = SchemaCatalog()
     cat.add_schema(SCHEMA)
     m = ServiceMetrics(max_fleets=1)
-    b = Batcher(queue.Queue(), DeviceDirectory(cat), Sink(), m)
+    b = Batcher(IngestQueue(1_000), DeviceDirectory(cat), Sink(), m)
     b.process([msg("d1", Leaf.STATUS, birth(SCHEMA.schema_id_hex)), msg("d1", Leaf.TEL, frame(0))])
     before = m.exposition().count(b"\n")
     flood = [
@@ -285,7 +286,7 @@ def test_an_adopted_device_of_a_fleet_beyond_the_limit_is_rejected():
     cat.add_schema(SCHEMA)
     sink = Sink()
     m = ServiceMetrics(fleets=["f"])
-    b = Batcher(queue.Queue(), DeviceDirectory(cat, unknown_devices="adopt"), sink, m)
+    b = Batcher(IngestQueue(1_000), DeviceDirectory(cat, unknown_devices="adopt"), sink, m)
     b.process([msg("d1", Leaf.TEL, frame(0)), Incoming(topic("g", "d1", Leaf.TEL), frame(0), 0.0)])
     assert len(sink.frames) == 1
     assert b.rejections == {"unknown_fleet": 1}
