@@ -43,6 +43,7 @@ from service.rollout.controller import (
     MAX_DEPLOY_SEQ,
     PublishManifest,
     RolloutController,
+    RolloutState,
 )
 from tests.integration.polling import wait
 from tests.integration.rollout_rig import (
@@ -417,6 +418,16 @@ def test_rollout_resumes_after_a_service_restart(
             return str(next(g for g in rig.view(rid).groups if g["name"] == "canary")["status"])
 
         wait(lambda: canary_status() == "SOAKING", 60, "the canary soaking")
+
+        def stored_canary_soaking() -> bool:  # the state is stored on the reconciler's tick
+            with Registry(db) as reg:
+                rec = reg.get_rollout(rid)
+            if rec is None:
+                return False
+            groups = RolloutState.from_json(rec.state_json).groups
+            return next(g for g in groups if g.name == "canary").status.value == "SOAKING"
+
+        wait(stored_canary_soaking, 30, "the canary's soak stored")
         # kill the service while the canary soaks (devices keep running, in trial)
         svc.stop()
         time.sleep(2)
@@ -449,7 +460,7 @@ def test_rollout_resumes_after_a_service_restart(
             assert svc2.writer.flush(30)
             reg = Registry(db)
             try:
-                audit = [a for a in reg.list_audit(limit=1000) if a.target == rid]
+                audit = [a for a in reg.list_audit(limit=1000) if a.target == f"rollout:{rid}"]
             finally:
                 reg.close()
             soak = [a for a in audit if a.action == "rollout.soak_restarted"]
