@@ -30,6 +30,7 @@ from service.ingest.sequence_positions import POSITIONS_KIND, read_positions
 from service.registry.store import Registry
 from service.serve import Service
 from tests.integration.polling import wait
+from tests.integration.rollout_rig import seed_registry
 from tests.integration.test_serve import _birth, frame, labels, metric, scrape
 
 pytestmark = pytest.mark.integration
@@ -55,14 +56,6 @@ class Device:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-def _registry_with_factory(url: str, bundle: Bundle) -> None:
-    fw = bundle.firmware()
-    with Registry(url) as reg:
-        reg.add_parameter_set(
-            fw.schema.schema_id_hex, 1, 0, fw.factory_blob, source="factory", status="good"
-        )
 
 
 @contextmanager
@@ -102,7 +95,7 @@ def test_a_killed_service_counts_after_restart_only_what_it_never_received(
     """Frames and labels the killed process had received are not counted as lost again; those
     published while no service ran are, exactly; a replay of a received frame is a duplicate."""
     db = f"sqlite:///{tmp_path / 'r.db'}"
-    _registry_with_factory(db, bundle)
+    seed_registry(db, bundle)
     log = tmp_path / "serve.log"
     fleet = "killed"
     dev = Device(mosquitto, fleet, "k1")
@@ -220,7 +213,7 @@ def database_down(url: str, svc: Service) -> Iterator[Callable[[], None]]:
 def test_a_checkpoint_counts_as_ok_only_once_committed(
     mosquitto: EmbeddedBroker, bundle: Bundle, db_url: str
 ):
-    _registry_with_factory(db_url, bundle)
+    seed_registry(db_url, bundle)
     s = load_settings(
         broker=mosquitto.url,
         db=db_url,

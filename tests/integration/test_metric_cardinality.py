@@ -22,7 +22,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch, UpdateAck
+from edge_agent.wire.messages import LabelBatch, TelemetryBatch, UpdateAck
 from edge_agent.wire.telemetry_binary import encode_binary
 from edge_agent.wire.topics import Leaf, topic
 from service.config import load_settings
@@ -30,6 +30,7 @@ from service.embedded_broker import EmbeddedBroker, start_mosquitto
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
 from service.serve import Service
+from tests.integration.device_messages import birth
 from tests.integration.polling import wait
 
 pytestmark = pytest.mark.integration
@@ -75,21 +76,6 @@ def value(text: str, name: str, **labels: str) -> float:
         for s in fam.samples
         if s.name == name and labels.items() <= s.labels.items()
     )
-
-
-def birth(bundle: Bundle, version: int) -> bytes:
-    return Status.create(
-        online=True,
-        fw="test",
-        schema_id=bundle.firmware().schema.schema_id_hex,
-        active_version=version,
-        update_state="IDLE",
-        last_deploy_seq=0,
-        epoch_floor=0,
-        boot=1,
-        ts_ms=0,
-        caps={"max_chunk": 512, "telemetry": ["bin"], "labels": True},
-    ).to_json()
 
 
 def frame(seq: int, version: int) -> bytes:
@@ -193,11 +179,23 @@ def settled(svc: Service) -> Series:
 
 
 def test_a_flood_of_new_fleets_and_model_versions_adds_no_series(rig: Rig, bundle: Bundle) -> None:
+    schema = bundle.firmware().schema.schema_id_hex
     svc = rig.service
-    warm = [(topic(FLEET, d, Leaf.STATUS), birth(bundle, v)) for d, v in rig.devices.items()]
+    warm = [
+        (
+            topic(FLEET, d, Leaf.STATUS),
+            birth(schema, active_version=v),
+        )
+        for d, v in rig.devices.items()
+    ]
     warm += [(topic(FLEET, d, Leaf.TEL), frame(0, v)) for d, v in rig.devices.items()]
     warm += [(topic(FLEET, "odd", Leaf.TEL), frame(1, 5_000))]
-    warm += [(topic(INTRUDER, "dev-0", Leaf.STATUS), birth(bundle, 1))]
+    warm += [
+        (
+            topic(INTRUDER, "dev-0", Leaf.STATUS),
+            birth(schema, active_version=1),
+        )
+    ]
     publish(rig.broker, warm)
     wait(
         lambda: all(
@@ -221,7 +219,12 @@ def test_a_flood_of_new_fleets_and_model_versions_adds_no_series(rig: Rig, bundl
         fleet, dev = f"flood-{i}", f"dev-{i}"
         flood.append((topic(fleet, dev, Leaf.TEL), frame(0, 1)))
         if i < FLOOD_REGISTERING:
-            flood.append((topic(fleet, dev, Leaf.STATUS), birth(bundle, 1)))
+            flood.append(
+                (
+                    topic(fleet, dev, Leaf.STATUS),
+                    birth(schema, active_version=1),
+                )
+            )
             flood.append((topic(fleet, dev, Leaf.LBL), labels(0)))
             flood.append((topic(fleet, dev, Leaf.ACK), ACK))
     for i in range(ODD_VERSIONS):  # the real device under a new model version each frame

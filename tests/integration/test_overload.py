@@ -27,15 +27,16 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch, UpdateAck
+from edge_agent.wire.messages import LabelBatch, TelemetryBatch, UpdateAck
 from edge_agent.wire.telemetry_binary import encode_binary
 from edge_agent.wire.topics import Leaf, topic
 from service.config import load_settings
 from service.embedded_broker import MOSQUITTO_CONF
 from service.firmware_bundle import Bundle
-from service.registry.store import Registry
 from service.serve import Service
+from tests.integration.device_messages import birth
 from tests.integration.polling import wait
+from tests.integration.rollout_rig import seed_registry
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +73,7 @@ def service(
 ) -> Iterator[Service]:
     """The service; with ``control_queue_bytes`` 0 every control message is acknowledged only
     when the batcher takes it (the broker's in-flight window then bounds what waits)."""
-    fw = bundle.firmware()
-    reg = Registry(sqlite_url)
-    reg.add_parameter_set(
-        fw.schema.schema_id_hex, 1, 0, fw.factory_blob, source="factory", status="good"
-    )
-    reg.close()
+    seed_registry(sqlite_url, bundle)
     svc = Service(
         load_settings(
             broker=mosquitto.url,
@@ -118,21 +114,6 @@ def flood(mosquitto, bundle: Bundle) -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-def _birth(schema_id: str) -> bytes:
-    return Status.create(
-        online=True,
-        fw="test",
-        schema_id=schema_id,
-        active_version=1,
-        update_state="IDLE",
-        last_deploy_seq=0,
-        epoch_floor=0,
-        boot=1,
-        ts_ms=int(time.time() * 1000),
-        caps={"max_chunk": 512, "telemetry": ["bin"], "labels": True},
-    ).to_json()
 
 
 def _frame(seq: int) -> bytes:
@@ -217,7 +198,7 @@ def test_control_messages_are_never_shed_under_a_telemetry_overload(
     try:
         # each: its birth, then telemetry, labels and acks (QoS 1: until the broker acked them)
         for d in devices:
-            d.publish(Leaf.STATUS, _birth(schema_id)).wait_for_publish(DEADLINE_S)
+            d.publish(Leaf.STATUS, birth(schema_id)).wait_for_publish(DEADLINE_S)
             sent = [d.publish(Leaf.TEL, _frame(s)) for s in range(FRAMES)]
             sent += [d.publish(Leaf.LBL, _labels(s)) for s in range(LABELS)]
             sent += [d.publish(Leaf.ACK, _ack(s)) for s in range(ACKS)]

@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.device.fleet import Fleet, FleetConfig, plan_drift
-from edge_agent.wire.messages import LabelBatch, Status, TelemetryBatch
+from edge_agent.wire.messages import LabelBatch, TelemetryBatch
 from edge_agent.wire.telemetry_binary import encode_binary
 from edge_agent.wire.telemetry_json import encode_json
 from edge_agent.wire.topics import Leaf, topic
@@ -27,6 +27,7 @@ from service.drift.device_monitor import DeviceMonitor
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
 from service.serve import Service
+from tests.integration.device_messages import birth
 from tests.integration.polling import wait
 
 pytestmark = pytest.mark.integration
@@ -160,18 +161,7 @@ def _publish(mosquitto, items: list[tuple[str, bytes]]) -> None:
 
 
 def _birth(bundle: Bundle, boot: int) -> bytes:
-    return Status.create(
-        online=True,
-        fw="test",
-        schema_id=bundle.firmware().schema.schema_id_hex,
-        active_version=1,
-        update_state="IDLE",
-        last_deploy_seq=0,
-        epoch_floor=0,
-        boot=boot,
-        ts_ms=0,
-        caps={"max_chunk": 512, "telemetry": ["bin"], "labels": True},
-    ).to_json()
+    return birth(bundle.firmware().schema.schema_id_hex, boot=boot)
 
 
 def frame(seq: int, boot: int, f: int = 8) -> bytes:
