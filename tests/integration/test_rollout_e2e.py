@@ -123,6 +123,8 @@ def members(rig: Rig, rollout_id: str) -> tuple[list[str], list[str]]:
 # 1. recalibration
 
 
+# one backend: the registry's backends are the registry tests' subject (the suite's time)
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_gain_drift_is_recalibrated_and_accuracy_recovers(
     mosquitto: EmbeddedBroker, bundle: Bundle, db: str, request: pytest.FixtureRequest
 ) -> None:
@@ -334,6 +336,8 @@ def test_tampered_or_wrongly_signed_updates_are_rejected(
 # 4. a device offline during the rollout
 
 
+# one backend: the registry's backends are the registry tests' subject (the suite's time)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_offline_device_converges_when_it_reconnects(
     mosquitto: EmbeddedBroker, bundle: Bundle, db: str, request: pytest.FixtureRequest, tmp_path
 ) -> None:
