@@ -466,7 +466,11 @@ class Service:
                     info.last_deploy_seq or 0,
                 )
             self.reconciler.on_birth(
-                info.fleet, info.device, info.last_deploy_seq or 0, info.active_version
+                info.fleet,
+                info.device,
+                info.last_deploy_seq or 0,
+                info.active_version,
+                info.schema_id,
             )
 
     def on_ack(self, fleet: str, device: str, ack: UpdateAck, recv_ts: float) -> None:

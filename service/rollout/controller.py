@@ -646,6 +646,10 @@ class RolloutController:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def is_member(self, device: str) -> bool:
+        """Whether ``device`` is in one of the rollout's groups or its control."""
+        return self._member(device)
+
     def _member(self, device: str) -> bool:
         return device in self.state.control or any(device in g.devices for g in self.state.groups)
 

@@ -133,6 +133,14 @@ class RolloutView:
     groups: list[dict[str, Any]]
 
 
+def _takes_newcomers(ctl: RolloutController) -> bool:
+    """Whether a device born in the rollout's fleet mid-rollout joins it (a wave by its id)."""
+    return not ctl.plan.members_only and ctl.state.status in (
+        RolloutStatus.RUNNING,
+        RolloutStatus.PAUSED,
+    )
+
+
 def _settled(ctl: RolloutController) -> bool:
     """No device of the rollout is still moving (downloading, verifying or in trial)."""
     return all(
@@ -170,6 +178,8 @@ class RolloutReconciler:
             on_refused=lambda reason: metrics.blob_requests_refused.labels(reason=reason).inc(),
         )
         self.controllers: dict[str, RolloutController] = {}
+        self._open_fleets: frozenset[str] = frozenset()
+        """Fleets with a running rollout that takes newcomers (worker-written, read by ingest)."""
         self._by_device: dict[tuple[str, str], set[str]] = {}
         self._known_seq: dict[tuple[str, str], int] = {}
         """Highest ``deploy_seq`` issued to or acked by each device, over every rollout."""
@@ -336,13 +346,22 @@ class RolloutReconciler:
         self._submit(lambda: self._ack(fleet, device, ack))
 
     def on_birth(
-        self, fleet: str, device: str, last_deploy_seq: int, active_version: int | None
+        self,
+        fleet: str,
+        device: str,
+        last_deploy_seq: int,
+        active_version: int | None,
+        schema_id: str | None = None,
     ) -> None:
-        """A device birth (ingest thread)."""
-        if self._stopped or (fleet, device) not in self._by_device:
+        """A device birth (ingest thread): to its rollouts, or, for a device no rollout knows,
+        to its fleet's running rollouts that take newcomers (a device provisioned mid-rollout
+        joins the wave its id hashes to, if it runs the rollout's parameter schema)."""
+        if self._stopped:
+            return
+        if (fleet, device) not in self._by_device and fleet not in self._open_fleets:
             return
         info = DeviceInfo(device, last_deploy_seq, int(self.clock() * 1000), active_version)
-        self._submit(lambda: self._birth(fleet, info))
+        self._submit(lambda: self._birth(fleet, info, schema_id))
 
     def seed_version(self, fleet: str, device: str, version: int) -> None:
         """A device's version stored before this start (sanctioned); call before :meth:`start`."""
@@ -504,12 +523,26 @@ class RolloutReconciler:
         )
         return remedy, f"v{approved} re-issued (install, rollback) under deploy_seq {seq}"
 
-    def _birth(self, fleet: str, info: DeviceInfo) -> None:
+    def _birth(self, fleet: str, info: DeviceInfo, schema_id: str | None) -> None:
         now = self._now_ms()
+        key = (fleet, info.device_id)
         self._note_seq(fleet, info.device_id, info.last_deploy_seq)
-        for rid in sorted(self._by_device.get((fleet, info.device_id), ())):
+        known = self._by_device.get(key, set())
+        newcomer_to = [
+            rid
+            for rid, ctl in self.controllers.items()
+            if rid not in known
+            and ctl.plan.fleet == fleet
+            and ctl.plan.target.schema_id == schema_id
+            and _takes_newcomers(ctl)
+        ]
+        for rid in sorted(known) + sorted(newcomer_to):
             ctl = self.controllers[rid]
             actions = ctl.on_birth(info, now)
+            if rid not in known and ctl.is_member(info.device_id):
+                # joined a wave: its acks, frames and labels are this rollout's from now on
+                self._by_device.setdefault(key, set()).add(rid)
+                self.quality.watch(fleet, [info.device_id], now)
             if actions:
                 self._run(ctl, actions)
             else:
@@ -719,6 +752,9 @@ class RolloutReconciler:
         # "rollout_state" (per rollout id) is summarised by _refresh_gauges instead
 
     def _refresh_gauges(self) -> None:
+        self._open_fleets = frozenset(
+            c.plan.fleet for c in self.controllers.values() if _takes_newcomers(c)
+        )
         m = self.metrics
         states: Counter[tuple[str, str]] = Counter()
         devices: Counter[tuple[str, str]] = Counter()
