@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import time
 
-from edge_agent.wire.messages import Status
+import numpy as np
+
+from edge_agent.wire.messages import Status, TelemetryBatch
+from edge_agent.wire.telemetry_binary import encode_binary
 
 
 def birth(
@@ -35,3 +38,17 @@ def birth(
         ts_ms=int(time.time() * 1000),
         caps={"max_chunk": max_chunk, "telemetry": ["bin"], "labels": labels},
     ).to_json()
+
+
+def frame(seq: int, boot: int = 1, *, version: int = 1, features: int = 8) -> bytes:
+    """A binary telemetry frame of two readings (``features`` per reading) on ``version``."""
+    b = TelemetryBatch.create(
+        seq=seq,
+        boot=boot,
+        ts_ms=int(time.time() * 1000),
+        param_version=version,
+        features=np.zeros((2, features)),
+        pred=[0, 1],
+        conf=[0.5, 0.6],
+    )
+    return encode_binary(b, frac_bits=11)

@@ -10,7 +10,6 @@ a counted rejection, and the real fleet's frames go on being accepted.
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,15 +21,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.wire.messages import LabelBatch, TelemetryBatch, UpdateAck
-from edge_agent.wire.telemetry_binary import encode_binary
+from edge_agent.wire.messages import LabelBatch, UpdateAck
 from edge_agent.wire.topics import Leaf, topic
 from service.config import load_settings
 from service.embedded_broker import EmbeddedBroker, start_mosquitto
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
 from service.serve import Service
-from tests.integration.device_messages import birth
+from tests.integration.device_messages import birth, frame
 from tests.integration.polling import wait
 
 pytestmark = pytest.mark.integration
@@ -76,20 +74,6 @@ def value(text: str, name: str, **labels: str) -> float:
         for s in fam.samples
         if s.name == name and labels.items() <= s.labels.items()
     )
-
-
-def frame(seq: int, version: int) -> bytes:
-    """A binary telemetry frame of two readings."""
-    b = TelemetryBatch.create(
-        seq=seq,
-        boot=1,
-        ts_ms=int(time.time() * 1000),
-        param_version=version,
-        features=np.zeros((2, 8)),
-        pred=[0, 1],
-        conf=[0.5, 0.75],
-    )
-    return encode_binary(b, frac_bits=11)
 
 
 def labels(seq: int) -> bytes:
@@ -188,8 +172,8 @@ def test_a_flood_of_new_fleets_and_model_versions_adds_no_series(rig: Rig, bundl
         )
         for d, v in rig.devices.items()
     ]
-    warm += [(topic(FLEET, d, Leaf.TEL), frame(0, v)) for d, v in rig.devices.items()]
-    warm += [(topic(FLEET, "odd", Leaf.TEL), frame(1, 5_000))]
+    warm += [(topic(FLEET, d, Leaf.TEL), frame(0, version=v)) for d, v in rig.devices.items()]
+    warm += [(topic(FLEET, "odd", Leaf.TEL), frame(1, version=5_000))]
     warm += [
         (
             topic(INTRUDER, "dev-0", Leaf.STATUS),
@@ -217,7 +201,7 @@ def test_a_flood_of_new_fleets_and_model_versions_adds_no_series(rig: Rig, bundl
     flood: list[tuple[str, bytes]] = []
     for i in range(FLOOD_FLEETS):
         fleet, dev = f"flood-{i}", f"dev-{i}"
-        flood.append((topic(fleet, dev, Leaf.TEL), frame(0, 1)))
+        flood.append((topic(fleet, dev, Leaf.TEL), frame(0, version=1)))
         if i < FLOOD_REGISTERING:
             flood.append(
                 (
@@ -228,8 +212,8 @@ def test_a_flood_of_new_fleets_and_model_versions_adds_no_series(rig: Rig, bundl
             flood.append((topic(fleet, dev, Leaf.LBL), labels(0)))
             flood.append((topic(fleet, dev, Leaf.ACK), ACK))
     for i in range(ODD_VERSIONS):  # the real device under a new model version each frame
-        flood.insert(i * 4, (topic(FLEET, "odd", Leaf.TEL), frame(2 + i, 10_000 + i)))
-    good = [(topic(FLEET, "good", Leaf.TEL), frame(seq, 1)) for seq in range(1, 41)]
+        flood.insert(i * 4, (topic(FLEET, "odd", Leaf.TEL), frame(2 + i, version=10_000 + i)))
+    good = [(topic(FLEET, "good", Leaf.TEL), frame(seq, version=1)) for seq in range(1, 41)]
     for j, item in enumerate(good):  # the good device keeps sending through the flood
         flood.insert(j * 100, item)
     publish(rig.broker, flood)

@@ -27,14 +27,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.wire.messages import LabelBatch, TelemetryBatch, UpdateAck
-from edge_agent.wire.telemetry_binary import encode_binary
+from edge_agent.wire.messages import LabelBatch, UpdateAck
 from edge_agent.wire.topics import Leaf, topic
 from service.config import load_settings
 from service.embedded_broker import MOSQUITTO_CONF
 from service.firmware_bundle import Bundle
 from service.serve import Service
-from tests.integration.device_messages import birth
+from tests.integration.device_messages import birth, frame
 from tests.integration.polling import wait
 from tests.integration.rollout_rig import seed_registry
 
@@ -116,19 +115,6 @@ def flood(mosquitto, bundle: Bundle) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait(10)
 
 
-def _frame(seq: int) -> bytes:
-    b = TelemetryBatch.create(
-        seq=seq,
-        boot=1,
-        ts_ms=int(time.time() * 1000),
-        param_version=1,
-        features=np.zeros((2, 8)),
-        pred=[0, 1],
-        conf=[0.5, 0.6],
-    )
-    return encode_binary(b, frac_bits=11)
-
-
 def _labels(seq: int) -> bytes:
     return LabelBatch.create(
         seq=seq,
@@ -199,7 +185,7 @@ def test_control_messages_are_never_shed_under_a_telemetry_overload(
         # each: its birth, then telemetry, labels and acks (QoS 1: until the broker acked them)
         for d in devices:
             d.publish(Leaf.STATUS, birth(schema_id)).wait_for_publish(DEADLINE_S)
-            sent = [d.publish(Leaf.TEL, _frame(s)) for s in range(FRAMES)]
+            sent = [d.publish(Leaf.TEL, frame(s)) for s in range(FRAMES)]
             sent += [d.publish(Leaf.LBL, _labels(s)) for s in range(LABELS)]
             sent += [d.publish(Leaf.ACK, _ack(s)) for s in range(ACKS)]
             for info in sent:
@@ -249,9 +235,9 @@ def test_control_messages_are_never_shed_under_a_telemetry_overload(
         # after the overload, every new device's telemetry is accepted (it was never forgotten)
         before = {d.name: svc.directory.get(NEWCOMERS, d.name).frames for d in devices}  # type: ignore[union-attr]
         for d in devices:
-            d.client.publish(
-                topic(NEWCOMERS, d.name, Leaf.TEL), _frame(FRAMES), 1
-            ).wait_for_publish(DEADLINE_S)
+            d.client.publish(topic(NEWCOMERS, d.name, Leaf.TEL), frame(FRAMES), 1).wait_for_publish(
+                DEADLINE_S
+            )
         wait(
             lambda: all(
                 svc.directory.get(NEWCOMERS, d.name).frames > before[d.name]  # type: ignore[union-attr]

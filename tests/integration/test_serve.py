@@ -19,7 +19,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.device.fleet import Fleet, FleetConfig, plan_drift
 from edge_agent.wire.messages import LabelBatch, TelemetryBatch
-from edge_agent.wire.telemetry_binary import encode_binary
 from edge_agent.wire.telemetry_json import encode_json
 from edge_agent.wire.topics import Leaf, topic
 from service.config import load_settings
@@ -27,7 +26,7 @@ from service.drift.device_monitor import DeviceMonitor
 from service.firmware_bundle import Bundle
 from service.registry.store import Registry
 from service.serve import Service
-from tests.integration.device_messages import birth
+from tests.integration.device_messages import birth, frame
 from tests.integration.polling import wait
 
 pytestmark = pytest.mark.integration
@@ -164,20 +163,6 @@ def _birth(bundle: Bundle, boot: int) -> bytes:
     return birth(bundle.firmware().schema.schema_id_hex, boot=boot)
 
 
-def frame(seq: int, boot: int, f: int = 8) -> bytes:
-    """A binary telemetry frame of two readings."""
-    b = TelemetryBatch.create(
-        seq=seq,
-        boot=boot,
-        ts_ms=int(time.time() * 1000),
-        param_version=1,
-        features=np.zeros((2, f)),
-        pred=[0, 1],
-        conf=[0.5, 0.6],
-    )
-    return encode_binary(b, frac_bits=11)
-
-
 def test_every_bad_input_is_counted_by_reason_and_ingest_goes_on(service, fleet, mosquitto, bundle):
     dev = "probe-1"
     _publish(mosquitto, [(topic(FLEET, dev, Leaf.STATUS), _birth(bundle, 3))])
@@ -207,7 +192,7 @@ def test_every_bad_input_is_counted_by_reason_and_ingest_goes_on(service, fleet,
         (t, b"\x00\x01garbage"),
         (t, good[:-3]),
         (t, good + b"\x00"),
-        (t, frame(1, 3, f=9)),
+        (t, frame(1, 3, features=9)),
         (t, nan_json),
         (t, b"{" + b" " * 70_000 + b"}"),
         (topic(FLEET, "never-born", Leaf.TEL), frame(0, 1)),
